@@ -1,0 +1,186 @@
+"""Functional ops with one dispatch point.
+
+Every backend implements the same two functions with the same semantics:
+
+- ``reference``: the official code's loops (``reference.py``); the test oracle.
+- ``torch``: vectorized torch (``vectorized.py``); runs anywhere.
+- ``cpp``: the C++ CPU extension (``cpu.py``), when it was built.
+- ``triton``: fused Triton kernels (``triton/``), for CUDA tensors.
+
+``backend=None`` picks the fastest available backend for the tensors' device.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from melo_fast.ops import reference, vectorized
+
+BACKENDS = ("reference", "torch", "cpp", "triton")
+
+
+def _load_backend(name: str):
+    """Module implementing ``vecdb_search`` and ``block_lora`` for ``name``, or raise why not."""
+    if name == "reference":
+        return _ReferenceBackend
+    if name == "torch":
+        return vectorized
+    if name == "cpp":
+        from melo_fast.ops import cpu
+
+        return cpu.load()
+    if name == "triton":
+        from melo_fast.ops import triton as triton_backend
+
+        return triton_backend.load()
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or None (automatic)")
+
+
+class _ReferenceBackend:
+    vecdb_search = staticmethod(reference.vecdb_search_ref)
+    block_lora = staticmethod(reference.block_lora_ref)
+
+
+def backend_status() -> dict[str, str]:
+    """For each backend: ``"available"`` or the reason it cannot be used on this machine."""
+    status = {}
+    for name in BACKENDS:
+        try:
+            _load_backend(name)
+            status[name] = "available"
+        except Exception as err:  # noqa: BLE001 - the reason is the answer
+            status[name] = f"unavailable: {err}"
+    return status
+
+
+_auto_cache: dict[str, object] = {}
+
+
+def _auto_backend(device: torch.device):
+    """Fastest backend for ``device``: triton on CUDA, cpp on CPU, else torch. Cached per device type."""
+    if device.type not in _auto_cache:
+        preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
+        chosen = vectorized
+        if preferred is not None:
+            try:
+                chosen = _load_backend(preferred)
+            except Exception:  # noqa: BLE001 - absent compiled backend: fall back, never crash
+                chosen = vectorized
+        _auto_cache[device.type] = chosen
+    return _auto_cache[device.type]
+
+
+def _resolve(backend: str | None, device: torch.device):
+    return _auto_backend(device) if backend is None else _load_backend(backend)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def vecdb_search(
+    queries: torch.Tensor,
+    centers: torch.Tensor,
+    radii: torch.Tensor,
+    point_offsets: torch.Tensor,
+    points: torch.Tensor,
+    point_blocks: torch.Tensor,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Route each query to the block of its edit, or -1 when no edit's scope contains it.
+
+    Args:
+        queries: ``[Q, d]`` float (fp32/fp16/bf16) keys to look up.
+        centers: ``[C, d]`` float cluster centers (C may be 0: empty database).
+        radii: ``[C]`` float cluster radii.
+        point_offsets: ``[C + 1]`` int64 CSR offsets: cluster ``c`` owns ``points[o[c]:o[c+1]]``.
+        points: ``[P, d]`` float stored keys, grouped by cluster.
+        point_blocks: ``[P]`` int64 block id of each point (-1 allowed: a "none" point).
+        backend: ``"reference"``, ``"torch"``, ``"cpp"``, ``"triton"`` or None (automatic).
+
+    Returns:
+        ``[Q]`` int64 block ids: the nearest center (Euclidean, fp32, ties to the lowest index); -1
+        if farther than that cluster's radius; else the block of the nearest point in that cluster.
+    """
+    _check(queries.dim() == 2, f"vecdb_search: queries must be [Q, d], got shape {tuple(queries.shape)}")
+    d = queries.shape[1]
+    _check(
+        centers.dim() == 2 and centers.shape[1] == d,
+        f"vecdb_search: centers must be [C, {d}] to match queries [Q, {d}], got {tuple(centers.shape)}",
+    )
+    n_clusters = centers.shape[0]
+    _check(radii.shape == (n_clusters,), f"vecdb_search: radii must be [{n_clusters}], got {tuple(radii.shape)}")
+    _check(
+        point_offsets.shape == (n_clusters + 1,) and point_offsets.dtype == torch.int64,
+        f"vecdb_search: point_offsets must be int64 [{n_clusters + 1}], got {point_offsets.dtype} "
+        f"{tuple(point_offsets.shape)}",
+    )
+    _check(
+        points.dim() == 2 and points.shape[1] == d,
+        f"vecdb_search: points must be [P, {d}], got {tuple(points.shape)}",
+    )
+    _check(
+        point_blocks.shape == (points.shape[0],) and point_blocks.dtype == torch.int64,
+        f"vecdb_search: point_blocks must be int64 [{points.shape[0]}], got {point_blocks.dtype} "
+        f"{tuple(point_blocks.shape)}",
+    )
+    tensors = (queries, centers, radii, point_offsets, points, point_blocks)
+    devices = {t.device for t in tensors}
+    _check(len(devices) == 1, f"vecdb_search: all tensors must be on one device, got {sorted(map(str, devices))}")
+    return _resolve(backend, queries.device).vecdb_search(*tensors)
+
+
+def block_lora(
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    block_ids: torch.Tensor,
+    scale: float,
+    base: torch.Tensor | None = None,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """Per-sample rank-slice LoRA: ``base + scale * (x @ A[b].T) @ B[b]`` with ``b = block_ids[n]``.
+
+    Args:
+        x: ``[N, T, d_in]`` input (fp32/fp16/bf16).
+        A: ``[n_blocks, k, d_in]`` block-major down projections, same dtype as ``x``.
+        B: ``[n_blocks, k, d_out]`` block-major up projections, same dtype as ``x``.
+        block_ids: ``[N]`` int64; -1 means "no edit": that sample gets ``base`` exactly.
+        scale: the block's effective scale ``s``.
+        base: optional ``[N, T, d_out]`` output of the frozen layer to add to (0 if None).
+        backend: ``"reference"``, ``"torch"``, ``"cpp"``, ``"triton"`` or None (automatic).
+
+    Returns:
+        ``[N, T, d_out]`` in ``x``'s dtype. Differentiable in ``x``, ``A``, ``B`` and ``base``.
+    """
+    _check(x.dim() == 3, f"block_lora: x must be [N, T, d_in], got shape {tuple(x.shape)}")
+    n, t, d_in = x.shape
+    _check(
+        A.dim() == 3 and A.shape[2] == d_in,
+        f"block_lora: A must be [n_blocks, k, {d_in}] to match x's d_in={d_in}, got {tuple(A.shape)}",
+    )
+    _check(
+        B.dim() == 3 and B.shape[:2] == A.shape[:2],
+        f"block_lora: B must be [{A.shape[0]}, {A.shape[1]}, d_out] to match A, got {tuple(B.shape)}",
+    )
+    _check(
+        block_ids.shape == (n,) and block_ids.dtype == torch.int64,
+        f"block_lora: block_ids must be int64 [{n}], got {block_ids.dtype} {tuple(block_ids.shape)}",
+    )
+    _check(
+        A.dtype == x.dtype and B.dtype == x.dtype,
+        f"block_lora: A ({A.dtype}) and B ({B.dtype}) must have x's dtype ({x.dtype}); cast them first",
+    )
+    if base is not None:
+        _check(
+            base.shape == (n, t, B.shape[2]),
+            f"block_lora: base must be [{n}, {t}, {B.shape[2]}], got {tuple(base.shape)}",
+        )
+    tensors = [x, A, B, block_ids] + ([base] if base is not None else [])
+    devices = {tensor.device for tensor in tensors}
+    _check(len(devices) == 1, f"block_lora: all tensors must be on one device, got {sorted(map(str, devices))}")
+    return _resolve(backend, x.device).block_lora(x, A, B, block_ids, float(scale), base)
+
+
+__all__ = ["BACKENDS", "backend_status", "block_lora", "vecdb_search"]
