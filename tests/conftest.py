@@ -1,0 +1,27 @@
+"""Shared test set-up.
+
+Without CUDA, Triton kernels can only run in the interpreter, and TRITON_INTERPRET must be set
+before triton is first imported; so it is set here, before any test module imports melo_fast.
+"""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+if not SHARED.exists():  # a checkout named differently: look beside the repository root
+    SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+TOKENIZERS = SHARED / "assets" / "tokenizers"
+ZSRE_DEV = SHARED / "data" / "zsre_knowedit_dev.json"
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
