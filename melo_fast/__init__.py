@@ -1,0 +1,17 @@
+"""melo_fast: fast MELO model editing (neuron-indexed dynamic LoRA) for Hugging Face models.
+
+import melo_fast
+editor = melo_fast.patch(model)        # defaults from model.config.model_type
+editor.edit(batch)                     # one edit batch -> one new LoRA block
+editor.save("edits/"); melo_fast.load(fresh_model, "edits/")
+melo_fast.unpatch(model)
+"""
+
+__version__ = "0.1.0"
+
+from melo_fast.config import MeloConfig
+from melo_fast.editor import EditResult, MeloEditor
+from melo_fast.io import load
+from melo_fast.patching import patch, unpatch
+
+__all__ = ["EditResult", "MeloConfig", "MeloEditor", "__version__", "load", "patch", "unpatch"]

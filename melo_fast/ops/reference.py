@@ -58,9 +58,7 @@ def block_lora_ref(
     """
     rows = []
     for i, block in enumerate(block_ids.tolist()):
-        row = base[i] if base is not None else torch.zeros(
-            x.shape[1], B.shape[2], dtype=x.dtype, device=x.device
-        )
+        row = base[i] if base is not None else torch.zeros(x.shape[1], B.shape[2], dtype=x.dtype, device=x.device)
         if block >= 0:
             row = row + scale * ((x[i] @ A[block].T) @ B[block])
         rows.append(row)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 
-def _nearest(queries: torch.Tensor, vectors: torch.Tensor, allowed: torch.Tensor | None = None):
+def nearest(queries: torch.Tensor, vectors: torch.Tensor, allowed: torch.Tensor | None = None):
     """Index of and exact distance to the nearest row of ``vectors`` for each query (fp32 inputs).
 
     Candidates come from ``||v||² - 2 q·v`` (one GEMM, like the kernels' stage 1); the best two are
@@ -42,14 +42,14 @@ def vecdb_search(queries, centers, radii, point_offsets, points, point_blocks):
     if centers.shape[0] == 0 or points.shape[0] == 0:
         return torch.full((n_queries,), -1, dtype=torch.int64, device=queries.device)
     queries = queries.float()
-    cluster, cluster_dist = _nearest(queries, centers.float())
+    cluster, cluster_dist = nearest(queries, centers.float())
     inside = cluster_dist <= radii.float()[cluster]
 
     # Which cluster owns each point, from the CSR offsets (searchsorted: no host sync).
     point_index = torch.arange(points.shape[0], device=points.device)
     point_cluster = torch.searchsorted(point_offsets[1:], point_index, right=True)
     member = point_cluster[None, :] == cluster[:, None]
-    point, point_dist = _nearest(queries, points.float(), allowed=member)
+    point, point_dist = nearest(queries, points.float(), allowed=member)
     found = inside & torch.isfinite(point_dist)
     return torch.where(found, point_blocks[point], -1)
 

@@ -1,0 +1,114 @@
+"""MeloConfig: every knob of a MELO edit, with validation and a JSON round-trip."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+from melo_fast.ops import BACKENDS
+
+KEY_POSITIONS = ("last", "mean")
+
+
+@dataclass
+class MeloConfig:
+    """Configuration of one patched model.
+
+    Attributes:
+        router: name of the module whose output gives each input's key (MELO's "grace layer").
+            ``None``: the default for the model's ``model_type`` (see ``melo_fast.targets``).
+            A suffix is enough when it is unique (``"h.3.mlp.c_fc"``).
+        targets: names of the ``nn.Linear`` / HF ``Conv1D`` modules that get a block LoRA.
+            ``None``: the default for the model's ``model_type``.
+        rank_per_block: rank ``k`` of one block (one edit batch trains one block).
+        init_radius: radius of a new cluster in the key space (Euclidean).
+        key_position: which token of an input gives its key: ``"last"`` real token (default),
+            ``"mean"`` over real tokens, or an int index into the padded sequence (``-1`` is the
+            official code's choice). For causal-LM edits the prompt (labels == -100) is the sequence.
+        edit_lr: Adam learning rate of one edit.
+        num_iter: optimization steps per edit batch.
+        scheduler_step: StepLR step size.
+        scheduler_gamma: StepLR decay.
+        scale: effective scale ``s`` of a block: output ``W x + s (x A_b) B_b``. The official code's
+            effective scale equals its fixed block count (20 for zsRE, 100 for SCOTUS, 350 for
+            GPT2-XL); with growable capacity there is no block count, so the default is 20.
+        backend: op backend (``"reference"``, ``"torch"``, ``"cpp"``, ``"triton"``) or ``None``
+            to choose the fastest one for the device.
+    """
+
+    router: str | None = None
+    targets: list[str] | None = None
+    rank_per_block: int = 4
+    init_radius: float = 0.5
+    key_position: str | int = "last"
+    edit_lr: float = 1e-2
+    num_iter: int = 50
+    scheduler_step: int = 20
+    scheduler_gamma: float = 0.5
+    scale: float = 20.0
+    backend: str | None = None
+
+    def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the field, the value and what is allowed."""
+
+        def fail(name, allowed):
+            raise ValueError(f"MeloConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        if self.router is not None and (not isinstance(self.router, str) or not self.router):
+            fail("router", "give a module name (str) or None for the model's default")
+        if self.targets is not None:
+            if isinstance(self.targets, str):
+                self.targets = [self.targets]
+            if not self.targets or not all(isinstance(t, str) and t for t in self.targets):
+                fail("targets", "give a non-empty list of module names or None for the model's default")
+            if len(set(self.targets)) != len(self.targets):
+                fail("targets", "module names must be distinct")
+        if not isinstance(self.rank_per_block, int) or isinstance(self.rank_per_block, bool) or self.rank_per_block < 1:
+            fail("rank_per_block", "must be an int >= 1")
+        if not _positive_number(self.init_radius):
+            fail("init_radius", "must be a number > 0")
+        if isinstance(self.key_position, bool) or not (
+            self.key_position in KEY_POSITIONS or isinstance(self.key_position, int)
+        ):
+            fail("key_position", f"must be one of {KEY_POSITIONS} or an int token index")
+        if not _positive_number(self.edit_lr):
+            fail("edit_lr", "must be a number > 0")
+        if not isinstance(self.num_iter, int) or isinstance(self.num_iter, bool) or self.num_iter < 1:
+            fail("num_iter", "must be an int >= 1")
+        if not isinstance(self.scheduler_step, int) or self.scheduler_step < 1:
+            fail("scheduler_step", "must be an int >= 1")
+        if not _positive_number(self.scheduler_gamma) or self.scheduler_gamma > 1:
+            fail("scheduler_gamma", "must be a number in (0, 1]")
+        if not _positive_number(self.scale):
+            fail("scale", "must be a number > 0")
+        if self.backend is not None and self.backend not in BACKENDS:
+            fail("backend", f"must be one of {BACKENDS} or None (automatic)")
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> MeloConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"MeloConfig: unknown field(s) {sorted(unknown)}; known fields are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> MeloConfig:
+        return cls.from_dict(json.loads(text))
+
+    def replace(self, **changes) -> MeloConfig:
+        return MeloConfig.from_dict({**self.to_dict(), **changes})
+
+
+def _positive_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0

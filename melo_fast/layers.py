@@ -1,0 +1,212 @@
+"""The two layers MELO adds to a model: the router and the block LoRA of each target.
+
+Both attach to an existing module as a child (``melo_router`` / ``melo_lora``) and act through a
+forward hook on it, instead of replacing the module by a wrapper. Why: the model's own parameter
+names, module types and ``state_dict`` stay exactly as they were, so checkpoints, ``isinstance``
+checks and existing training loops keep working, and unpatching is removing the hook.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from melo_fast import ops
+from melo_fast.routing import KeysCaptured, Routing
+from melo_fast.vecdb import VectorDatabase
+
+SUPPORTED_TYPES = (nn.Linear, Conv1D)
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or HF ``Conv1D`` (whose weight is stored ``[d_in, d_out]``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.nf
+
+
+def extract_keys(
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    prompt_end: torch.Tensor | None,
+    key_position: str | int,
+) -> torch.Tensor:
+    """One key per sample from the router's output.
+
+    Args:
+        hidden: ``[N, T, H]`` router output (``[N, H]`` is taken as the key itself).
+        attention_mask: ``[N, T]`` 1 for real tokens, or None (every token is real).
+        prompt_end: ``[N]`` int64, tokens at or after it are the edit target, not the prompt; or None.
+        key_position: ``"last"`` real prompt token, ``"mean"`` over them, or an int index (negative
+            counts back from the end of the padded prompt).
+
+    Returns:
+        ``[N, H]`` float32 keys. No host synchronization.
+    """
+    if hidden.dim() == 2:
+        return hidden.float()
+    n, t, _ = hidden.shape
+    positions = torch.arange(t, device=hidden.device)
+    if attention_mask is None:
+        real = torch.ones(n, t, dtype=torch.bool, device=hidden.device)
+    else:
+        if attention_mask.shape != (n, t):
+            raise ValueError(
+                f"router output has {n} sequences of {t} tokens but attention_mask is {tuple(attention_mask.shape)}; "
+                "pass the attention_mask that matches the input"
+            )
+        real = attention_mask.to(hidden.device).bool()
+    end = torch.full((n,), t, device=hidden.device) if prompt_end is None else prompt_end.to(hidden.device)
+    real = real & (positions[None, :] < end[:, None])
+
+    if key_position == "mean":
+        weights = real.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1).float() / weights.sum(1).float().clamp(min=1.0)
+    if key_position == "last":
+        index = torch.where(real, positions, -1).max(dim=1).values.clamp(min=0)
+    else:
+        index = (end + key_position if key_position < 0 else torch.full_like(end, key_position)).clamp(0, t - 1)
+    return hidden[torch.arange(n, device=hidden.device), index].float()
+
+
+class RouterLayer(nn.Module):
+    """Turns the router module's output into keys and the keys into block ids (output unchanged)."""
+
+    def __init__(self, name: str, routing: Routing, database: VectorDatabase, key_position, backend):
+        super().__init__()
+        self.name = name
+        self.routing = routing
+        self.database = database
+        self.key_position = key_position
+        self.backend = backend
+
+    def hook(self, module, args, output):
+        routing = self.routing
+        if routing.disabled:
+            return None
+        call = routing.call
+        if routing.stop_after_router:
+            call.keys = extract_keys(output, call.attention_mask, call.prompt_end, self.key_position)
+            raise KeysCaptured
+        if routing.training or call.sticky:
+            return None  # training routes every sample to the open block; decoding keeps the prefill's ids
+        keys = extract_keys(output, call.attention_mask, call.prompt_end, self.key_position)
+        if len(self.database):
+            call.block_ids = self.database.search(keys, backend=self.backend)
+        else:
+            call.block_ids = torch.full((keys.shape[0],), -1, dtype=torch.int64, device=keys.device)
+        return None
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, key_position={self.key_position!r}, points={len(self.database)}"
+
+
+class BlockLoRALinear(nn.Module):
+    """The block LoRA bank of one ``nn.Linear`` / ``Conv1D``: ``y = W x + s (x A_b^T) B_b`` per sample.
+
+    Buffers (non-persistent: saved by ``MeloEditor.save``, not by the model's ``state_dict``):
+        bank_A ``[capacity, k, d_in]``, bank_B ``[capacity, k, d_out]`` in the module's dtype; the
+        first ``num_blocks`` are trained blocks. Capacity doubles when full.
+    While a block is open for training, ``active_A [k, d_in]`` and ``active_B [k, d_out]`` are the
+    only trainable parameters (float32 master copies, cast to the activation dtype in forward).
+    """
+
+    def __init__(self, name: str, module: nn.Module, routing: Routing, rank: int, scale: float, backend):
+        super().__init__()
+        self.name = name
+        self.routing = routing
+        self.rank = rank
+        self.scale = scale
+        self.backend = backend
+        self.d_in, self.d_out = linear_shape(module)
+        weight = module.weight
+        self.register_buffer("bank_A", weight.new_zeros(0, rank, self.d_in), persistent=False)
+        self.register_buffer("bank_B", weight.new_zeros(0, rank, self.d_out), persistent=False)
+        self.num_blocks = 0
+        self.active_A: nn.Parameter | None = None
+        self.active_B: nn.Parameter | None = None
+
+    # --- training one block -------------------------------------------------------------------
+    def open_block(self) -> list[nn.Parameter]:
+        """Create the new block's parameters: A as the official code (kaiming, a=sqrt(5)), B = 0."""
+        device = self.bank_A.device
+        active_A = torch.empty(self.rank, self.d_in, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(active_A, a=math.sqrt(5))
+        self.active_A = nn.Parameter(active_A)
+        self.active_B = nn.Parameter(torch.zeros(self.rank, self.d_out, device=device, dtype=torch.float32))
+        return [self.active_A, self.active_B]
+
+    def reserve(self, num_blocks: int) -> None:
+        """Make room for ``num_blocks`` blocks, doubling the capacity (growable: no fixed block count)."""
+        capacity = self.bank_A.shape[0]
+        if num_blocks <= capacity:
+            return
+        new_capacity = max(num_blocks, 2 * capacity)
+        for name in ("bank_A", "bank_B"):
+            old = getattr(self, name)
+            grown = old.new_zeros(new_capacity, *old.shape[1:])
+            grown[:capacity] = old
+            setattr(self, name, grown)
+
+    def store_block(self, block_id: int) -> None:
+        """Copy the open block into the bank at ``block_id`` (capacity must already be reserved)."""
+        with torch.no_grad():
+            self.bank_A[block_id] = self.active_A.to(self.bank_A.dtype)
+            self.bank_B[block_id] = self.active_B.to(self.bank_B.dtype)
+
+    def close_block(self) -> None:
+        self.active_A = None
+        self.active_B = None
+
+    # --- forward ------------------------------------------------------------------------------
+    def hook(self, module, args, output):
+        routing = self.routing
+        if routing.disabled:
+            return None
+        x = args[0]
+        n = x.shape[0]
+        if routing.training:
+            # Every sample of an edit batch trains the open block.
+            A, B = self.active_A[None], self.active_B[None]
+            block_ids = torch.zeros(n, dtype=torch.int64, device=x.device)
+        else:
+            block_ids = routing.call.block_ids
+            if block_ids is None:
+                raise RuntimeError(
+                    f"melo_fast: target module {self.name!r} ran before the router in this forward call, so "
+                    "no routing was decided for it. Choose targets that run after the router "
+                    "(MeloConfig.router / MeloConfig.targets)."
+                )
+            if self.num_blocks == 0:
+                return None
+            block_ids = self._expand(block_ids.to(x.device, non_blocking=True), n)
+            A, B = self.bank_A[: self.num_blocks], self.bank_B[: self.num_blocks]
+        dtype = output.dtype  # under autocast the layer's output dtype is the compute dtype
+        out = ops.block_lora(
+            x.reshape(n, -1, self.d_in).to(dtype),
+            A.to(dtype),
+            B.to(dtype),
+            block_ids,
+            self.scale,
+            base=output.reshape(n, -1, self.d_out),
+            backend=self.backend,
+        )
+        return out.reshape(output.shape)
+
+    def _expand(self, block_ids: torch.Tensor, n: int) -> torch.Tensor:
+        """Follow a batch that generation expanded (beams, ``num_return_sequences``): HF repeats each row."""
+        routed = block_ids.shape[0]
+        if routed == n:
+            return block_ids
+        if routed and n % routed == 0:
+            return block_ids.repeat_interleave(n // routed)
+        raise RuntimeError(
+            f"melo_fast: target {self.name!r} sees a batch of {n} but the router decided {routed} routes; "
+            "batch sizes must match (or be a multiple, as in beam search)"
+        )
+
+    def extra_repr(self) -> str:
+        return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scale={self.scale}, blocks={self.num_blocks}"

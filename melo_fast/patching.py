@@ -1,0 +1,201 @@
+"""Generic module traversal: find the router and targets by name, attach MELO's layers, and undo it.
+
+Works on any model built of ``nn.Linear`` / HF ``Conv1D``: names come from ``MeloConfig`` or, when
+left out, from the per-architecture table in ``melo_fast.targets``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+from torch import nn
+
+from melo_fast.config import MeloConfig
+from melo_fast.editor import MeloEditor
+from melo_fast.layers import SUPPORTED_TYPES, BlockLoRALinear, RouterLayer, linear_shape
+from melo_fast.routing import Routing
+from melo_fast.targets import DEFAULTS, default_layers
+from melo_fast.vecdb import VectorDatabase
+
+EDITOR_ATTRIBUTE = "_melo_editor"
+
+
+def supported_module_names(model: nn.Module) -> list[str]:
+    """Names of every module MELO can use as router or target (``nn.Linear`` / ``Conv1D``)."""
+    return [name for name, module in model.named_modules() if isinstance(module, SUPPORTED_TYPES)]
+
+
+def _candidates_hint(model: nn.Module, limit: int = 12) -> str:
+    names = supported_module_names(model)
+    shown = ", ".join(names[:limit]) + (f", ... ({len(names)} in all)" if len(names) > limit else "")
+    return f"candidate nn.Linear/Conv1D modules: {shown or 'none'}"
+
+
+def find_module(model: nn.Module, name: str, role: str) -> tuple[str, nn.Module]:
+    """The one module whose full name is ``name`` or ends with ``.name``; it must be Linear/Conv1D."""
+    modules = dict(model.named_modules())
+    if name in modules:
+        matches = [name]
+    else:
+        matches = [full for full in modules if full.endswith("." + name)]
+    if not matches:
+        raise ValueError(
+            f"melo_fast: {role} module {name!r} does not exist in {type(model).__name__}; {_candidates_hint(model)}"
+        )
+    if len(matches) > 1:
+        raise ValueError(
+            f"melo_fast: {role} module name {name!r} is ambiguous, it matches {matches}; give the full name"
+        )
+    module = modules[matches[0]]
+    if not isinstance(module, SUPPORTED_TYPES):
+        raise TypeError(
+            f"melo_fast: {role} module {matches[0]!r} is a {type(module).__name__}, "
+            f"not nn.Linear or Conv1D; {_candidates_hint(model)}"
+        )
+    return matches[0], module
+
+
+def default_names(model: nn.Module) -> tuple[str, list[str]]:
+    """Default (router, targets) patterns for ``model.config.model_type``."""
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type not in DEFAULTS:
+        raise ValueError(
+            f"melo_fast: no default router/targets for model_type {model_type!r} (defaults exist for "
+            f"{sorted(DEFAULTS)}); pass MeloConfig(router=..., targets=[...]). {_candidates_hint(model)}"
+        )
+    router_pattern, target_patterns = DEFAULTS[model_type]
+    router_layer, lora_layers = default_layers(config.num_hidden_layers)
+    targets = []
+    for pattern in target_patterns:
+        if pattern.startswith("decoder.block"):  # T5's decoder may have its own depth
+            layers = default_layers(getattr(config, "num_decoder_layers", None) or config.num_hidden_layers)[1]
+        else:
+            layers = lora_layers
+        targets += [pattern.format(i=i) for i in layers]
+    return router_pattern.format(i=router_layer), targets
+
+
+def _entry_hook(model: nn.Module, routing: Routing, router_in_encoder: bool, causal_lm: bool):
+    """Forward pre-hook that starts a call's routing (attention mask, prompt end, stickiness)."""
+    signature = inspect.signature(model.forward)
+    pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
+    warned = []
+
+    def hook(module, args, kwargs):
+        try:
+            arguments = signature.bind_partial(*args, **kwargs).arguments
+        except TypeError:
+            arguments = dict(kwargs)
+        arguments.update(arguments.pop("kwargs", {}) or {})
+        mask = arguments.get("attention_mask")
+        input_ids = arguments.get("input_ids")
+        past = arguments.get("past_key_values")
+        past_length = 0
+        if past is not None and hasattr(past, "get_seq_length"):
+            past_length = past.get_seq_length()
+        elif isinstance(past, (tuple, list)) and past and past[0] is not None:
+            past_length = past[0][0].shape[-2]
+        continues = past_length > 0 or (router_in_encoder and arguments.get("encoder_outputs") is not None)
+
+        prompt_end = None
+        labels = arguments.get("labels")
+        if causal_lm and labels is not None and input_ids is not None and labels.shape == input_ids.shape:
+            supervised = labels != -100
+            t = labels.shape[1]
+            first = supervised.int().argmax(dim=1)  # first supervised token (argmax keeps the first max)
+            # No prompt part (no labels, or a plain LM loss from token 0): the whole sequence gives the key.
+            prompt_end = torch.where(supervised.any(dim=1) & (first > 0), first, t)
+
+        if mask is None and input_ids is not None and not continues and not warned and pad_token_id is not None:
+            if input_ids.shape[0] > 1 and bool((input_ids == pad_token_id).any()):
+                warned.append(True)
+                warnings.warn(
+                    "melo_fast: input_ids contain padding but no attention_mask was passed; keys are taken as if "
+                    "every token were real. Pass attention_mask so each key comes from the last real token.",
+                    stacklevel=3,
+                )
+        routing.start_call(mask, prompt_end, continues)
+        return None
+
+    return hook
+
+
+def patch(model: nn.Module, config: MeloConfig | None = None) -> MeloEditor:
+    """Attach MELO to ``model`` in place and return its editor.
+
+    Args:
+        model: a Hugging Face (or any) model whose router and targets are ``nn.Linear``/``Conv1D``.
+        config: what to patch and how; None uses the defaults for ``model.config.model_type``.
+
+    Returns:
+        The :class:`MeloEditor` of this model (also reachable as ``model._melo_editor``).
+    """
+    if getattr(model, EDITOR_ATTRIBUTE, None) is not None:
+        raise RuntimeError(
+            "melo_fast: this model is already patched; use its editor "
+            "(model._melo_editor) or call melo_fast.unpatch(model) first"
+        )
+    config = MeloConfig() if config is None else config
+    config.validate()
+    if config.router is None or config.targets is None:
+        default_router, default_targets = default_names(model)
+        config = config.replace(router=config.router or default_router, targets=config.targets or default_targets)
+
+    router_name, router_module = find_module(model, config.router, "router")
+    targets = [find_module(model, name, "target") for name in config.targets]
+    if len({name for name, _ in targets}) != len(targets):
+        raise ValueError(f"melo_fast: targets {config.targets} name the same module more than once")
+    config = config.replace(router=router_name, targets=[name for name, _ in targets])
+
+    routing = Routing()
+    database = VectorDatabase(linear_shape(router_module)[1], config.init_radius, device=router_module.weight.device)
+    router = RouterLayer(router_name, routing, database, config.key_position, config.backend)
+    lora_layers = {
+        name: BlockLoRALinear(name, module, routing, config.rank_per_block, config.scale, config.backend)
+        for name, module in targets
+    }
+
+    config_of_model = getattr(model, "config", None)
+    is_encoder_decoder = bool(getattr(config_of_model, "is_encoder_decoder", False))
+    encoder = model.get_encoder() if is_encoder_decoder and hasattr(model, "get_encoder") else None
+    router_in_encoder = encoder is not None and any(module is router_module for module in encoder.modules())
+    can_generate = hasattr(model, "can_generate") and model.can_generate()
+    causal_lm = can_generate and not is_encoder_decoder
+
+    # Hooks run in registration order: the router's is registered first so that, if the router
+    # module is also a target, the keys come from its unedited output.
+    handles = [router_module.register_forward_hook(router.hook)]
+    router_module.melo_router = router
+    for name, module in targets:
+        module.melo_lora = lora_layers[name]
+        handles.append(module.register_forward_hook(lora_layers[name].hook))
+    entry_points = [model] + ([encoder] if encoder is not None else [])
+    for entry in entry_points:
+        hook = _entry_hook(entry, routing, router_in_encoder, causal_lm and entry is model)
+        handles.append(entry.register_forward_pre_hook(hook, with_kwargs=True))
+
+    editor = MeloEditor(
+        model, config, routing, router, lora_layers, handles, causal_lm=causal_lm, seq2seq=is_encoder_decoder
+    )
+    setattr(model, EDITOR_ATTRIBUTE, editor)
+    return editor
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Remove everything :func:`patch` attached; the model is then exactly as before patching."""
+    editor = getattr(model, EDITOR_ATTRIBUTE, None)
+    if editor is None:
+        raise RuntimeError("melo_fast: this model is not patched")
+    if editor.block_is_open:
+        editor.abort()
+    for handle in editor.handles:
+        handle.remove()
+    modules = dict(model.named_modules())
+    del modules[editor.config.router].melo_router
+    for name in editor.config.targets:
+        del modules[name].melo_lora
+    delattr(model, EDITOR_ATTRIBUTE)
+    return model
