@@ -113,7 +113,7 @@ class MeloEditor:
         if self._open is not None:
             raise RuntimeError("melo_fast: a block is already open; commit() or abort() it first")
         self._check_batch(batch)
-        keys = self._capture_keys(batch)
+        keys = self.keys(batch)
         labels = self._edit_labels(batch)
         frozen = []
         if freeze_model:
@@ -253,18 +253,22 @@ class MeloEditor:
                 rows = empty_rows.nonzero().flatten().tolist()
                 raise ValueError(f"melo_fast: edit rows {rows} have no target tokens (all labels are -100)")
 
-    def _capture_keys(self, batch) -> torch.Tensor:
-        """``[N, d]`` keys of the batch: a no-grad, eval-mode forward that stops at the router."""
+    def keys(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[N, d]`` float32 keys of ``inputs``: an eval-mode, no-grad forward that stops at the router."""
         was_training = self.model.training
         self.model.eval()
         try:
             with torch.no_grad(), self.routing.capture_keys():
-                self.model(**batch)
+                self.model(**inputs)
         except KeysCaptured:
             return self.routing.call.keys
         finally:
             self.model.train(was_training)
         raise RuntimeError(f"melo_fast: the router {self.config.router!r} did not run in the model's forward pass")
+
+    def route(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[N]`` int64 block each input would use (-1: no edit applies). Handy to see which edit fires."""
+        return self.db.search(self.keys(inputs), backend=self.config.backend)
 
     def _edit_labels(self, batch) -> list[tuple]:
         """The edit target of each sample as a tuple (compared exactly by the database)."""

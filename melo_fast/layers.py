@@ -89,16 +89,22 @@ class RouterLayer(nn.Module):
             return None
         call = routing.call
         if routing.stop_after_router:
-            call.keys = extract_keys(output, call.attention_mask, call.prompt_end, self.key_position)
+            call.keys = self._keys(output, call)
             raise KeysCaptured
         if routing.training or call.sticky:
             return None  # training routes every sample to the open block; decoding keeps the prefill's ids
-        keys = extract_keys(output, call.attention_mask, call.prompt_end, self.key_position)
+        keys = self._keys(output, call)
         if len(self.database):
             call.block_ids = self.database.search(keys, backend=self.backend)
         else:
             call.block_ids = torch.full((keys.shape[0],), -1, dtype=torch.int64, device=keys.device)
         return None
+
+    def _keys(self, output: torch.Tensor, call) -> torch.Tensor:
+        # Some models (OPT) run their MLP on tokens flattened to [N*T, H]: restore [N, T, H].
+        if output.dim() != 3 and call.batch_size:
+            output = output.reshape(call.batch_size, -1, output.shape[-1])
+        return extract_keys(output, call.attention_mask, call.prompt_end, self.key_position)
 
     def extra_repr(self) -> str:
         return f"name={self.name!r}, key_position={self.key_position!r}, points={len(self.database)}"
@@ -167,11 +173,10 @@ class BlockLoRALinear(nn.Module):
         if routing.disabled:
             return None
         x = args[0]
-        n = x.shape[0]
         if routing.training:
             # Every sample of an edit batch trains the open block.
             A, B = self.active_A[None], self.active_B[None]
-            block_ids = torch.zeros(n, dtype=torch.int64, device=x.device)
+            block_ids = torch.zeros(1, dtype=torch.int64, device=x.device)
         else:
             block_ids = routing.call.block_ids
             if block_ids is None:
@@ -182,31 +187,28 @@ class BlockLoRALinear(nn.Module):
                 )
             if self.num_blocks == 0:
                 return None
-            block_ids = self._expand(block_ids.to(x.device, non_blocking=True), n)
+            block_ids = block_ids.to(x.device, non_blocking=True)
             A, B = self.bank_A[: self.num_blocks], self.bank_B[: self.num_blocks]
+        # Group the rows by routed sample: [N, T, d], flattened [N*T, d] (OPT) and generation's
+        # expanded [N*beams, T, d] (HF repeats each row in place) all keep a sample's rows contiguous.
+        routed = block_ids.shape[0]
+        rows = x.numel() // self.d_in
+        if routed == 0 or rows % routed:
+            raise RuntimeError(
+                f"melo_fast: target {self.name!r} got input {tuple(x.shape)}, which does not split into the "
+                f"{routed} sequences the router routed"
+            )
         dtype = output.dtype  # under autocast the layer's output dtype is the compute dtype
         out = ops.block_lora(
-            x.reshape(n, -1, self.d_in).to(dtype),
+            x.reshape(routed, -1, self.d_in).to(dtype),
             A.to(dtype),
             B.to(dtype),
             block_ids,
             self.scale,
-            base=output.reshape(n, -1, self.d_out),
+            base=output.reshape(routed, -1, self.d_out),
             backend=self.backend,
         )
         return out.reshape(output.shape)
-
-    def _expand(self, block_ids: torch.Tensor, n: int) -> torch.Tensor:
-        """Follow a batch that generation expanded (beams, ``num_return_sequences``): HF repeats each row."""
-        routed = block_ids.shape[0]
-        if routed == n:
-            return block_ids
-        if routed and n % routed == 0:
-            return block_ids.repeat_interleave(n // routed)
-        raise RuntimeError(
-            f"melo_fast: target {self.name!r} sees a batch of {n} but the router decided {routed} routes; "
-            "batch sizes must match (or be a multiple, as in beam search)"
-        )
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scale={self.scale}, blocks={self.num_blocks}"

@@ -117,7 +117,9 @@ def _entry_hook(model: nn.Module, routing: Routing, router_in_encoder: bool, cau
                     "every token were real. Pass attention_mask so each key comes from the last real token.",
                     stacklevel=3,
                 )
-        routing.start_call(mask, prompt_end, continues)
+        sized = (input_ids, arguments.get("inputs_embeds"), mask)
+        batch_size = next((v.shape[0] for v in sized if v is not None), None)
+        routing.start_call(batch_size, mask, prompt_end, continues)
         return None
 
     return hook

@@ -27,6 +27,7 @@ class CallState:
     """What the current forward call of one thread knows about routing.
 
     Attributes:
+        batch_size: number of sequences in the call (layers may see them flattened to ``[N*T, d]``).
         attention_mask: ``[N, T]`` mask of the router's input sequence, or None (no padding).
         prompt_end: ``[N]`` int64 index of each row's first supervised label (causal-LM edits),
             or None: keys are taken from the prompt, the part the user will send at inference.
@@ -35,6 +36,7 @@ class CallState:
         sticky: this call continues a generation: keep ``block_ids`` from the prefill.
     """
 
+    batch_size: int | None = None
     attention_mask: torch.Tensor | None = None
     prompt_end: torch.Tensor | None = None
     block_ids: torch.Tensor | None = None
@@ -89,13 +91,14 @@ class Routing:
         finally:
             self._local.stop_after_router = False
 
-    def start_call(self, attention_mask, prompt_end, continues_generation: bool) -> None:
+    def start_call(self, batch_size, attention_mask, prompt_end, continues_generation: bool) -> None:
         """Called by the entry hook at the start of a forward call."""
         call = self.call
         # Keep the prefill's routing for every decoding step (if a prefill was routed at all).
         call.sticky = continues_generation and call.block_ids is not None
         if call.sticky:
             return
+        call.batch_size = batch_size
         call.attention_mask = attention_mask
         call.prompt_end = prompt_end
         call.block_ids = None
