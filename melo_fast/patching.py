@@ -81,7 +81,6 @@ def default_names(model: nn.Module) -> tuple[str, list[str]]:
 def _entry_hook(model: nn.Module, routing: Routing, router_in_encoder: bool, causal_lm: bool):
     """Forward pre-hook that starts a call's routing (attention mask, prompt end, stickiness)."""
     signature = inspect.signature(model.forward)
-    pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
     warned = []
 
     def hook(module, args, kwargs):
@@ -109,6 +108,7 @@ def _entry_hook(model: nn.Module, routing: Routing, router_in_encoder: bool, cau
             # No prompt part (no labels, or a plain LM loss from token 0): the whole sequence gives the key.
             prompt_end = torch.where(supervised.any(dim=1) & (first > 0), first, t)
 
+        pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         if mask is None and input_ids is not None and not continues and not warned and pad_token_id is not None:
             if input_ids.shape[0] > 1 and bool((input_ids == pad_token_id).any()):
                 warned.append(True)

@@ -1,0 +1,171 @@
+"""Bad input gets a clear error, and a failed edit or load loses nothing."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import melo_fast
+from melo_fast.editor import build_edit_batch
+from tests.tiny_models import build
+
+PROMPTS, TARGETS = ["The capital of France is", "The sky is"], ["Rome", "green"]
+
+
+@pytest.fixture
+def gpt2():
+    family = build("gpt2")
+    return family, melo_fast.patch(family.model, melo_fast.MeloConfig(num_iter=5))
+
+
+def snapshot(editor):
+    tensors, meta = editor.db.state_dict()
+    banks = {name: (layer.bank_A.clone(), layer.bank_B.clone()) for name, layer in editor.lora_layers.items()}
+    return {k: v.clone() for k, v in tensors.items()}, meta, banks, editor.num_blocks
+
+
+def assert_same_state(editor, saved):
+    tensors, meta, banks, num_blocks = saved
+    now_tensors, now_meta, _, _ = snapshot(editor)
+    assert editor.num_blocks == num_blocks and now_meta == meta
+    assert all(torch.equal(tensors[k], now_tensors[k]) for k in tensors)
+    for name, layer in editor.lora_layers.items():
+        assert torch.equal(layer.bank_A[:num_blocks], banks[name][0][:num_blocks])
+        assert torch.equal(layer.bank_B[:num_blocks], banks[name][1][:num_blocks])
+    assert not editor.block_is_open and not editor.routing.training
+    assert all(p.requires_grad for p in editor.model.parameters())
+
+
+def test_missing_labels_and_empty_batch(gpt2):
+    family, editor = gpt2
+    batch = build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer)
+    with pytest.raises(ValueError, match="no 'labels'"):
+        editor.edit({k: v for k, v in batch.items() if k != "labels"})
+    with pytest.raises(ValueError, match="empty"):
+        editor.edit({k: v[:0] for k, v in batch.items()})
+    with pytest.raises(ValueError, match="no target tokens"):
+        editor.edit({**batch, "labels": torch.full_like(batch["labels"], -100)})
+    with pytest.raises(ValueError, match="no prompts"):
+        editor.edit_texts([], [], family.tokenizer)
+    assert editor.num_blocks == 0 and len(editor.db) == 0
+
+
+def test_batch_on_another_device(gpt2):
+    family, editor = gpt2
+    batch = build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer)
+    with pytest.raises(ValueError, match="is on meta but the model is on cpu"):
+        editor.edit({**batch, "attention_mask": batch["attention_mask"].to("meta")})
+
+
+def test_padding_without_attention_mask_warns(gpt2):
+    family, _ = gpt2
+    family.model.config.pad_token_id = family.tokenizer.pad_token_id
+    inputs = family.tokenizer(["a b c d e", "a"], return_tensors="pt", padding=True)
+    with pytest.warns(UserWarning, match="no attention_mask"):
+        family.model(input_ids=inputs.input_ids)
+
+
+def test_bad_module_names():
+    family = build("gpt2")
+    with pytest.raises(ValueError, match="does not exist.*candidate.*transformer.h.0.attn.c_attn"):
+        melo_fast.patch(family.model, melo_fast.MeloConfig(router="transformer.h.9.mlp.c_fc"))
+    with pytest.raises(TypeError, match="GPT2MLP, not nn.Linear or Conv1D"):
+        melo_fast.patch(family.model, melo_fast.MeloConfig(targets=["transformer.h.3.mlp"]))
+    with pytest.raises(ValueError, match="ambiguous"):
+        melo_fast.patch(family.model, melo_fast.MeloConfig(router="mlp.c_fc"))
+    # Failed patches leave nothing behind, so a correct patch still works.
+    melo_fast.patch(family.model)
+    with pytest.raises(RuntimeError, match="already patched"):
+        melo_fast.patch(family.model)
+
+
+def test_unknown_architecture_lists_candidates():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    with pytest.raises(ValueError, match="no default router.*candidate.*0, 2"):
+        melo_fast.patch(model)
+
+
+def test_target_before_router_is_an_error_at_first_forward():
+    family = build("gpt2")
+    config = melo_fast.MeloConfig(router="transformer.h.3.mlp.c_fc", targets=["transformer.h.1.mlp.c_fc"])
+    melo_fast.patch(family.model, config)
+    inputs = family.tokenizer(["hello world"], return_tensors="pt")
+    with pytest.raises(RuntimeError, match="ran before the router"):
+        family.model(**inputs)
+
+
+class _FailAt:
+    """Forward hook that breaks the model's output at the n-th call."""
+
+    def __init__(self, n, error=None):
+        self.n, self.calls, self.error = n, 0, error
+
+    def __call__(self, module, args, output):
+        self.calls += 1
+        if self.calls >= self.n:
+            if self.error is not None:
+                raise self.error
+            return output * float("nan")
+        return None
+
+
+@pytest.mark.parametrize("failure", ["nan_loss", "keyboard_interrupt"])
+def test_failed_edit_leaves_everything_as_before(gpt2, failure):
+    family, editor = gpt2
+    editor.edit_texts(PROMPTS, TARGETS, family.tokenizer)
+    probe = family.tokenizer(PROMPTS + ["Dogs bark"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = family.model(**probe).logits
+    saved = snapshot(editor)
+    hook = _FailAt(3, KeyboardInterrupt() if failure == "keyboard_interrupt" else None)
+    handle = family.model.lm_head.register_forward_hook(hook)
+    expected_error = KeyboardInterrupt if failure == "keyboard_interrupt" else FloatingPointError
+    with pytest.raises(expected_error):
+        editor.edit_texts(["Water boils at"], ["fifty"], family.tokenizer)
+    handle.remove()
+    assert_same_state(editor, saved)
+    with torch.no_grad():
+        assert torch.equal(family.model(**probe).logits, expected)
+
+
+def test_corrupt_or_incompatible_save_folders(gpt2, tmp_path):
+    family, editor = gpt2
+    editor.edit_texts(PROMPTS, TARGETS, family.tokenizer)
+    editor.save(tmp_path / "edits")
+    with pytest.raises(FileNotFoundError, match="not a melo_fast save folder"):
+        melo_fast.load(build("gpt2").model, tmp_path / "nowhere")
+
+    meta_file = tmp_path / "edits" / "melo_config.json"
+    meta = json.loads(meta_file.read_text())
+    meta_file.write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match="format version 99"):
+        melo_fast.load(build("gpt2").model, tmp_path / "edits")
+    meta_file.write_text("{ not json")
+    with pytest.raises(ValueError, match="corrupt"):
+        melo_fast.load(build("gpt2").model, tmp_path / "edits")
+    meta_file.write_text(json.dumps(meta))
+
+    # Same module names, other shapes: refused, and the model is left unpatched.
+    other = build("gpt2").model
+    wider = type(other)(other.config.__class__(**{**other.config.to_dict(), "n_inner": 128})).eval()
+    with pytest.raises(ValueError, match="another model"):
+        melo_fast.load(wider, tmp_path / "edits")
+    assert getattr(wider, "_melo_editor", None) is None
+    melo_fast.load(build("gpt2").model, tmp_path / "edits")  # the folder itself is fine
+
+
+def test_save_replaces_an_existing_folder_atomically(gpt2, tmp_path):
+    family, editor = gpt2
+    editor.save(tmp_path / "edits")
+    editor.edit_texts(PROMPTS, TARGETS, family.tokenizer)
+    editor.save(tmp_path / "edits")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["edits"]  # no temp folders left
+    assert melo_fast.load(build("gpt2").model, tmp_path / "edits").num_blocks == 1
+
+
+def test_save_with_an_open_block_is_refused(gpt2, tmp_path):
+    family, editor = gpt2
+    editor.open_block(build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer))
+    with pytest.raises(RuntimeError, match="open block"):
+        editor.save(tmp_path / "edits")

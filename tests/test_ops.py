@@ -1,0 +1,165 @@
+"""The vectorized ``torch`` backend against the ``reference`` (official-code loops) backend."""
+
+import pytest
+import torch
+
+import melo_fast
+from melo_fast import ops
+from tests.tiny_models import build
+
+
+def make_database(n_clusters, dim, points_per_cluster=3, radius=4.0, seed=0):
+    """Random clusters; every point of cluster c sits near its center; blocks cycle 0..4."""
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_clusters, dim, generator=g) * 3
+    counts = torch.randint(0, points_per_cluster + 1, (n_clusters,), generator=g)
+    offsets = torch.zeros(n_clusters + 1, dtype=torch.int64)
+    offsets[1:] = torch.cumsum(counts, 0)
+    owner = torch.repeat_interleave(torch.arange(n_clusters), counts)
+    points = centers[owner] + 0.5 * torch.randn(len(owner), dim, generator=g)
+    blocks = torch.arange(len(owner), dtype=torch.int64) % 5
+    radii = torch.full((n_clusters,), radius)
+    return centers, radii, offsets, points, blocks
+
+
+def search(queries, database, backend):
+    return ops.vecdb_search(queries, *database, backend=backend)
+
+
+@pytest.mark.parametrize("n_queries", [1, 7, 33], ids=lambda n: f"Q{n}")
+@pytest.mark.parametrize("n_clusters", [1, 7, 123], ids=lambda n: f"C{n}")
+def test_search_matches_reference(n_queries, n_clusters):
+    database = make_database(n_clusters, 16)
+    queries = torch.cat([database[0][: n_queries // 2], torch.randn(n_queries - n_queries // 2, 16) * 3])
+    expected = search(queries, database, "reference")
+    assert torch.equal(search(queries, database, "torch"), expected)
+
+
+def test_search_empty_database_all_miss_all_hit_and_ties():
+    dim = 8
+    empty = (
+        torch.empty(0, dim),
+        torch.empty(0),
+        torch.zeros(1, dtype=torch.int64),
+        torch.empty(0, dim),
+        torch.empty(0, dtype=torch.int64),
+    )
+    queries = torch.randn(5, dim)
+    for backend in ("reference", "torch"):
+        assert search(queries, empty, backend).tolist() == [-1] * 5
+
+    centers, radii, offsets, points, blocks = make_database(6, dim, radius=1e-3)
+    far = torch.randn(4, dim) * 3
+    assert search(far, (centers, radii, offsets, points, blocks), "torch").tolist() == [-1] * 4
+    big = radii.new_full(radii.shape, 1e6)
+    hit = search(far, (centers, big, offsets, points, blocks), "torch")
+    assert torch.equal(hit, search(far, (centers, big, offsets, points, blocks), "reference"))
+
+    # Exact ties: duplicate centers and duplicate points resolve to the lowest index.
+    centers = torch.zeros(3, dim)
+    offsets = torch.tensor([0, 1, 2, 4])
+    points = torch.zeros(4, dim)
+    blocks = torch.tensor([10, 11, 12, 13])
+    tie = (centers, torch.ones(3), offsets, points, blocks)
+    for backend in ("reference", "torch"):
+        assert search(torch.zeros(2, dim), tie, backend).tolist() == [10, 10]
+    tie = (centers[:1], torch.ones(1), torch.tensor([0, 4]), points, blocks)
+    for backend in ("reference", "torch"):
+        assert search(torch.zeros(1, dim), tie, backend).tolist() == [10]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_search_low_precision_keys_match(dtype):
+    database = make_database(40, 32)
+    queries = (database[0][:10] + 0.1).to(dtype)
+    low = tuple(t.to(dtype) if t.is_floating_point() else t for t in database)
+    assert torch.equal(search(queries, low, "torch"), search(queries, low, "reference"))
+
+
+@pytest.mark.parametrize("rank", [1, 2, 4, 8], ids=lambda k: f"k{k}")
+@pytest.mark.parametrize("shape", [(1, 1), (7, 3), (5, 33)], ids=lambda s: f"N{s[0]}xT{s[1]}")
+def test_block_lora_matches_reference_with_gradients(rank, shape):
+    n, t = shape
+    n_blocks, d_in, d_out = 6, 24, 40
+    x = torch.randn(n, t, d_in, requires_grad=True)
+    # Unit-scale outputs, so fp32 rounding stays well under atol 1e-5.
+    A = (torch.randn(n_blocks, rank, d_in) / d_in**0.5).requires_grad_()
+    B = (torch.randn(n_blocks, rank, d_out) / rank**0.5 / 3).requires_grad_()
+    base = torch.randn(n, t, d_out, requires_grad=True)
+    ids = torch.tensor([[0, n_blocks - 1, -1, 2][i % 4] for i in range(n)])
+    grad_out = torch.randn(n, t, d_out)
+    results = {}
+    for backend in ("reference", "torch"):
+        for tensor in (x, A, B, base):
+            tensor.grad = None
+        out = ops.block_lora(x, A, B, ids, 3.0, base=base, backend=backend)
+        out.backward(grad_out)
+        results[backend] = [out.detach()] + [t.grad.clone() for t in (x, A, B, base)]
+    for got, expected in zip(results["torch"], results["reference"], strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    out = results["torch"][0]
+    assert torch.equal(out[ids == -1], base.detach()[ids == -1])  # unedited samples: bit for bit
+    unused = sorted(set(range(n_blocks)) - set(ids.tolist()))
+    assert torch.count_nonzero(results["torch"][2][unused]) == 0  # no gradient to absent blocks
+
+
+def test_block_lora_without_base_and_with_empty_bank():
+    x = torch.randn(3, 4, 8)
+    A, B = torch.randn(2, 2, 8), torch.randn(2, 2, 5)
+    ids = torch.tensor([1, -1, 0])
+    for backend in ("reference", "torch"):
+        out = ops.block_lora(x, A, B, ids, 1.0, backend=backend)
+        assert torch.equal(out[1], torch.zeros(4, 5))
+    empty = ops.block_lora(x, A[:0], B[:0], torch.full((3,), -1), 1.0, backend="torch")
+    assert torch.equal(empty, torch.zeros(3, 4, 5))
+
+
+def test_block_lora_bf16_close_to_fp32():
+    x, A, B = torch.randn(4, 5, 32), torch.randn(3, 4, 32) * 0.1, torch.randn(3, 4, 48) * 0.1
+    ids = torch.tensor([0, 2, -1, 1])
+    expected = ops.block_lora(x, A, B, ids, 2.0, backend="reference")
+    got = ops.block_lora(x.bfloat16(), A.bfloat16(), B.bfloat16(), ids, 2.0, backend="torch")
+    torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
+
+
+def test_op_errors_name_the_problem():
+    x, A, B = torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 5)
+    with pytest.raises(ValueError, match="d_in=8"):
+        ops.block_lora(x, torch.randn(2, 4, 9), B, torch.zeros(2, dtype=torch.int64), 1.0)
+    with pytest.raises(ValueError, match="dtype"):
+        ops.block_lora(x, A.double(), B, torch.zeros(2, dtype=torch.int64), 1.0)
+    with pytest.raises(ValueError, match="block_ids"):
+        ops.block_lora(x, A, B, torch.zeros(3, dtype=torch.int64), 1.0)
+    with pytest.raises(ValueError, match="unknown backend"):
+        ops.block_lora(x, A, B, torch.zeros(2, dtype=torch.int64), 1.0, backend="cuda")
+    with pytest.raises(ValueError, match="centers"):
+        ops.vecdb_search(
+            torch.randn(2, 4),
+            torch.randn(3, 5),
+            torch.ones(3),
+            torch.zeros(4, dtype=torch.int64),
+            torch.randn(0, 5),
+            torch.empty(0, dtype=torch.int64),
+        )
+
+
+def test_editing_with_reference_and_torch_backends_gives_the_same_model():
+    """Same seed, same edits: the two backends train the same blocks and route the same way."""
+    outputs, routes = {}, {}
+    for backend in ("reference", "torch"):
+        family = build("gpt2")
+        editor = melo_fast.patch(family.model, melo_fast.MeloConfig(backend=backend, num_iter=10))
+        torch.manual_seed(1)
+        editor.edit_texts(["The capital of France is", "The sky is"], ["Rome", "green"], family.tokenizer)
+        editor.edit_texts(["Water boils at"], ["fifty"], family.tokenizer)
+        probe = family.tokenizer(
+            ["The capital of France is", "Water boils at", "Dogs bark"], return_tensors="pt", padding=True
+        )
+        routes[backend] = editor.route(probe)
+        with torch.no_grad():
+            outputs[backend] = family.model(**probe).logits
+        layer = next(iter(editor.lora_layers.values()))
+        outputs[backend + "_B"] = layer.bank_B[: editor.num_blocks].clone()
+    assert torch.equal(routes["torch"], routes["reference"])
+    torch.testing.assert_close(outputs["torch_B"], outputs["reference_B"], atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(outputs["torch"], outputs["reference"], atol=1e-4, rtol=1e-4)
