@@ -116,8 +116,9 @@ class BlockLoRALinear(nn.Module):
     Buffers (non-persistent: saved by ``MeloEditor.save``, not by the model's ``state_dict``):
         bank_A ``[capacity, k, d_in]``, bank_B ``[capacity, k, d_out]`` in the module's dtype; the
         first ``num_blocks`` are trained blocks. Capacity doubles when full.
-    While a block is open for training, ``active_A [k, d_in]`` and ``active_B [k, d_out]`` are the
-    only trainable parameters (float32 master copies, cast to the activation dtype in forward).
+    While a block is open for training, ``active_A [n, k, d_in]`` and ``active_B [n, k, d_out]`` are
+    the only trainable parameters (float32 master copies, cast to the activation dtype in forward);
+    the new block is ``active_A[active_block]`` (see :meth:`open_block`).
     """
 
     def __init__(self, name: str, module: nn.Module, routing: Routing, rank: int, scale: float, backend):
@@ -134,15 +135,26 @@ class BlockLoRALinear(nn.Module):
         self.num_blocks = 0
         self.active_A: nn.Parameter | None = None
         self.active_B: nn.Parameter | None = None
+        self.active_block = 0
 
     # --- training one block -------------------------------------------------------------------
     def open_block(self) -> list[nn.Parameter]:
-        """Create the new block's parameters: A as the official code (kaiming, a=sqrt(5)), B = 0."""
+        """Create the new block's parameters: A as the official code (kaiming, a=sqrt(5)), B = 0.
+
+        The parameters are bank-shaped (``[n, k, d]``) with the new block at ``active_block``: just
+        the new block (n = 1) normally, or, with the ``reference`` backend, every block so far plus
+        the new one, because the official code trains its full-rank LoRA matrices (the other
+        blocks get zero gradient; it is the baseline that block-only training is measured against).
+        """
         device = self.bank_A.device
-        active_A = torch.empty(self.rank, self.d_in, device=device, dtype=torch.float32)
-        nn.init.kaiming_uniform_(active_A, a=math.sqrt(5))
-        self.active_A = nn.Parameter(active_A)
-        self.active_B = nn.Parameter(torch.zeros(self.rank, self.d_out, device=device, dtype=torch.float32))
+        new_A = torch.empty(1, self.rank, self.d_in, device=device, dtype=torch.float32)
+        nn.init.kaiming_uniform_(new_A[0], a=math.sqrt(5))
+        new_B = torch.zeros(1, self.rank, self.d_out, device=device, dtype=torch.float32)
+        if self.backend == "reference":
+            new_A = torch.cat([self.bank_A[: self.num_blocks].float(), new_A])
+            new_B = torch.cat([self.bank_B[: self.num_blocks].float(), new_B])
+        self.active_block = new_A.shape[0] - 1
+        self.active_A, self.active_B = nn.Parameter(new_A), nn.Parameter(new_B)
         return [self.active_A, self.active_B]
 
     def reserve(self, num_blocks: int) -> None:
@@ -160,8 +172,8 @@ class BlockLoRALinear(nn.Module):
     def store_block(self, block_id: int) -> None:
         """Copy the open block into the bank at ``block_id`` (capacity must already be reserved)."""
         with torch.no_grad():
-            self.bank_A[block_id] = self.active_A.to(self.bank_A.dtype)
-            self.bank_B[block_id] = self.active_B.to(self.bank_B.dtype)
+            self.bank_A[block_id] = self.active_A[self.active_block].to(self.bank_A.dtype)
+            self.bank_B[block_id] = self.active_B[self.active_block].to(self.bank_B.dtype)
 
     def close_block(self) -> None:
         self.active_A = None
@@ -175,8 +187,8 @@ class BlockLoRALinear(nn.Module):
         x = args[0]
         if routing.training:
             # Every sample of an edit batch trains the open block.
-            A, B = self.active_A[None], self.active_B[None]
-            block_ids = torch.zeros(1, dtype=torch.int64, device=x.device)
+            A, B = self.active_A, self.active_B
+            block_ids = torch.full((1,), self.active_block, dtype=torch.int64, device=x.device)
         else:
             block_ids = routing.call.block_ids
             if block_ids is None:
