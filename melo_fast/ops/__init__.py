@@ -64,8 +64,14 @@ def _auto_backend(device: torch.device):
         if preferred is not None:
             try:
                 chosen = _load_backend(preferred)
-            except Exception:  # noqa: BLE001 - absent compiled backend: fall back, never crash
+            except Exception as err:  # noqa: BLE001 - absent compiled backend: fall back, never crash
                 chosen = vectorized
+                if preferred == "cpp":  # once per process (cached below): say why CPU ops are slower
+                    import logging
+
+                    logging.getLogger(__name__).warning(
+                        "melo_fast: C++ CPU backend unavailable (%s); using the torch backend on CPU", err
+                    )
         _auto_cache[device.type] = chosen
     return _auto_cache[device.type]
 
