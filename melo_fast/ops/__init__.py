@@ -152,7 +152,8 @@ def block_lora(
         x: ``[N, T, d_in]`` input (fp32/fp16/bf16).
         A: ``[n_blocks, k, d_in]`` block-major down projections, same dtype as ``x``.
         B: ``[n_blocks, k, d_out]`` block-major up projections, same dtype as ``x``.
-        block_ids: ``[N]`` int64; -1 means "no edit": that sample gets ``base`` exactly.
+        block_ids: ``[N]`` int64 in ``[-1, n_blocks)``; -1 means "no edit": that sample gets ``base``
+            exactly. Larger ids are not checked on the fast paths (that would need a host sync).
         scale: the block's effective scale ``s``.
         base: optional ``[N, T, d_out]`` output of the frozen layer to add to (0 if None).
         backend: ``"reference"``, ``"torch"``, ``"cpp"``, ``"triton"`` or None (automatic).
@@ -180,8 +181,8 @@ def block_lora(
     )
     if base is not None:
         _check(
-            base.shape == (n, t, B.shape[2]),
-            f"block_lora: base must be [{n}, {t}, {B.shape[2]}], got {tuple(base.shape)}",
+            base.shape == (n, t, B.shape[2]) and base.dtype == x.dtype,
+            f"block_lora: base must be {x.dtype} [{n}, {t}, {B.shape[2]}], got {base.dtype} {tuple(base.shape)}",
         )
     tensors = [x, A, B, block_ids] + ([base] if base is not None else [])
     devices = {tensor.device for tensor in tensors}

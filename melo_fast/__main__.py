@@ -1,0 +1,3 @@
+from melo_fast.cli import main
+
+main()
