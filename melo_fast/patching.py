@@ -6,6 +6,7 @@ left out, from the per-architecture table in ``melo_fast.targets``.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import warnings
 
@@ -125,6 +126,28 @@ def _entry_hook(model: nn.Module, routing: Routing, router_in_encoder: bool, cau
     return hook
 
 
+class _GenerateWrapper:
+    """Instance-level ``model.generate`` that routes once per generation; ``remove()`` undoes it."""
+
+    def __init__(self, model: nn.Module, routing: Routing):
+        self.model, self.routing = model, routing
+        self.generate = model.generate
+        functools.update_wrapper(self, self.generate)
+
+    def __call__(self, *args, **kwargs):
+        with self.routing.generation():
+            return self.generate(*args, **kwargs)
+
+    def remove(self) -> None:
+        del self.model.generate
+
+
+def _wrap_generate(model: nn.Module, routing: Routing) -> _GenerateWrapper:
+    wrapper = _GenerateWrapper(model, routing)
+    model.generate = wrapper
+    return wrapper
+
+
 def patch(model: nn.Module, config: MeloConfig | None = None) -> MeloEditor:
     """Attach MELO to ``model`` in place and return its editor.
 
@@ -178,6 +201,9 @@ def patch(model: nn.Module, config: MeloConfig | None = None) -> MeloEditor:
     for entry in entry_points:
         hook = _entry_hook(entry, routing, router_in_encoder, causal_lm and entry is model)
         handles.append(entry.register_forward_pre_hook(hook, with_kwargs=True))
+
+    if can_generate:
+        handles.append(_wrap_generate(model, routing))
 
     editor = MeloEditor(
         model, config, routing, router, lora_layers, handles, causal_lm=causal_lm, seq2seq=is_encoder_decoder

@@ -91,11 +91,28 @@ class Routing:
         finally:
             self._local.stop_after_router = False
 
+    @contextlib.contextmanager
+    def generation(self):
+        """In this thread, one ``generate()`` call: its first forward call decides the blocks and every
+        decoding step keeps them, with or without a KV cache."""
+        previous = getattr(self._local, "generating", False)
+        self._local.generating = True
+        self.call.block_ids = None
+        try:
+            yield
+        finally:
+            self._local.generating = previous
+
     def start_call(self, batch_size, attention_mask, prompt_end, continues_generation: bool) -> None:
-        """Called by the entry hook at the start of a forward call."""
+        """Called by the entry hook at the start of a forward call.
+
+        ``continues_generation``: the call extends a sequence already routed (a filled KV cache, or
+        encoder outputs passed in); inside :meth:`generation` every call after the first does.
+        """
         call = self.call
+        continues = continues_generation or getattr(self._local, "generating", False)
         # Keep the prefill's routing for every decoding step (if a prefill was routed at all).
-        call.sticky = continues_generation and call.block_ids is not None
+        call.sticky = continues and call.block_ids is not None
         if call.sticky:
             return
         call.batch_size = batch_size

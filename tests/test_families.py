@@ -128,9 +128,10 @@ def test_generation_keeps_the_prefill_routing(scenario):
     extended = family.tokenizer([prompt], return_tensors="pt").input_ids
     extended = torch.cat([extended, torch.tensor([target_ids(family, target)[:1]])], dim=1)
     assert editor.route({"input_ids": extended}).tolist() == [-1]
-    # ... yet with the KV cache the whole multi-token target comes out.
+    # ... yet the whole multi-token target comes out, with the KV cache and without it.
     assert len(target_ids(family, target)) > 1
     assert all(edit_holds(family, FACTS[:1], use_cache=True))
+    assert all(edit_holds(family, FACTS[:1], use_cache=False))
 
 
 def test_beam_search_and_multiple_returns(scenario):
