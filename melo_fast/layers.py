@@ -93,11 +93,11 @@ class RouterLayer(nn.Module):
             raise KeysCaptured
         if routing.training or call.sticky:
             return None  # training routes every sample to the open block; decoding keeps the prefill's ids
-        keys = self._keys(output, call)
         if len(self.database):
-            call.block_ids = self.database.search(keys, backend=self.backend)
+            call.block_ids = self.database.search(self._keys(output, call), backend=self.backend)
         else:
-            call.block_ids = torch.full((keys.shape[0],), -1, dtype=torch.int64, device=keys.device)
+            rows = call.batch_size or output.shape[0]
+            call.block_ids = torch.full((rows,), -1, dtype=torch.int64, device=output.device)
         return None
 
     def _keys(self, output: torch.Tensor, call) -> torch.Tensor:

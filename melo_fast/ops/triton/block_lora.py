@@ -316,18 +316,16 @@ def block_lora_fwd(
         A: ``[n_blocks, k, d_in]``, B: ``[n_blocks, k, d_out]``, x's dtype.
         block_ids: ``[N]`` int64; -1 (or out of range) → base.
         scale: Python float.
-        base: optional ``[N, T, d_out]``.
+        base: optional ``[N, T, d_out]`` in x's dtype (the dispatcher checks it).
         store_h: also return ``h = x @ A[b].T`` as fp32 ``[N, T, BLOCK_K]`` (padded rank) for
             the backward pass; rows of unedited samples are left unwritten.
 
     Returns:
-        ``out`` ``[N, T, d_out]`` in ``promote_types(x.dtype, base.dtype)`` (x's dtype when they
-        agree or without base, as the reference), and ``h`` or None.
+        ``out`` ``[N, T, d_out]`` in x's dtype, and ``h`` or None.
     """
     n, t, d_in = x.shape
     n_blocks, k, d_out = B.shape
-    out_dtype = x.dtype if base is None else torch.promote_types(x.dtype, base.dtype)
-    out = torch.empty((n, t, d_out), dtype=out_dtype, device=x.device)
+    out = torch.empty((n, t, d_out), dtype=x.dtype, device=x.device)
     block_t, block_k = _block_sizes(x, k)
     h = torch.empty((n, t, block_k), dtype=torch.float32, device=x.device) if store_h else None
     if out.numel() == 0:
@@ -483,7 +481,7 @@ def block_lora_bwd(
             t,
             d_out,
             k,
-            DOT_PRECISION=_dot_precision(grad_out.dtype),  # grad_out is fp32 when base promoted the output
+            DOT_PRECISION=_dot_precision(grad_out.dtype),
             UPCAST_DOT=_UPCAST_DOT,
             BLOCK_T=block_t,
             BLOCK_K=block_k,
