@@ -329,10 +329,10 @@ std::string backward_typed(const T* grad_out, const T* x, const T* A, const T* B
   std::string err = make_plan(A, B, ids, dm, plan);
   if (!err.empty()) return err;
   const Kernels<T> kern = kernels<T>();
-  std::vector<float> grad_hidden;
-  if (grad_x != nullptr || grad_A != nullptr) grad_hidden.resize(static_cast<size_t>(dm.n_samples * dm.n_tokens * dm.rank));
+  const bool rows_pass = grad_x != nullptr || grad_A != nullptr;  // both need grad_hidden
+  std::vector<float> grad_hidden(rows_pass ? static_cast<size_t>(dm.n_samples * dm.n_tokens * dm.rank) : 0);
   const Job job{x, nullptr, grad_out, grad_x, const_cast<float*>(hidden), grad_hidden.data(), scale, &plan, &dm};
-  if (!grad_hidden.empty()) {
+  if (rows_pass) {
     for_each_token_tile(dm, dm.d_in + dm.d_out, [&](float* scratch, int64_t n, int64_t t0, int64_t t1) {
       kern.backward_rows(job, n, t0, t1, scratch);
     });

@@ -292,6 +292,16 @@ def test_block_lora_without_base():
 
 
 @needs_ext
+def test_block_lora_rank_zero_bank():
+    x, A, B, base, block_ids = lora_inputs(3, 2, 6, 5, 0, 2, [1, -1, 0])
+    out_ref, grads_ref = run_lora("reference", x, A, B, block_ids, 2.0, base)
+    out, grads = run_lora("cpp", x, A, B, block_ids, 2.0, base)
+    assert torch.equal(out, out_ref)
+    for got, expected in zip(grads, grads_ref, strict=True):
+        assert torch.equal(got, expected)
+
+
+@needs_ext
 def test_block_lora_block_minus_one_is_base_even_with_nan_input():
     x, A, B, base, block_ids = lora_inputs(2, 3, 8, 8, 2, 2, [-1, 1])
     with torch.no_grad():
