@@ -285,7 +285,7 @@ Kernels<T> kernels() {
 }
 
 // Threads only pay off above this many multiply-adds (a decode step stays on the calling thread).
-constexpr int64_t kMinParallelWork = int64_t{1} << 18;
+constexpr int64_t kMinParallelWork = int64_t{1} << 20;
 
 int64_t lora_work(const BlockLoraDims& dm) {
   return dm.n_samples * dm.n_tokens * (dm.d_in + dm.d_out) * std::max<int64_t>(dm.rank, 1);
@@ -299,7 +299,9 @@ void for_each_token_tile(const BlockLoraDims& dm, int64_t scratch_floats, Fn fn)
 #pragma omp parallel num_threads(std::max(1, dm.num_threads)) if (n_tasks > 1 && lora_work(dm) >= kMinParallelWork)
   {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats));
-#pragma omp for schedule(static)
+    // Dynamic: a preempted thread delays one tile, not its whole share (rows are independent, so the
+    // result does not depend on the schedule).
+#pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < n_tasks; ++task) {
       const int64_t n = task / tiles, t0 = (task % tiles) * kTokenTile;
       fn(scratch.data(), n, t0, std::min(dm.n_tokens, t0 + kTokenTile));

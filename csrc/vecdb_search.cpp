@@ -12,9 +12,9 @@
 // accumulated in double), keeps the lowest index among exact ties, applies the radius, and scans the
 // points of the chosen cluster (CSR) the same exact way.
 //
-// Work split: the centers are cut into one chunk per thread (each center is read from memory once,
-// which is what matters for a bandwidth-bound scan) and, when there are few centers, the queries
-// into groups; per-chunk candidate lists are merged in stage 2, which runs in parallel over queries.
+// Work split: the centers are cut into chunks, a few per thread (each center is read from memory
+// once, which is what matters for a bandwidth-bound scan) and, when there are few centers, the
+// queries into groups; per-chunk candidate lists are merged in stage 2 (per query).
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -28,6 +28,8 @@ namespace {
 
 constexpr int64_t kTileCenters = 48;  // centers per tile (converted from 16 bits at once, L2 resident)
 constexpr int64_t kMinQueriesPerGroup = 4;  // split queries among threads only in blocks this large
+constexpr int64_t kChunksPerThread = 4;  // center chunks per thread (dynamic schedule)
+constexpr int64_t kMinParallelWork = int64_t{1} << 21;  // multiply-adds (Q * C * d) worth a thread team
 constexpr size_t kMaxCandidates = 64;  // prune a candidate list when it grows past this
 
 struct Candidate {
@@ -155,35 +157,6 @@ MELO_INLINE void stage1_impl(const Stage1Task& task) {
   }
 }
 
-// One instantiation per (instruction set, center dtype); the attribute makes the auto-vectorizer use
-// that instruction set for the inlined template body.
-// Register blocks fill the vector registers: 4 x 6 accumulators of 32 zmm, 4 x 3 of 16 ymm / xmm.
-#define MELO_STAGE1(NAME, ATTR, W, MQ, MC)                                             \
-  ATTR void NAME(const Stage1Task& task, DType dtype) {                                \
-    switch (dtype) {                                                                   \
-      case DType::kFloat32: stage1_impl<W, MQ, MC, float>(task); break;               \
-      case DType::kBFloat16: stage1_impl<W, MQ, MC, bf16_t>(task); break;             \
-      case DType::kFloat16: stage1_impl<W, MQ, MC, f16_t>(task); break;               \
-    }                                                                                  \
-  }
-MELO_STAGE1(stage1_baseline, , 4, 4, 3)
-#if MELO_X86
-MELO_STAGE1(stage1_avx2, MELO_TARGET_AVX2, 8, 4, 3)
-MELO_STAGE1(stage1_avx512, MELO_TARGET_AVX512, 16, 4, 6)
-#endif
-#undef MELO_STAGE1
-
-void stage1(const Stage1Task& task, DType dtype) {
-#if MELO_X86
-  switch (detect_isa()) {
-    case Isa::kAvx512: return stage1_avx512(task, dtype);
-    case Isa::kAvx2: return stage1_avx2(task, dtype);
-    default: break;
-  }
-#endif
-  stage1_baseline(task, dtype);
-}
-
 // Relative bound on the rounding error of a score ||c||^2 - 2 q.c summed in fp32 over d terms in
 // lanes (>= 4 of them), as a multiple of ||c||^2 + 2 ||q|| ||c||; a factor 2 of margin on top.
 float error_bound(int64_t d) {
@@ -193,29 +166,124 @@ float error_bound(int64_t d) {
 
 // The reference's distance: fp32 difference (as `query - center.float()`), then the norm. The sum of
 // squares is accumulated in double so it is (nearly always) the correctly rounded fp32 norm.
-template <typename T>
-float exact_distance(const float* q, const T* v, int64_t d) {
-  double acc[4] = {0.0, 0.0, 0.0, 0.0};
+MELO_INLINE float exact_distance(const float* q, const float* v, int64_t d) {
+  typedef float f8 __attribute__((vector_size(32)));
+  typedef double d8 __attribute__((vector_size(64)));
+  d8 acc{};
   int64_t i = 0;
-  for (; i + 4 <= d; i += 4) {
-    for (int l = 0; l < 4; ++l) {
-      const double diff = static_cast<double>(q[i + l] - to_f32(v[i + l]));
-      acc[l] += diff * diff;
-    }
+  for (; i + 8 <= d; i += 8) {
+    f8 a, b;
+    std::memcpy(&a, q + i, sizeof a);
+    std::memcpy(&b, v + i, sizeof b);
+    const d8 diff = __builtin_convertvector(a - b, d8);
+    acc += diff * diff;
   }
+  double s = 0.0;
+  for (int l = 0; l < 8; ++l) s += acc[l];
   for (; i < d; ++i) {
-    const double diff = static_cast<double>(q[i] - to_f32(v[i]));
-    acc[0] += diff * diff;
+    const double diff = static_cast<double>(q[i] - v[i]);
+    s += diff * diff;
   }
-  return static_cast<float>(std::sqrt((acc[0] + acc[1]) + (acc[2] + acc[3])));
+  return static_cast<float>(std::sqrt(s));
 }
 
-float exact_distance(const float* q, const void* v, DType dtype, int64_t row, int64_t d) {
-  switch (dtype) {
-    case DType::kBFloat16: return exact_distance(q, static_cast<const bf16_t*>(v) + row * d, d);
-    case DType::kFloat16: return exact_distance(q, static_cast<const f16_t*>(v) + row * d, d);
-    default: return exact_distance(q, static_cast<const float*>(v) + row * d, d);
+struct Stage2Args {
+  const VecdbSearchArgs* args;
+  const float* queries;  // [Q, d] fp32
+  const std::vector<QueryState>* states;  // [chunk][query]
+  int64_t n_chunks;
+};
+
+template <typename T>
+MELO_INLINE float exact_distance_row(const float* q, const void* rows, int64_t row, int64_t d, float* buf) {
+  const T* v = static_cast<const T*>(rows) + row * d;
+  if constexpr (std::is_same<T, float>::value) {
+    return exact_distance(q, v, d);
+  } else {
+    convert_rows(v, d, buf);
+    return exact_distance(q, buf, d);
   }
+}
+
+MELO_INLINE float exact_distance_any(const float* q, const void* rows, DType dtype, int64_t row, int64_t d,
+                                     float* buf) {
+  switch (dtype) {
+    case DType::kBFloat16: return exact_distance_row<bf16_t>(q, rows, row, d, buf);
+    case DType::kFloat16: return exact_distance_row<f16_t>(q, rows, row, d, buf);
+    default: return exact_distance_row<float>(q, rows, row, d, buf);
+  }
+}
+
+// Stage 2 for query q: exact re-check of the surviving candidates (strict '<' plus the index rule =
+// argmin's ties), the radius, then the nearest point of the chosen cluster. buf: d floats.
+MELO_INLINE void stage2_impl(const Stage2Args& s2, int64_t q, float* buf) {
+  const VecdbSearchArgs& args = *s2.args;
+  const int64_t nq = args.n_queries, d = args.dim;
+  const float* qp = s2.queries + q * d;
+  const std::vector<QueryState>& states = *s2.states;
+  float upper = std::numeric_limits<float>::infinity();
+  for (int64_t ci = 0; ci < s2.n_chunks; ++ci) upper = std::min(upper, states[ci * nq + q].upper);
+  int64_t best = -1;
+  float best_dist = std::numeric_limits<float>::infinity();
+  for (int64_t ci = 0; ci < s2.n_chunks; ++ci) {
+    for (const Candidate& cand : states[ci * nq + q].candidates) {
+      if (cand.lower > upper) continue;
+      const float dist = exact_distance_any(qp, args.centers, args.centers_dtype, cand.index, d, buf);
+      if (dist < best_dist || (dist == best_dist && cand.index < best)) {
+        best = cand.index;
+        best_dist = dist;
+      }
+    }
+  }
+  if (best < 0 || static_cast<double>(best_dist) > args.radii[best]) {
+    args.out[q] = -1;
+    return;
+  }
+  int64_t best_point = -1;
+  float best_point_dist = std::numeric_limits<float>::infinity();
+  for (int64_t p = args.point_offsets[best]; p < args.point_offsets[best + 1]; ++p) {
+    const float dist = exact_distance_any(qp, args.points, args.points_dtype, p, d, buf);
+    if (dist < best_point_dist) {
+      best_point = p;
+      best_point_dist = dist;
+    }
+  }
+  args.out[q] = best_point >= 0 ? args.point_blocks[best_point] : -1;
+}
+
+// One instantiation per instruction set (and center dtype for stage 1); the attribute makes the
+// compiler use that instruction set for the inlined template bodies. Register blocks fill the vector
+// registers: 4 x 6 accumulators of 32 zmm, 4 x 3 of 16 ymm / xmm.
+#define MELO_STAGES(SUFFIX, ATTR, W, MQ, MC)                                           \
+  ATTR void stage1_##SUFFIX(const Stage1Task& task, DType dtype) {                    \
+    switch (dtype) {                                                                   \
+      case DType::kFloat32: stage1_impl<W, MQ, MC, float>(task); break;               \
+      case DType::kBFloat16: stage1_impl<W, MQ, MC, bf16_t>(task); break;             \
+      case DType::kFloat16: stage1_impl<W, MQ, MC, f16_t>(task); break;               \
+    }                                                                                  \
+  }                                                                                    \
+  ATTR void stage2_##SUFFIX(const Stage2Args& s2, int64_t q, float* buf) { stage2_impl(s2, q, buf); }
+MELO_STAGES(baseline, , 4, 4, 3)
+#if MELO_X86
+MELO_STAGES(avx2, MELO_TARGET_AVX2, 8, 4, 3)
+MELO_STAGES(avx512, MELO_TARGET_AVX512, 16, 4, 6)
+#endif
+#undef MELO_STAGES
+
+struct Stages {
+  void (*stage1)(const Stage1Task&, DType);
+  void (*stage2)(const Stage2Args&, int64_t, float*);
+};
+
+Stages stages() {
+#if MELO_X86
+  switch (detect_isa()) {
+    case Isa::kAvx512: return {stage1_avx512, stage2_avx512};
+    case Isa::kAvx2: return {stage1_avx2, stage2_avx2};
+    default: break;
+  }
+#endif
+  return {stage1_baseline, stage2_baseline};
 }
 
 }  // namespace
@@ -249,17 +317,21 @@ std::string vecdb_search(const VecdbSearchArgs& args) {
     query_norms[q] = static_cast<float>(std::sqrt(s));
   }
 
-  // Work split: one center chunk per thread unless the chunks get small, then query groups.
-  const int64_t n_chunks = std::clamp<int64_t>((nc + 255) / 256, 1, nthreads);
-  const int64_t n_groups =
-      std::clamp<int64_t>((nthreads + n_chunks - 1) / n_chunks, 1, (nq + kMinQueriesPerGroup - 1) / kMinQueriesPerGroup);
+  // Work split: center chunks (several per thread, handed out dynamically, so a thread the OS
+  // preempts delays the scan by one chunk, not by its whole share), then query groups when there are
+  // too few centers. Small lookups (a decode step) stay on the calling thread.
+  const int64_t threads = nq * nc * d >= kMinParallelWork ? nthreads : 1;
+  const int64_t n_chunks = std::clamp<int64_t>((nc + 255) / 256, 1, threads * kChunksPerThread);
+  const int64_t n_groups = std::clamp<int64_t>((threads * kChunksPerThread + n_chunks - 1) / n_chunks, 1,
+                                               (nq + kMinQueriesPerGroup - 1) / kMinQueriesPerGroup);
   const int64_t chunk = (nc + n_chunks - 1) / n_chunks;
   const int64_t group = (nq + n_groups - 1) / n_groups;
   std::vector<QueryState> states(static_cast<size_t>(n_chunks * nq));  // [chunk][query]
   const float gamma = error_bound(d);
   const int64_t n_tasks = n_chunks * n_groups;
+  const Stages fns = stages();
 
-#pragma omp parallel for schedule(static) num_threads(nthreads) if (n_tasks > 1)
+#pragma omp parallel for schedule(dynamic) num_threads(threads) if (threads > 1 && n_tasks > 1)
   for (int64_t t = 0; t < n_tasks; ++t) {
     const int64_t ci = t % n_chunks, gi = t / n_chunks;
     Stage1Task task;
@@ -273,41 +345,17 @@ std::string vecdb_search(const VecdbSearchArgs& args) {
     task.c_end = std::min(nc, (ci + 1) * chunk);
     task.gamma = gamma;
     task.states = states.data() + ci * nq;
-    stage1(task, args.centers_dtype);
+    fns.stage1(task, args.centers_dtype);
   }
 
-#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (nq >= 16)
-  for (int64_t q = 0; q < nq; ++q) {
-    const float* qp = queries.data() + q * d;
-    float upper = std::numeric_limits<float>::infinity();
-    for (int64_t ci = 0; ci < n_chunks; ++ci) upper = std::min(upper, states[ci * nq + q].upper);
-    // Exact re-check of the surviving candidates; strict '<' plus the index rule = argmin's ties.
-    int64_t best = -1;
-    float best_dist = std::numeric_limits<float>::infinity();
-    for (int64_t ci = 0; ci < n_chunks; ++ci) {
-      for (const Candidate& cand : states[ci * nq + q].candidates) {
-        if (cand.lower > upper) continue;
-        const float dist = exact_distance(qp, args.centers, args.centers_dtype, cand.index, d);
-        if (dist < best_dist || (dist == best_dist && cand.index < best)) {
-          best = cand.index;
-          best_dist = dist;
-        }
-      }
-    }
-    if (best < 0 || static_cast<double>(best_dist) > args.radii[best]) {
-      args.out[q] = -1;
-      continue;
-    }
-    int64_t best_point = -1;
-    float best_point_dist = std::numeric_limits<float>::infinity();
-    for (int64_t p = args.point_offsets[best]; p < args.point_offsets[best + 1]; ++p) {
-      const float dist = exact_distance(qp, args.points, args.points_dtype, p, d);
-      if (dist < best_point_dist) {
-        best_point = p;
-        best_point_dist = dist;
-      }
-    }
-    args.out[q] = best_point >= 0 ? args.point_blocks[best_point] : -1;
+  // Stage 2 reads a few rows per query: worth threads only for many queries.
+  const Stage2Args s2{&args, queries.data(), &states, n_chunks};
+  const int stage2_threads = nq * d >= kMinParallelWork / 8 ? nthreads : 1;
+#pragma omp parallel num_threads(stage2_threads) if (stage2_threads > 1)
+  {
+    std::vector<float> buf(static_cast<size_t>(d));
+#pragma omp for schedule(dynamic, 16)
+    for (int64_t q = 0; q < nq; ++q) fns.stage2(s2, q, buf.data());
   }
   return "";
 }
