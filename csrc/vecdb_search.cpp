@@ -30,7 +30,7 @@ constexpr int64_t kTileCenters = 48;  // centers per tile (converted from 16 bit
 constexpr int64_t kMinQueriesPerGroup = 4;  // split queries among threads only in blocks this large
 constexpr int64_t kChunksPerThread = 4;  // center chunks per thread (dynamic schedule)
 constexpr int64_t kMinParallelWork = int64_t{1} << 21;  // multiply-adds (Q * C * d) worth a thread team
-constexpr size_t kMaxCandidates = 64;  // prune a candidate list when it grows past this
+constexpr size_t kMaxCandidates = 64;  // prune a candidate list when it grows past this (at least)
 
 struct Candidate {
   float lower;  // score - err: no center with a lower bound above U can be the nearest
@@ -40,6 +40,7 @@ struct Candidate {
 struct QueryState {
   float upper = std::numeric_limits<float>::infinity();
   std::vector<Candidate> candidates;
+  size_t prune_at = kMaxCandidates;  // doubles when pruning frees little (many near-ties): amortized O(1)
 };
 
 // Dot products of MQ rows of q with MC rows of c (row stride d): MQ * MC vector accumulators, W
@@ -86,11 +87,12 @@ void offer(QueryState& st, float score, float err, int64_t index) {
   if (!(lower <= st.upper)) return;  // also drops NaN scores, which the reference never picks
   st.candidates.push_back({lower, index});
   st.upper = std::min(st.upper, score + err);
-  if (st.candidates.size() > kMaxCandidates) {
+  if (st.candidates.size() > st.prune_at) {
     const float upper = st.upper;
     auto& cand = st.candidates;
     cand.erase(std::remove_if(cand.begin(), cand.end(), [upper](const Candidate& x) { return x.lower > upper; }),
                cand.end());
+    st.prune_at = std::max(kMaxCandidates, 2 * cand.size());
   }
 }
 

@@ -135,6 +135,10 @@ def test_search_ties_go_to_the_lowest_index():
     assert assert_same_search(torch.zeros(1, dim), database).tolist() == [7]
     flipped = (e.flip(0), *database[1:])
     assert assert_same_search(torch.zeros(1, dim), flipped).tolist() == [7]
+    # Hundreds of exact ties (more than a candidate list holds before pruning).
+    many = torch.randn(1, dim).repeat(300, 1)
+    database = (many, torch.ones(300), torch.arange(301), many, torch.arange(300) + 100)
+    assert search(many[:3] + 0.01, database, "cpp").tolist() == [100] * 3
 
 
 @needs_ext
