@@ -2,6 +2,13 @@
 
     pytest -q benchmarks/test_bench_ops.py --benchmark-only                 # CPU set: a few minutes
     pytest -q benchmarks/test_bench_ops.py --benchmark-only -k cuda         # GPU set (needs CUDA)
+    pytest -q benchmarks/test_bench_ops.py --benchmark-only -k "inplace or layer_inference"  # in place
+
+The ``block_lora`` forward groups time the op alone, out of place and in place (``inplace=True``,
+on a fresh copy of base made outside the timed region), next to ``nn.Linear`` alone. The ``layer
+inference`` groups time the patched layer's inference path as it runs (``nn.Linear`` then the
+add-on, out of place or in place) with ``nn.Linear`` alone timed right before every round: their
+``extra_info["add-on / Linear"]`` is the median over rounds of (layer - Linear) / Linear.
 
 Groups are op + shape, so backends sit side by side in the table; compare ratios within a group.
 The reference backend (the official code's Python loops) runs a few pedantic rounds only, and is
@@ -9,6 +16,8 @@ left out where one call would take minutes (lookups above 10k centers).
 """
 
 from __future__ import annotations
+
+import time
 
 import pytest
 import torch
@@ -49,15 +58,18 @@ def make_lookup(n_queries, dim, n_centers, device, dtype=torch.float32, seed=0):
     return queries, (centers, radii, offsets, centers, blocks)
 
 
-def make_lora(n, t, d_in, d_out, device, dtype, rank=4, n_blocks=1000, distinct=64, grad=False, seed=0):
-    """x, A, B, block_ids, base, linear: every sample edited, cycling through `distinct` blocks spread
-    over the whole bank (both ends included); base is the output of a frozen nn.Linear on x."""
+def make_lora(n, t, d_in, d_out, device, dtype, rank=4, n_blocks=1000, distinct=64, grad=False, seed=0,
+              edited_every=1):
+    """x, A, B, block_ids, base, linear: every sample edited (or one in `edited_every`, the others
+    -1), cycling through `distinct` blocks spread over the whole bank (both ends included); base is
+    the output of a frozen nn.Linear on x."""
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(n, t, d_in, generator=g, device=device).to(dtype)
     A = (torch.randn(n_blocks, rank, d_in, generator=g, device=device) / d_in**0.5).to(dtype)
     B = (torch.randn(n_blocks, rank, d_out, generator=g, device=device) / rank**0.5).to(dtype)
     used = torch.linspace(0, n_blocks - 1, min(distinct, n_blocks), device=device).long()
     block_ids = used[torch.arange(n, device=device) % len(used)]
+    block_ids[torch.arange(n, device=device) % edited_every != 0] = -1
     linear = torch.nn.Linear(d_in, d_out, device=device, dtype=dtype).requires_grad_(False)
     with torch.no_grad():
         base = linear(x)
@@ -157,7 +169,8 @@ def _lora_group(kind, device, shape, dtype):
 def _lora_info(shape, dtype, block_ids):
     n, t, d_in, d_out = shape
     return dict(op="block_lora", dtype=dtype, N=n, T=t, d_in=d_in, d_out=d_out, k=4, n_blocks=1000,
-                distinct_blocks=int(block_ids.unique().numel()))
+                distinct_blocks=int(block_ids[block_ids >= 0].unique().numel()),
+                edited_samples=int((block_ids >= 0).sum()))
 
 
 def _bench_lora(run_bench, device, backend, shape, kind, dtype):
@@ -227,3 +240,81 @@ def test_linear_baseline_cpu(run_bench, shape):
 @pytest.mark.parametrize("shape", GPU_LORA, ids=lora_id)
 def test_linear_baseline_cuda(run_bench, shape):
     _bench_linear(run_bench, "cuda", shape, torch.bfloat16)
+
+
+# ---- block_lora in place (the inference path of the patched layers) ------------------------------------
+
+CPU_ROUNDS = {CPU_LORA[0]: 12, CPU_LORA[1]: 300}  # pedantic rounds: ~0.5 s vs ~0.5 ms per nn.Linear call
+
+
+@pytest.mark.parametrize("shape", CPU_LORA, ids=lora_id)
+@pytest.mark.parametrize("backend", [p for p in backend_params("cpu") if p.id != "reference"])
+def test_block_lora_inplace_cpu(run_bench, backend, shape):
+    """The op alone with ``inplace=True``: each round writes into a fresh copy of base, made untimed."""
+    x, A, B, block_ids, base, _ = make_lora(*shape, "cpu", torch.float32)
+
+    def setup():
+        return (base.clone(),)
+
+    def forward(target):
+        with torch.no_grad():
+            return ops.block_lora(x, A, B, block_ids, SCALE, target, backend=backend, inplace=True)
+
+    run_bench(forward, group=_lora_group("forward", "cpu", shape, torch.float32), device="cpu",
+              backend=f"{backend} (inplace)", rounds=CPU_ROUNDS[shape], setup=setup,
+              **_lora_info(shape, torch.float32, block_ids))
+
+
+LAYER_CASES = [(CPU_LORA[0], 1), (CPU_LORA[0], 4), (CPU_LORA[1], 1)]  # (shape, one sample in N edited)
+
+
+@pytest.mark.parametrize("variant", ["linear", "out-of-place", "inplace"])
+@pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: f"{lora_id(c[0])}-edited1in{c[1]}")
+def test_layer_inference_cpu(benchmark, run_bench, case, variant):
+    """nn.Linear then the cpp add-on, as BlockLoRALinear.hook runs it under no_grad, vs nn.Linear alone.
+
+    Every round of an add-on variant is preceded (untimed by pytest-benchmark) by a timed call of
+    nn.Linear alone, so the two alternate and machine-load drift cannot bias their ratio."""
+    if ops.backend_status()["cpp"] != "available":
+        pytest.skip(f"cpp: {ops.backend_status()['cpp']}")
+    shape, edited_every = case
+    x, A, B, block_ids, _, linear = make_lora(*shape, "cpu", torch.float32, edited_every=edited_every)
+    group = f"block_lora layer inference cpu NxT={shape[0]}x{shape[1]} {shape[2]}->{shape[3]} k=4 float32 " \
+            f"edited=1/{edited_every}"
+    info = _lora_info(shape, torch.float32, block_ids)
+    rounds = CPU_ROUNDS[shape]
+
+    def layer(inplace):
+        def run():
+            with torch.no_grad():
+                base = linear(x)
+                return ops.block_lora(x, A, B, block_ids, SCALE, base, backend="cpp", inplace=inplace)
+
+        return run
+
+    def linear_alone():
+        with torch.no_grad():
+            return linear(x)
+
+    if variant == "linear":
+        run_bench(linear_alone, group=group, device="cpu", backend="nn.Linear (base only)", rounds=rounds, **info)
+        return
+    paired = []
+    timer = getattr(benchmark, "_timer", None) or time.perf_counter  # the timer of the timed rounds
+
+    def setup():
+        start = timer()
+        linear_alone()
+        paired.append(timer() - start)
+        return ()
+
+    run_bench(layer(variant == "inplace"), group=group, device="cpu", backend=f"nn.Linear + cpp add-on ({variant})",
+              rounds=rounds, setup=setup, case=f"nn.Linear + cpp add-on ({variant})", **info)
+    times = benchmark.stats.stats.data
+    paired = paired[len(paired) - len(times):]  # drop the warm-up round's
+    ratios = sorted((t - p) / p for t, p in zip(times, paired, strict=True))
+    ordered = sorted(paired)
+    benchmark.extra_info["paired"] = {"case": "nn.Linear (base only)", "min": ordered[0],
+                                      "median": ordered[len(ordered) // 2], "rounds": len(ordered)}
+    benchmark.extra_info["add-on / Linear"] = round(ratios[len(ratios) // 2], 4)
+    benchmark.extra_info["add-on / Linear (min - min)"] = round((min(times) - ordered[0]) / ordered[0], 4)

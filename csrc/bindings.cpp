@@ -138,6 +138,36 @@ std::tuple<at::Tensor, std::optional<at::Tensor>> block_lora_forward(const at::T
   return {out, hidden};
 }
 
+// In place, for inference: base[n] += scale * (x[n] @ A[b].T) @ B[b] for the samples with b >= 0;
+// rows of block -1 are not touched. Returns base. base must be contiguous (the kernel writes its
+// memory); its version counter is bumped first, so an inference tensor outside inference mode is
+// refused before anything is written, like any in-place torch op.
+at::Tensor block_lora_inplace(const at::Tensor& x, const at::Tensor& A, const at::Tensor& B,
+                              const at::Tensor& block_ids, double scale, at::Tensor base) {
+  check_cpu(x, "block_lora", "x");
+  check_cpu(A, "block_lora", "A");
+  check_cpu(B, "block_lora", "B");
+  check_cpu(base, "block_lora", "base");
+  const melo::BlockLoraDims dm = lora_dims(x, A, B);
+  const at::Tensor ids = index_operand(block_ids, "block_lora", "block_ids");
+  TORCH_CHECK(ids.numel() == dm.n_samples, "block_lora: block_ids must have one entry per sample");
+  TORCH_CHECK(base.scalar_type() == x.scalar_type(), "block_lora: base must have x's dtype");
+  TORCH_CHECK(base.sizes() == at::IntArrayRef({dm.n_samples, dm.n_tokens, dm.d_out}),
+              "block_lora: base must be [N, T, d_out]");
+  TORCH_CHECK(base.is_contiguous(), "block_lora: in place needs a contiguous base");
+  const at::Tensor xc = x.contiguous(), Ac = A.contiguous(), Bc = B.contiguous();
+  base.unsafeGetTensorImpl()->bump_version();
+  std::string err;
+  {
+    pybind11::gil_scoped_release no_gil;
+    err = melo::block_lora_forward(kernel_dtype(xc), xc.data_ptr(), Ac.data_ptr(), Bc.data_ptr(),
+                                   ids.data_ptr<int64_t>(), static_cast<float>(scale), base.data_ptr(),
+                                   base.data_ptr(), nullptr, dm);
+  }
+  TORCH_CHECK(err.empty(), err);
+  return base;
+}
+
 // Returns (grad_x, grad_A, grad_B), each None unless asked for. grad_A / grad_B are zero outside
 // the blocks present in block_ids.
 std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<at::Tensor>> block_lora_backward(
@@ -187,6 +217,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("block_lora_forward", &block_lora_forward, "Block LoRA forward; returns (out, hidden or None)",
         pybind11::arg("x"), pybind11::arg("A"), pybind11::arg("B"), pybind11::arg("block_ids"), pybind11::arg("scale"),
         pybind11::arg("base"), pybind11::arg("save_hidden"));
+  m.def("block_lora_inplace", &block_lora_inplace,
+        "Block LoRA forward written into base (inference; block -1 rows untouched); returns base",
+        pybind11::arg("x"), pybind11::arg("A"), pybind11::arg("B"), pybind11::arg("block_ids"), pybind11::arg("scale"),
+        pybind11::arg("base"));
   m.def("block_lora_backward", &block_lora_backward, "Block LoRA backward; returns (grad_x, grad_A, grad_B)",
         pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("A"), pybind11::arg("B"),
         pybind11::arg("block_ids"), pybind11::arg("scale"), pybind11::arg("hidden"), pybind11::arg("need_x"),

@@ -5,7 +5,10 @@
 // out = base + scale * B_b^T h written straight from base, with an fp32 accumulator row in L1.
 // 16-bit banks are widened to fp32 once per call for the blocks actually used, 16-bit rows of x /
 // base / grad_out on the fly; everything accumulates in fp32 and rounds once on the store.
-// Samples with block -1 cost a copy of base (bit for bit) and nothing else.
+// Samples with block -1 cost a copy of base (bit for bit) and nothing else. In place (out == base,
+// inference only) they cost nothing at all: only the rows of edited samples are visited, each
+// element read, updated and written back with the same arithmetic as the out-of-place path (so the
+// results are bitwise identical), and no output tensor is allocated (and page-faulted) at all.
 //
 // Backward, rows pass (parallel over token tiles): gh = scale * B_b grad_out, grad_x = A_b^T gh.
 // Columns pass (parallel over (block, column chunk)): grad_A[b] = sum gh x^T, grad_B[b] = scale *
@@ -156,6 +159,7 @@ MELO_INLINE void forward_rows(const Job& job, int64_t n, int64_t t0, int64_t t1,
   const int64_t r0 = n * dm.n_tokens + t0, r1 = n * dm.n_tokens + t1;
   const float* A = job.plan->a[n];
   if (A == nullptr) {  // no edit: base bit for bit, or zeros
+    if (static_cast<const void*>(out) == static_cast<const void*>(base)) return;  // in place: nothing to do
     if (base != nullptr)
       std::memcpy(out + r0 * d_out, base + r0 * d_out, static_cast<size_t>((r1 - r0) * d_out) * sizeof(T));
     else
@@ -173,6 +177,7 @@ MELO_INLINE void forward_rows(const Job& job, int64_t n, int64_t t0, int64_t t1,
   }
   if (job.hidden != nullptr) std::memcpy(job.hidden + r0 * k, hid, static_cast<size_t>((r1 - r0) * k) * sizeof(float));
   const float scale = job.scale;
+  // In place, brow and orow are the same row: each element is read before it is written.
   for (int64_t o0 = 0; o0 < d_out; o0 += kOutChunk) {
     const int64_t nc = std::min(kOutChunk, d_out - o0);
     for (int64_t r = r0; r < r1; ++r) {
@@ -291,24 +296,31 @@ int64_t lora_work(const BlockLoraDims& dm) {
   return dm.n_samples * dm.n_tokens * (dm.d_in + dm.d_out) * std::max<int64_t>(dm.rank, 1);
 }
 
-// Runs fn(thread_scratch, n, t0, t1) over every (sample, token tile), in parallel.
+// Runs fn(thread_scratch, n, t0, t1) over every (sample, token tile), in parallel; only over the
+// samples listed in `only` (ascending) when it is given.
 template <typename Fn>
-void for_each_token_tile(const BlockLoraDims& dm, int64_t scratch_floats, Fn fn) {
+void for_each_token_tile(const BlockLoraDims& dm, int64_t scratch_floats, Fn fn,
+                         const std::vector<int64_t>* only = nullptr) {
   const int64_t tiles = (dm.n_tokens + kTokenTile - 1) / kTokenTile;
-  const int64_t n_tasks = dm.n_samples * tiles;
-#pragma omp parallel num_threads(std::max(1, dm.num_threads)) if (n_tasks > 1 && lora_work(dm) >= kMinParallelWork)
+  const int64_t n_samples = only != nullptr ? static_cast<int64_t>(only->size()) : dm.n_samples;
+  const int64_t n_tasks = n_samples * tiles;
+  if (n_tasks == 0) return;
+  const int64_t work = dm.n_samples > 0 ? lora_work(dm) / dm.n_samples * n_samples : 0;
+#pragma omp parallel num_threads(std::max(1, dm.num_threads)) if (n_tasks > 1 && work >= kMinParallelWork)
   {
     std::vector<float> scratch(static_cast<size_t>(scratch_floats));
     // Dynamic: a preempted thread delays one tile, not its whole share (rows are independent, so the
     // result does not depend on the schedule).
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < n_tasks; ++task) {
-      const int64_t n = task / tiles, t0 = (task % tiles) * kTokenTile;
-      fn(scratch.data(), n, t0, std::min(dm.n_tokens, t0 + kTokenTile));
+      const int64_t i = task / tiles, t0 = (task % tiles) * kTokenTile;
+      fn(scratch.data(), only != nullptr ? (*only)[i] : i, t0, std::min(dm.n_tokens, t0 + kTokenTile));
     }
   }
 }
 
+// Out of place, or in place when out == base (the inference path: hidden is then null, rows of
+// block -1 are left untouched and the other rows get bitwise the out-of-place values).
 template <typename T>
 std::string forward_typed(const T* x, const T* A, const T* B, const int64_t* ids, float scale, const T* base, T* out,
                           float* hidden, const BlockLoraDims& dm) {
@@ -317,9 +329,18 @@ std::string forward_typed(const T* x, const T* A, const T* B, const int64_t* ids
   if (!err.empty()) return err;
   const Kernels<T> kern = kernels<T>();
   const Job job{x, base, nullptr, out, hidden, nullptr, scale, &plan, &dm};
-  for_each_token_tile(dm, forward_scratch_floats(dm), [&](float* scratch, int64_t n, int64_t t0, int64_t t1) {
+  const auto rows = [&](float* scratch, int64_t n, int64_t t0, int64_t t1) {
     kern.forward_rows(job, n, t0, t1, scratch);
-  });
+  };
+  if (base != nullptr && static_cast<const void*>(out) == static_cast<const void*>(base)) {
+    // In place: unedited samples are already right; visit the edited ones only.
+    std::vector<int64_t> edited;
+    for (const auto& samples : plan.samples) edited.insert(edited.end(), samples.begin(), samples.end());
+    std::sort(edited.begin(), edited.end());
+    for_each_token_tile(dm, forward_scratch_floats(dm), rows, &edited);
+  } else {
+    for_each_token_tile(dm, forward_scratch_floats(dm), rows);
+  }
   return "";
 }
 

@@ -211,15 +211,14 @@ class BlockLoRALinear(nn.Module):
                 f"{routed} sequences the router routed"
             )
         dtype = output.dtype  # under autocast the layer's output dtype is the compute dtype
-        out = ops.block_lora(
-            x.reshape(routed, -1, self.d_in).to(dtype),
-            A.to(dtype),
-            B.to(dtype),
-            block_ids,
-            self.scale,
-            base=output.reshape(routed, -1, self.d_out),
-            backend=self.backend,
+        x, A, B = x.reshape(routed, -1, self.d_in).to(dtype), A.to(dtype), B.to(dtype)
+        base = output.reshape(routed, -1, self.d_out)
+        # Inference (no graph to record): add the edits into the layer's fresh output in place, so
+        # unedited samples cost nothing and no second output is allocated. Metadata only, no sync.
+        inplace = not torch.is_grad_enabled() or not (
+            x.requires_grad or A.requires_grad or B.requires_grad or base.requires_grad
         )
+        out = ops.block_lora(x, A, B, block_ids, self.scale, base=base, backend=self.backend, inplace=inplace)
         return out.reshape(output.shape)
 
     def extra_repr(self) -> str:

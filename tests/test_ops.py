@@ -122,6 +122,58 @@ def test_block_lora_bf16_close_to_fp32():
     torch.testing.assert_close(got.float(), expected, atol=2e-2, rtol=2e-2)
 
 
+def _inplace_inputs(n=6, t=5, d_in=24, d_out=40, n_blocks=4, rank=3):
+    x = torch.randn(n, t, d_in)
+    A, B = torch.randn(n_blocks, rank, d_in) / d_in**0.5, torch.randn(n_blocks, rank, d_out)
+    ids = torch.tensor([[2, -1, 0, -1, 3, 2][i % 6] for i in range(n)])
+    return x, A, B, ids, torch.randn(n, t, d_out)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_block_lora_inplace_writes_the_out_of_place_result_into_base(backend):
+    """reference / torch: the dispatcher computes out of place and copies into base (one code path)."""
+    x, A, B, ids, base = _inplace_inputs()
+    expected = ops.block_lora(x, A, B, ids, 2.5, base, backend=backend)
+    target = base.clone()
+    version = target._version
+    out = ops.block_lora(x, A, B, ids, 2.5, target, backend=backend, inplace=True)
+    assert out is target
+    assert torch.equal(out, expected)
+    assert torch.equal(target[ids == -1], base[ids == -1])  # unedited rows: bit for bit
+    assert target._version > version  # autograd knows base was written
+    # Grad mode on but nothing requires grad: allowed; requires_grad tensors under no_grad: allowed.
+    target = base.clone()
+    ops.block_lora(x, A, B, ids, 2.5, target, backend=backend, inplace=True)
+    assert torch.equal(target, expected)
+    with torch.no_grad():
+        target = base.clone()
+        ops.block_lora(x.requires_grad_(), A, B, ids, 2.5, target.requires_grad_(), backend=backend, inplace=True)
+    assert torch.equal(target.detach(), expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch", None])
+def test_block_lora_inplace_refuses_when_a_graph_is_needed(backend):
+    x, A, B, ids, base = _inplace_inputs(n=3)
+    for name in ("x", "A", "B", "base"):
+        tensors = {"x": x, "A": A, "B": B, "base": base.clone()}
+        tensors[name] = tensors[name].clone().requires_grad_()
+        before = tensors["base"].detach().clone()
+        with pytest.raises(ValueError, match=f"inplace=True is for inference only, but {name} requires grad"):
+            ops.block_lora(tensors["x"], tensors["A"], tensors["B"], ids, 1.0, tensors["base"], backend=backend,
+                           inplace=True)  # fmt: skip
+        assert torch.equal(tensors["base"].detach(), before)  # refused before writing anything
+    with pytest.raises(ValueError, match="base is None"):
+        ops.block_lora(x, A, B, ids, 1.0, backend=backend, inplace=True)
+
+
+def test_block_lora_inplace_empty_bank_and_all_unedited():
+    x, A, B, _, base = _inplace_inputs(n=3)
+    for backend in ("reference", "torch"):
+        target = base.clone()
+        out = ops.block_lora(x, A[:0], B[:0], torch.full((3,), -1), 1.0, target, backend=backend, inplace=True)
+        assert out is target and torch.equal(target, base)
+
+
 def test_op_errors_name_the_problem():
     x, A, B = torch.randn(2, 3, 8), torch.randn(2, 4, 8), torch.randn(2, 4, 5)
     with pytest.raises(ValueError, match="d_in=8"):

@@ -365,6 +365,119 @@ def test_block_lora_rejects_out_of_range_block():
         ops.block_lora(x.detach(), A.detach(), B.detach(), torch.tensor([0, 3]), 1.0, base.detach(), backend="cpp")
 
 
+# ---- block_lora in place (inference) ---------------------------------------------------------------
+
+
+def bits(t):
+    """The raw bits of a float tensor (so NaN payloads compare too)."""
+    return t.view({torch.float32: torch.int32}.get(t.dtype, torch.int16))
+
+
+def poisoned_base(base, block_ids):
+    """base with NaN in the rows of unedited samples: a kernel that wrote them would change the bits."""
+    base = base.detach().clone()
+    base[block_ids == -1] = float("nan")
+    return base
+
+
+@needs_ext
+@pytest.mark.parametrize("dtype", [torch.float32, *LOW], ids=lambda t: DTYPE_ID[t])
+@pytest.mark.parametrize("case", LORA_CASES.values(), ids=LORA_CASES.keys())
+def test_block_lora_inplace_equals_out_of_place_bitwise(case, dtype):
+    n, t, d_in, d_out, ids, n_blocks = case
+    x, A, B, base, block_ids = [v.detach() if v.is_floating_point() else v
+                                for v in lora_inputs(n, t, d_in, d_out, 4, n_blocks, ids, dtype=dtype)]  # fmt: skip
+    base = poisoned_base(base, block_ids)
+    expected = ops.block_lora(x, A, B, block_ids, 1.75, base, backend="cpp")
+    target = base.clone()
+    version = target._version
+    out = ops.block_lora(x, A, B, block_ids, 1.75, target, backend="cpp", inplace=True)
+    assert out is target and out.dtype == dtype
+    assert torch.equal(bits(out), bits(expected)), "in place must write exactly the out-of-place values"
+    none = block_ids == -1
+    assert torch.equal(bits(target[none]), bits(base[none])), "rows of block -1 must stay untouched"
+    assert target._version > version
+
+
+@needs_ext
+def test_block_lora_inplace_multithreaded_model_width_and_decode_step():
+    """Above the threading threshold (several threads on the edited rows only) and a decode step."""
+    for n, t, ids in ((12, 40, [3, -1, 0, 0, -1, 7, 7, 7, -1, 1, 2, -1]), (8, 1, [0, -1, 5, -1, 5, 2, -1, 1])):
+        x, A, B, base, block_ids = [v.detach() if v.is_floating_point() else v
+                                    for v in lora_inputs(n, t, 256, 1024, 4, 8, ids)]  # fmt: skip
+        base = poisoned_base(base, block_ids)
+        expected = ops.block_lora(x, A, B, block_ids, 4.0, base, backend="cpp")
+        target = base.clone()
+        ops.block_lora(x, A, B, block_ids, 4.0, target, backend="cpp", inplace=True)
+        assert torch.equal(bits(target), bits(expected))
+
+
+@needs_ext
+def test_block_lora_inplace_fallbacks_write_into_base():
+    """Non-contiguous base (the kernel cannot write it) and float64 (no kernel): out of place + copy."""
+    x, A, B, base, block_ids = [v.detach() if v.is_floating_point() else v
+                                for v in lora_inputs(4, 6, 16, 20, 2, 3, [2, -1, 0, 2])]  # fmt: skip
+    expected = ops.block_lora(x, A, B, block_ids, 2.0, base, backend="cpp")
+    target = base.transpose(0, 1).contiguous().transpose(0, 1)  # same values, non-contiguous
+    out = ops.block_lora(x, A, B, block_ids, 2.0, target, backend="cpp", inplace=True)
+    assert out is target and not target.is_contiguous()
+    assert torch.equal(target, expected)
+    x64, A64, B64, base64 = (v.double() for v in (x, A, B, base))
+    target = base64.clone()
+    out = ops.block_lora(x64, A64, B64, block_ids, 2.0, target, backend="cpp", inplace=True)
+    assert out is target and torch.equal(target, ops.block_lora(x64, A64, B64, block_ids, 2.0, base64, backend="torch"))
+
+
+@needs_ext
+def test_block_lora_inplace_rank_zero_empty_bank_and_nan_inputs():
+    x, A, B, base, block_ids = [v.detach() if v.is_floating_point() else v
+                                for v in lora_inputs(3, 2, 6, 5, 0, 2, [1, -1, 0])]  # fmt: skip
+    target = base.clone()
+    assert ops.block_lora(x, A, B, block_ids, 2.0, target, backend="cpp", inplace=True) is target
+    assert torch.equal(target, ops.block_lora(x, A, B, block_ids, 2.0, base, backend="reference"))
+    target = base.clone()
+    ops.block_lora(x, A[:0], B[:0], torch.full((3,), -1), 2.0, target, backend="cpp", inplace=True)
+    assert torch.equal(target, base)
+    x, A, B, base, block_ids = [v.detach() if v.is_floating_point() else v
+                                for v in lora_inputs(2, 3, 8, 8, 2, 2, [-1, 1])]  # fmt: skip
+    x[0], A[0] = float("nan"), float("inf")  # only the unedited sample / the unused block see them
+    target = base.clone()
+    ops.block_lora(x, A, B, block_ids, 3.0, target, backend="cpp", inplace=True)
+    assert torch.equal(target[0], base[0]) and torch.isfinite(target[1]).all()
+
+
+@needs_ext
+def test_block_lora_inplace_refuses_when_grads_are_needed():
+    x, A, B, base, block_ids = lora_inputs(3, 4, 8, 6, 2, 2, [1, -1, 0])  # all four require grad
+    for name, tensors in (
+        ("x", (x, A.detach(), B.detach(), base.detach().clone())),
+        ("A", (x.detach(), A, B.detach(), base.detach().clone())),
+        ("B", (x.detach(), A.detach(), B, base.detach().clone())),
+        ("base", (x.detach(), A.detach(), B.detach(), base)),
+    ):
+        before = tensors[3].detach().clone()
+        with pytest.raises(ValueError, match=f"but {name} requires grad"):
+            ops.block_lora(*tensors[:3], block_ids, 1.0, tensors[3], backend="cpp", inplace=True)
+        assert torch.equal(tensors[3].detach(), before)
+    with torch.no_grad():  # no graph is recorded: allowed, and the same values as out of place
+        target = base.detach().clone()
+        ops.block_lora(x, A, B, block_ids, 1.0, target, backend="cpp", inplace=True)
+    assert torch.equal(target, ops.block_lora(x, A, B, block_ids, 1.0, base, backend="cpp").detach())
+
+
+@needs_ext
+def test_block_lora_inplace_and_inference_mode():
+    x, A, B, base, block_ids = [v.detach() if v.is_floating_point() else v
+                                for v in lora_inputs(3, 4, 8, 6, 2, 2, [1, -1, 0])]  # fmt: skip
+    expected = ops.block_lora(x, A, B, block_ids, 1.0, base, backend="cpp")
+    with torch.inference_mode():
+        target = base.clone()
+        ops.block_lora(x, A, B, block_ids, 1.0, target, backend="cpp", inplace=True)
+    assert torch.equal(target, expected)
+    with pytest.raises(RuntimeError, match="inference tensor outside InferenceMode"):  # like any in-place op
+        ops.block_lora(x, A, B, block_ids, 1.0, target, backend="cpp", inplace=True)
+
+
 # ---- portability and fallback ---------------------------------------------------------------------
 
 

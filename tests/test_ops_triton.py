@@ -337,6 +337,48 @@ def test_block_lora_noncontiguous_inputs():
     assert torch.equal(out[1], base[1])
 
 
+def _bits(t):
+    return t.view({torch.float32: torch.int32}.get(t.dtype, torch.int16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", [LORA_CASES[1], LORA_CASES[3]], ids=[LORA_IDS[1], LORA_IDS[3]])
+def test_block_lora_inplace_equals_out_of_place(case, dtype):
+    """Same kernel, out pointer = base: bitwise the out-of-place values; block -1 tiles untouched."""
+    n, t, d_in, d_out, n_blocks, k, ids = case
+    x, A, B, base, block_ids = make_lora(n, t, d_in, d_out, n_blocks, k, ids, dtype=dtype)
+    base[block_ids < 0] = float("nan")  # a program that wrote an unedited tile would change the bits
+    expected = ops.block_lora(x, A, B, block_ids, 2.5, base, backend="triton")
+    target = base.clone()
+    version = target._version
+    out = ops.block_lora(x, A, B, block_ids, 2.5, target, backend="triton", inplace=True)
+    assert out is target and out.dtype == dtype
+    assert torch.equal(_bits(out), _bits(expected))
+    unedited = block_ids < 0
+    assert torch.equal(_bits(target[unedited]), _bits(base[unedited]))
+    assert target._version > version
+
+
+def test_block_lora_inplace_noncontiguous_base_and_grad_errors():
+    x, A, B, base, block_ids = make_lora(3, 4, 16, 20, 2, 2, [1, -1, 0])
+    expected = ops.block_lora(x, A, B, block_ids, 2.0, base, backend="triton")
+    target = base.transpose(0, 1).contiguous().transpose(0, 1)  # the kernel cannot write it: copy path
+    out = ops.block_lora(x, A, B, block_ids, 2.0, target, backend="triton", inplace=True)
+    assert out is target and torch.equal(target, expected)
+    for name in ("x", "A", "B", "base"):
+        tensors = {"x": x, "A": A, "B": B, "base": base.clone()}
+        tensors[name] = tensors[name].clone().requires_grad_()
+        with pytest.raises(ValueError, match=f"but {name} requires grad"):
+            ops.block_lora(tensors["x"], tensors["A"], tensors["B"], block_ids, 2.0, tensors["base"],
+                           backend="triton", inplace=True)  # fmt: skip
+    with torch.no_grad():
+        target = base.clone().requires_grad_()
+        ops.block_lora(x, A, B, block_ids, 2.0, target, backend="triton", inplace=True)
+    assert torch.equal(target.detach(), expected)
+    with pytest.raises(ValueError, match="contiguous base"):
+        block_lora_fwd(x, A, B, block_ids, 2.0, base.transpose(0, 1).contiguous().transpose(0, 1), inplace=True)
+
+
 # ---------------------------------------------------------------------------------------------
 # GPU: compiled kernels, larger shapes, host synchronization
 # ---------------------------------------------------------------------------------------------
@@ -399,6 +441,10 @@ def test_gpu_no_host_sync():
         ids = search("triton", queries, db)
         out = ops.block_lora(x, A, B, block_ids, 2.0, base, backend="triton")
         out.backward(torch.ones_like(out))
+        with torch.no_grad():  # the inference path of the patched layers
+            target = base.detach().clone()
+            ops.block_lora(x, A, B, block_ids, 2.0, target, backend="triton", inplace=True)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert ids.shape == (16,) and x.grad is not None and A.grad is not None
+    assert torch.equal(target, out.detach())

@@ -145,6 +145,7 @@ def block_lora(
     scale: float,
     base: torch.Tensor | None = None,
     backend: str | None = None,
+    inplace: bool = False,
 ) -> torch.Tensor:
     """Per-sample rank-slice LoRA: ``base + scale * (x @ A[b].T) @ B[b]`` with ``b = block_ids[n]``.
 
@@ -157,9 +158,17 @@ def block_lora(
         scale: the block's effective scale ``s``.
         base: optional ``[N, T, d_out]`` output of the frozen layer to add to (0 if None).
         backend: ``"reference"``, ``"torch"``, ``"cpp"``, ``"triton"`` or None (automatic).
+        inplace: write the result into ``base`` and return it; only allowed when no autograd graph
+            is needed (ValueError if ``torch.is_grad_enabled()`` and any of ``x``, ``A``, ``B``,
+            ``base`` requires grad) and ``base`` is given. The ``cpp`` and ``triton`` kernels then
+            leave the rows of block -1 untouched and update the edited rows in place (no output
+            allocation: the inference path of the patched layers); other backends (and a
+            non-contiguous ``base``) compute out of place and copy into ``base``, same result.
+            ``base`` must not share memory with ``x``, ``A`` or ``B``.
 
     Returns:
-        ``[N, T, d_out]`` in ``x``'s dtype. Differentiable in ``x``, ``A``, ``B`` and ``base``.
+        ``[N, T, d_out]`` in ``x``'s dtype (``base`` itself when ``inplace``). Differentiable in
+        ``x``, ``A``, ``B`` and ``base`` (out of place).
     """
     _check(x.dim() == 3, f"block_lora: x must be [N, T, d_in], got shape {tuple(x.shape)}")
     n, t, d_in = x.shape
@@ -187,7 +196,27 @@ def block_lora(
     tensors = [x, A, B, block_ids] + ([base] if base is not None else [])
     devices = {tensor.device for tensor in tensors}
     _check(len(devices) == 1, f"block_lora: all tensors must be on one device, got {sorted(map(str, devices))}")
-    return _resolve(backend, x.device).block_lora(x, A, B, block_ids, float(scale), base)
+    impl = _resolve(backend, x.device)
+    if not inplace:
+        return impl.block_lora(x, A, B, block_ids, float(scale), base)
+    _check(base is not None, "block_lora: inplace=True writes into base, but base is None; pass base")
+    if torch.is_grad_enabled():
+        needs_grad = [name for name, t in zip(("x", "A", "B", "base"), (x, A, B, base), strict=True) if t.requires_grad]
+        _check(
+            not needs_grad,
+            f"block_lora: inplace=True is for inference only, but {', '.join(needs_grad)} requires grad "
+            "and grad mode is on; use inplace=False (or run under torch.no_grad())",
+        )
+    native = getattr(impl, "block_lora_inplace", None)  # cpp / triton: the kernel writes into base
+    if native is not None:
+        out = native(x, A, B, block_ids, float(scale), base)
+        if out is not None:
+            return out
+    # Any backend: out of place, then one copy (same values as the out-of-place call, no speed gain).
+    result = impl.block_lora(x, A, B, block_ids, float(scale), base)
+    if result is not base:
+        base.copy_(result)
+    return base
 
 
 __all__ = ["BACKENDS", "backend_status", "block_lora", "vecdb_search"]

@@ -74,6 +74,15 @@ class _CppBackend:
         # Inference (e.g. a decode step): one call, no autograd bookkeeping, no saved hidden.
         return _extension().block_lora_forward(x, A, B, block_ids, float(scale), base, False)[0]
 
+    @staticmethod
+    def block_lora_inplace(x, A, B, block_ids, scale, base):
+        """``block_lora`` written into ``base`` by the kernel (rows of block -1 untouched), or None
+        when the kernel cannot write there (non-contiguous base, float64): the dispatcher then
+        computes out of place and copies. The dispatcher has checked that no gradient is needed."""
+        if x.dtype not in _KERNEL_DTYPES or not base.is_contiguous():
+            return None
+        return _extension().block_lora_inplace(x, A, B, block_ids, float(scale), base)
+
 
 def load():
     """The ``cpp`` backend object, or ImportError saying why it is unavailable."""

@@ -15,11 +15,13 @@ _backend = None
 
 
 class _TritonBackend:
-    """What :func:`load` returns: the two ops with the dispatcher's signatures."""
+    """What :func:`load` returns: the two ops with the dispatcher's signatures (and the in-place
+    block LoRA the dispatcher uses for ``inplace=True``)."""
 
-    def __init__(self, vecdb_search, block_lora):
+    def __init__(self, vecdb_search, block_lora, block_lora_inplace):
         self.vecdb_search = vecdb_search
         self.block_lora = block_lora
+        self.block_lora_inplace = block_lora_inplace
 
 
 def _interpreting(triton_module) -> bool:
@@ -52,7 +54,9 @@ def load():
     from melo_fast.ops.triton import block_lora as block_lora_module
     from melo_fast.ops.triton import vecdb_search as vecdb_search_module
 
-    _backend = _TritonBackend(vecdb_search_module.vecdb_search, block_lora_module.block_lora)
+    _backend = _TritonBackend(
+        vecdb_search_module.vecdb_search, block_lora_module.block_lora, block_lora_module.block_lora_inplace
+    )
     return _backend
 
 

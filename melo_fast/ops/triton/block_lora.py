@@ -2,7 +2,9 @@
 
 The bank is block-major (``A[n_blocks, k, d_in]``, ``B[n_blocks, k, d_out]``); each program reads
 its sample's block id and indexes the bank directly, so there is no gathered copy of A/B and no
-per-sample Python loop. A sample with block -1 gets ``base`` bit for bit (or zeros).
+per-sample Python loop. A sample with block -1 gets ``base`` bit for bit (or zeros). In place
+(inference), ``out`` is ``base``: programs of block -1 exit without touching memory and the others
+read-modify-write their tile, so no output is allocated.
 
 The rank ``k`` is tiny (1–8 in MELO's settings) but ``tl.dot`` needs every dimension ≥ 16 on a
 GPU, so ``k`` is padded to ``BLOCK_K = max(16, next_pow2(k))`` with masked (zero) loads; the padding
@@ -52,7 +54,7 @@ def _block_lora_fwd_kernel(
     b_ptr,  # [N_BLOCKS, K, D_OUT] contiguous
     ids_ptr,  # [N] int64 block id per sample
     base_ptr,  # [N, T, D_OUT] contiguous, read only when HAS_BASE
-    out_ptr,  # [N, T, D_OUT] contiguous
+    out_ptr,  # [N, T, D_OUT] contiguous; base_ptr itself when INPLACE
     h_ptr,  # [N, T, BLOCK_K] fp32 out (x @ A[b].T for backward), written only when STORE_H
     scale,
     T,
@@ -61,6 +63,7 @@ def _block_lora_fwd_kernel(
     K,
     N_BLOCKS,
     HAS_BASE: tl.constexpr,
+    INPLACE: tl.constexpr,
     STORE_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
@@ -119,10 +122,10 @@ def _block_lora_fwd_kernel(
         # 16-bit inputs: round h like the framework would and use the tensor cores; fp32 stays IEEE.
         delta = _mma(h.to(b.dtype), b, tl.zeros([BLOCK_T, BLOCK_O], tl.float32), DOT_PRECISION, UPCAST_DOT)
         y = scale * delta
-        if HAS_BASE:
+        if HAS_BASE:  # in place, this program reads its own tile of base before writing it
             y += tl.load(base_ptr + out_offsets, mask=tile_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=tile_mask)
-    else:
+    elif not INPLACE:  # in place, an unedited sample's tile is already right: touch nothing
         # Unedited sample: copy base untouched (bit for bit), no LoRA work at all.
         if HAS_BASE:
             base = tl.load(base_ptr + out_offsets, mask=tile_mask, other=0.0)
@@ -308,6 +311,7 @@ def block_lora_fwd(
     scale: float,
     base: torch.Tensor | None = None,
     store_h: bool = False,
+    inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Forward pass: ``(out, h)``.
 
@@ -319,13 +323,20 @@ def block_lora_fwd(
         base: optional ``[N, T, d_out]`` in x's dtype (the dispatcher checks it).
         store_h: also return ``h = x @ A[b].T`` as fp32 ``[N, T, BLOCK_K]`` (padded rank) for
             the backward pass; rows of unedited samples are left unwritten.
+        inplace: write into ``base`` (which must be given and contiguous) and return it as ``out``;
+            tiles of unedited samples are not touched. No autograd here: the caller checks that.
 
     Returns:
         ``out`` ``[N, T, d_out]`` in x's dtype, and ``h`` or None.
     """
     n, t, d_in = x.shape
     n_blocks, k, d_out = B.shape
-    out = torch.empty((n, t, d_out), dtype=x.dtype, device=x.device)
+    if inplace:
+        if base is None or not base.is_contiguous():
+            raise ValueError("block_lora_fwd: inplace=True needs a contiguous base to write into")
+        out = base
+    else:
+        out = torch.empty((n, t, d_out), dtype=x.dtype, device=x.device)
     block_t, block_k = _block_sizes(x, k)
     h = torch.empty((n, t, block_k), dtype=torch.float32, device=x.device) if store_h else None
     if out.numel() == 0:
@@ -356,6 +367,7 @@ def block_lora_fwd(
         k,
         n_blocks,
         HAS_BASE=base is not None,
+        INPLACE=inplace,
         STORE_H=h is not None,
         DOT_PRECISION=_dot_precision(x.dtype),
         UPCAST_DOT=_UPCAST_DOT,
@@ -529,3 +541,17 @@ def block_lora(x, A, B, block_ids, scale, base=None):
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"triton backend: block_lora needs CUDA tensors, got {x.device} (or set TRITON_INTERPRET=1)")
     return BlockLoRAFunction.apply(x, A, B, block_ids, float(scale), base)
+
+
+def block_lora_inplace(x, A, B, block_ids, scale, base):
+    """The op written into ``base`` (as :func:`melo_fast.ops.block_lora` calls it with ``inplace=True``,
+    after checking that no gradient is needed), or None for a non-contiguous ``base`` (the dispatcher
+    then computes out of place and copies)."""
+    if x.device.type != "cuda" and not _INTERPRET:
+        raise ValueError(f"triton backend: block_lora needs CUDA tensors, got {x.device} (or set TRITON_INTERPRET=1)")
+    if not base.is_contiguous():
+        return None
+    if base.is_inference() and not torch.is_inference_mode_enabled():  # what any in-place torch op refuses
+        raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed.")
+    torch.autograd.graph.increment_version(base)  # autograd's record of the in-place write
+    return block_lora_fwd(x, A, B, block_ids, scale, base, inplace=True)[0]
