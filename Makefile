@@ -28,8 +28,17 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m ruff check melo_fast tests benchmarks
 
+# Benchmarks (kept out of `make test`): the CPU set takes under 10 minutes on 2 cores; see
+# benchmarks/README.md. On a busy shared machine time single-threaded CPU time instead of wall time:
+#   MELO_BENCH_THREADS=1 make bench BENCH_ARGS=--benchmark-timer=time.process_time
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results.json
+	$(PY) -m pytest -q benchmarks --benchmark-only --benchmark-json=benchmarks/results.json $(BENCH_ARGS)
+	$(PY) benchmarks/report.py benchmarks/results.json
+
+# Regenerate BENCHMARKS.md and benchmarks/plots/ from an existing benchmarks/results.json.
+bench-report: $(STAMP)
+	$(PY) benchmarks/report.py benchmarks/results.json
 
 clean:
 	rm -rf build *.egg-info melo_fast/*.so

@@ -1,0 +1,313 @@
+"""Helpers shared by the layer, end-to-end, editing and scaling benchmarks.
+
+(The ops suite, ``test_bench_ops.py``, has its own fixture in ``conftest.py``; both write the same
+``extra_info`` keys where they overlap: ``backend``, ``device``, ``torch``, ``dtype``, ``op``, ``Q``,
+``d``, ``C``.) Conventions used by ``report.py``:
+
+- ``extra_info["case"]``: the row label inside the group; ``extra_info["baseline"]``: the ``case``
+  every row of the group is compared with (ratios are ``baseline time / row time``: > 1 = faster).
+- ``extra_info["plot"]``, ``"x"``, ``"series"``: a point of a scaling curve.
+- ``extra_info["tokens"]``: tokens processed per call (the report adds tokens/s);
+  ``extra_info["new_tokens"]``: tokens generated per call (the report adds ms/token).
+
+Environment knobs: ``MELO_BENCH_DEVICE`` (cpu/cuda; default cuda when available) and
+``MELO_BENCH_THREADS`` (torch intra-op threads; default torch's own choice).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import resource
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import melo_fast
+from melo_fast import ops
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+TOKENIZERS = SHARED / "assets" / "tokenizers"
+
+DEVICE = os.environ.get("MELO_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+if os.environ.get("MELO_BENCH_THREADS"):
+    torch.set_num_threads(int(os.environ["MELO_BENCH_THREADS"]))
+
+# Backends compared per device type: Triton only on CUDA (its CPU interpreter is a test tool), the
+# C++ extension only on CPU.
+CANDIDATES = {"cpu": ("reference", "torch", "cpp"), "cuda": ("reference", "torch", "triton")}
+
+
+def sync() -> None:
+    """Wait for queued device work (called inside every timed function)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_name() -> str:
+    if DEVICE == "cuda":
+        return torch.cuda.get_device_name()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        model = ""
+    return f"{model or platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def versions() -> dict[str, str]:
+    found = {"python": platform.python_version(), "torch": torch.__version__, "melo_fast": melo_fast.__version__}
+    for name in ("transformers", "peft"):
+        try:
+            found[name] = __import__(name).__version__
+        except ImportError:
+            found[name] = "not installed"
+    return found
+
+
+def available_backends() -> list[str]:
+    status = ops.backend_status()
+    return [name for name in CANDIDATES[DEVICE.split(":")[0]] if status.get(name) == "available"]
+
+
+def backend_params(include_reference: bool = True):
+    """pytest params for the candidate backends of DEVICE; unavailable ones are skips saying why."""
+    status = ops.backend_status()
+    params = []
+    for name in CANDIDATES[DEVICE.split(":")[0]]:
+        if name == "reference" and not include_reference:
+            continue
+        marks = [] if status.get(name) == "available" else [pytest.mark.skip(reason=f"{name}: {status.get(name)}")]
+        params.append(pytest.param(name, marks=marks, id=name))
+    return params
+
+
+def default_backend() -> str:
+    """The backend ``backend=None`` resolves to on DEVICE (what a user gets without choosing)."""
+    preferred = {"cpu": "cpp", "cuda": "triton"}.get(DEVICE.split(":")[0])
+    return preferred if preferred in available_backends() else "torch"
+
+
+def _jsonable(value):
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, (tuple, list)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, max_rounds=30, warmup=1,
+          setup=None, paired=None, **info) -> float:
+    """Time ``fn`` (device-synchronized) under ``group`` and record where, what and how.
+
+    Rounds are chosen from one warm-up call so that the case takes about ``target_s``
+    (``min_rounds``..``max_rounds``; 1 when one call takes over 4x ``target_s``); ``warmup=0``
+    (the slow reference path) runs exactly ``min_rounds`` rounds. ``setup`` (untimed) runs before
+    every round. Returns the min seconds.
+
+    ``paired`` (optional ``(case, fn)``): a baseline timed (same timer, untimed by pytest-benchmark)
+    right before every round of ``fn``, so the two alternate; its times go to
+    ``extra_info["paired"]`` (in round order, matching ``stats.data``) and the report gives the median
+    of the per-round ratios, which machine-load drift between rows cannot bias.
+    """
+    timer = getattr(benchmark, "_timer", None) or time.perf_counter
+    paired_times: list[float] = []
+
+    def run_paired():
+        if paired is not None:
+            start = timer()
+            paired[1]()
+            sync()
+            paired_times.append(timer() - start)
+
+    def before_round():
+        if setup is not None:
+            setup()
+        run_paired()
+
+    def timed():
+        result = fn()
+        sync()
+        return result
+
+    benchmark.group = group
+    benchmark.extra_info.update(
+        case=case,
+        baseline=baseline,
+        device=device_name(),
+        device_type=DEVICE,
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        versions=versions(),
+        **{key: _jsonable(value) for key, value in info.items()},
+    )
+    if info.get("backend") == "cpp":
+        from melo_fast.ops import cpu
+
+        benchmark.extra_info["isa"] = cpu.isa()
+    rounds = min_rounds
+    for _ in range(warmup):
+        before_round()
+        start = time.perf_counter()
+        timed()
+        estimate = time.perf_counter() - start
+        rounds = max(min_rounds, min(max_rounds, int(target_s / max(estimate, 1e-6))))
+        if estimate > 4 * target_s:
+            rounds = 1  # a slow outlier (e.g. the torch backend at 1M keys): one round after the warm-up
+    paired_times.clear()
+
+    def pedantic_setup():
+        before_round()
+        return (), {}
+
+    needs_setup = setup is not None or paired is not None
+    benchmark.pedantic(timed, setup=pedantic_setup if needs_setup else None, rounds=rounds, iterations=1,
+                       warmup_rounds=0)
+    if paired_times:
+        ordered = sorted(paired_times)
+        benchmark.extra_info["paired"] = {"case": paired[0], "min": ordered[0], "median": ordered[len(ordered) // 2],
+                                          "rounds": len(ordered), "times": paired_times}  # round order
+    return benchmark.stats.stats.min
+
+
+# ---- synthetic databases and banks ---------------------------------------------------------------
+
+
+def synthetic_vectors(n: int, dim: int, seed: int = 0, tile: int = 8192) -> torch.Tensor:
+    """``[n, dim]`` float32 vectors, all far apart, entries ~ N(0, 1), on DEVICE.
+
+    ``torch.randn`` of 1M x 768 takes ~10 s on a small CPU; rows here are a random tile plus a
+    random shift per tile (one fused add), which is as good for a brute-force scan and ~10x faster.
+    """
+    g = torch.Generator().manual_seed(seed)
+    if n <= tile:
+        return torch.randn(n, dim, generator=g).to(DEVICE)
+    tiles = math.ceil(n / tile)
+    base = (torch.randn(tile, dim, generator=g) * 0.5**0.5).to(DEVICE)
+    shifts = (torch.randn(tiles, dim, generator=g) * 0.5**0.5).to(DEVICE)
+    out = torch.empty(tiles * tile, dim, device=DEVICE)
+    torch.add(base[None], shifts[:, None], out=out.view(tiles, tile, dim))
+    return out[:n]
+
+
+def lookup_database(n_keys: int, dim: int, seed: int = 0):
+    """Database tensors of ``n_keys`` singleton clusters, in ``ops.vecdb_search`` order.
+
+    (centers, radii, offsets, points, blocks); ``points`` is the same tensor as ``centers`` (one
+    point per cluster, at its center), as in the ops suite.
+    """
+    centers = synthetic_vectors(n_keys, dim, seed)
+    radii = torch.full((n_keys,), 0.5 * dim**0.5, device=DEVICE)
+    offsets = torch.arange(n_keys + 1, device=DEVICE)
+    blocks = (torch.arange(n_keys) % 1000).to(DEVICE)
+    return centers, radii, offsets, centers, blocks
+
+
+def lookup_queries(centers: torch.Tensor, n_queries: int, seed: int = 1) -> torch.Tensor:
+    """``[n_queries, d]`` queries: the first half near stored keys (hits), the rest random (misses)."""
+    g = torch.Generator().manual_seed(seed)
+    n_keys, dim = centers.shape
+    picks = torch.randint(0, n_keys, (n_queries // 2,), generator=g).to(DEVICE)
+    hits = centers[picks] + 0.01 * torch.randn(len(picks), dim, generator=g).to(DEVICE)
+    misses = torch.randn(n_queries - len(picks), dim, generator=g).to(DEVICE)
+    return torch.cat([hits, misses])
+
+
+def fill_database(db, n_keys: int, num_blocks: int, hits: torch.Tensor | None = None, seed: int = 0) -> None:
+    """Replace ``db``'s contents with ``n_keys`` singleton clusters, without running any edit.
+
+    Writes the tensors directly (what ``insert`` would build for keys that are all far apart):
+    one cluster per key with radius ``db.init_radius``, CSR offsets ``0..n``, the point at the
+    center, random blocks in ``[0, num_blocks)``. The first ``len(hits)`` keys are ``hits`` (e.g. the
+    benchmark batch's own keys) routed to blocks ``0..len(hits)-1``, so those inputs hit an edit;
+    the other keys are drawn with the mean and spread of ``hits`` per dimension (far from them).
+    """
+    n_hits = 0 if hits is None else hits.shape[0]
+    if n_keys < n_hits:
+        raise ValueError("fill_database: fewer keys than hits")
+    centers = synthetic_vectors(n_keys, db.dim, seed)
+    if n_hits > 1:
+        centers.mul_(hits.float().std(0).clamp(min=1e-3).to(DEVICE)).add_(hits.float().mean(0).to(DEVICE))
+    if n_hits:
+        centers[:n_hits] = hits.float().to(DEVICE)
+    g = torch.Generator().manual_seed(seed + 2)
+    blocks = torch.randint(0, max(num_blocks, 1), (n_keys,), generator=g)
+    blocks[:n_hits] = torch.arange(n_hits) % max(num_blocks, 1)
+    db.centers = centers
+    db.points = centers
+    db.radii = torch.full((n_keys,), db.init_radius, device=DEVICE)
+    db.cluster_labels = torch.zeros(n_keys, dtype=torch.int64, device=DEVICE)
+    db.point_offsets = torch.arange(n_keys + 1, device=DEVICE)
+    db.point_blocks = blocks.to(DEVICE)
+    db.labels = [(0,)]
+
+
+def fill_banks(editor, num_blocks: int, capacity: int | None = None, seed: int = 0) -> None:
+    """Give every target layer ``num_blocks`` trained-looking blocks without running any edit.
+
+    ``layer.reserve``; random ``bank_A`` (kaiming-like scale) and small ``bank_B`` written into
+    the first ``num_blocks`` slots; ``num_blocks`` set on each layer and on the editor.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for layer in editor.lora_layers.values():
+        layer.reserve(max(num_blocks, capacity or 0))
+        with torch.no_grad():
+            a = torch.randn(num_blocks, layer.rank, layer.d_in, generator=g) / layer.d_in**0.5
+            b = torch.randn(num_blocks, layer.rank, layer.d_out, generator=g) * 1e-3
+            layer.bank_A[:num_blocks] = a.to(layer.bank_A)
+            layer.bank_B[:num_blocks] = b.to(layer.bank_B)
+        layer.num_blocks = num_blocks
+    editor.num_blocks = num_blocks
+
+
+# ---- memory ----------------------------------------------------------------------------------------
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
+
+
+def peak_tensor_bytes(fn) -> int:
+    """Peak bytes of live tensors allocated while ``fn()`` runs, above what was live before it.
+
+    CPU: ``torch.profiler`` with ``profile_memory=True``; every allocation and free is an event with
+    its size, and the running sum over events in time order gives live bytes (allocator caching and
+    RSS noise do not enter). CUDA: ``torch.cuda.max_memory_allocated`` after a reset.
+    """
+    if DEVICE.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - before
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    live = peak = 0
+    for event in sorted(prof.events(), key=lambda e: e.time_range.start):
+        live += event.self_cpu_memory_usage
+        peak = max(peak, live)
+    return peak
+
+
+def peak_rss() -> int:
+    """The process's RSS high-water mark in bytes (Linux VmHWM, else ``ru_maxrss``)."""
+    hwm = _status_kib("VmHWM")
+    if hwm is not None:
+        return hwm * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
