@@ -1,0 +1,706 @@
+"""The sequential editing harness (GRACE/MELO protocol) and ``python -m melo_fast eval``.
+
+Protocol, for every method on the same data and the same batches:
+
+- records are split into *edited* records and *held-out* records (never edited; locality probes);
+- edited records are edited in sequential batches of ``batch_size``;
+- **ES**: the edited questions of a batch, right after that batch's edit (mean over all edits);
+- **ERR**: all edited questions after the last batch (did old edits survive?);
+- **generality**: ``rephrase_prompt`` and, separately, every ``generate_prompt`` of the edited
+  records, after the last batch, must give ``target_new``;
+- **locality**: Relation_Specificity questions of every record and the held-out records' questions
+  (prompt and rephrase) must keep the unedited model's answers (``locality`` is the mean over both
+  sets; each set is also reported);
+- the score of one answer is accuracy for classifiers and token-F1 (also exact match) of the greedy
+  generation for seq2seq/causal LMs, as MELO reports for zsRE; generative tasks also report the
+  teacher-forced perplexity of ``target_new`` before and after editing;
+- a curve of ES/ERR/generality/locality against the number of edits so far (on fixed samples of
+  ``curve_sample`` questions per set, so that the baseline's curve stays affordable).
+
+Methods: the unedited model, MELO (melo_fast), and sequential plain LoRA with MELO's rank budget
+(:mod:`melo_fast.eval.baselines`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import melo_fast
+from melo_fast.config import MeloConfig
+from melo_fast.eval import metrics
+from melo_fast.eval.baselines import SequentialLoRA
+from melo_fast.eval.data import EditRecord, load_records, split_edits
+from melo_fast.eval.probes import Answerer, ProbeSet
+
+METHODS = ("unedited", "melo", "lora")
+GENERALITY_SETS = ("rephrase", "generate")
+LOCALITY_SETS = ("locality_relation", "locality_unedited")
+
+
+@dataclass
+class Settings:
+    """How the sequential evaluation runs.
+
+    Attributes:
+        batch_size: edits per batch (one MELO block per batch).
+        holdout: fraction of records never edited (locality probes); every round(1/holdout)-th.
+        eval_batch_size: questions answered per forward pass.
+        curve_points: number of points of the metrics-vs-edits curve (besides the end).
+        curve_sample: questions per set on which curve points are measured.
+        progress: show a tqdm progress bar.
+    """
+
+    batch_size: int = 10
+    holdout: float = 0.2
+    eval_batch_size: int = 64
+    curve_points: int = 8
+    curve_sample: int = 200
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.batch_size < 1:
+            raise ValueError(f"batch size must be >= 1, got {self.batch_size}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+
+
+@dataclass
+class MethodResult:
+    """Metrics of one method. ``metrics`` holds the primary score of each metric (accuracy or
+    token-F1) and ``<metric>_<score>`` for the others (e.g. ``es_exact_match``)."""
+
+    name: str
+    metrics: dict[str, float] = field(default_factory=dict)
+    edit_seconds: float = 0.0
+    eval_seconds: float = 0.0
+    curve: list[dict] = field(default_factory=list)
+    db: dict | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {
+            "metrics": self.metrics,
+            "edit_seconds": self.edit_seconds,
+            "eval_seconds": self.eval_seconds,
+            "curve": self.curve,
+            "db": self.db,
+            **self.extra,
+        }
+
+
+def _evenly(n: int, k: int) -> list[int]:
+    """``min(n, k)`` indices spread evenly over ``range(n)``."""
+    if n <= k:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+
+
+class SequentialEval:
+    """Sequential editing of one task's model on KnowEdit records, for several methods.
+
+    Args:
+        task: a :mod:`melo_fast.eval.tasks` adapter (model + tokenizer).
+        records: the records (``load_records``).
+        settings: :class:`Settings`.
+    """
+
+    def __init__(self, task, records: Sequence[EditRecord], settings: Settings | None = None):
+        self.task = task
+        self.settings = settings or Settings()
+        self.edited, self.held = split_edits(list(records), self.settings.holdout)
+        if not self.edited:
+            raise ValueError("no records to edit")
+        size = self.settings.batch_size
+        self.batches = [self.edited[i : i + size] for i in range(0, len(self.edited), size)]
+        self.sets = self._probe_sets()
+        self.answerer = Answerer(task, list(self.sets.values()), self.settings.eval_batch_size)
+        self.editor = None  # the MELO editor of the last run_melo(keep=True)
+        self._curve_batches = set(_evenly(len(self.batches), self.settings.curve_points + 1))
+
+    # --- probe sets ---------------------------------------------------------------------------
+    def _probe_sets(self) -> dict[str, ProbeSet]:
+        lengths = self.task.token_lengths
+
+        def make(name, texts, references, owners, expected):
+            max_tokens = lengths(expected) if expected is not None else None
+            return ProbeSet(name, texts, references, owners, max_tokens)
+
+        edited = self.edited
+        targets = [r.target_new for r in edited]
+        gen_owner = [i for i, r in enumerate(edited) for _ in r.generate_prompts]
+        relation = [(r, p) for r in edited + self.held for p in r.locality]
+        held_texts = [r.prompt for r in self.held] + [r.rephrase_prompt for r in self.held]
+        held_expected = [r.ground_truth[0] for r in self.held] * 2
+        sets = [
+            make("edit", [r.prompt for r in edited], [[t] for t in targets], list(range(len(edited))), targets),
+            make("rephrase", [r.rephrase_prompt for r in edited], [[t] for t in targets], list(range(len(edited))),
+                 targets),
+            make("generate", [g for r in edited for g in r.generate_prompts], [[targets[i]] for i in gen_owner],
+                 gen_owner, [targets[i] for i in gen_owner]),
+            make("locality_relation", [p.prompt for _, p in relation], None, [-1] * len(relation),
+                 [p.ground_truth[0] for _, p in relation]),
+            make("locality_unedited", held_texts, None, [-1] * len(held_texts), held_expected),
+        ]
+        return {s.name: s for s in sets}
+
+    # --- scoring ------------------------------------------------------------------------------
+    def _score(self, name: str, answers: Sequence[str], indices: Sequence[int]) -> dict[str, float]:
+        """Mean score of ``answers`` of set ``name`` (questions ``indices``)."""
+        probe_set = self.sets[name]
+        totals: dict[str, list[float]] = {}
+        for i, answer in zip(indices, answers, strict=True):
+            references = probe_set.references[i] if probe_set.references is not None else [
+                self.answerer.unedited[name][i]
+            ]
+            for key, value in self.task.score(answer, references).items():
+                totals.setdefault(key, []).append(value)
+        if not totals:  # an empty set: every score is NaN
+            return {key: float("nan") for key in self.task.score("", [""])}
+        return {key: metrics.mean(values) for key, values in totals.items()}
+
+    def _put(self, out: dict, metric: str, scores: dict[str, float]) -> None:
+        for key, value in scores.items():
+            out[metric if key == self.task.primary else f"{metric}_{key}"] = value
+
+    def _final_metrics(self, answer, es_scores: dict[str, float]) -> dict[str, float]:
+        """Every end-of-run metric; ``answer(set_name, indices)`` gives the model's answers now."""
+        out: dict[str, float] = {}
+        self._put(out, "es", es_scores)
+        for metric, name in (("err", "edit"), ("generality_rephrase", "rephrase"),
+                             ("generality_generate", "generate")):
+            indices = range(len(self.sets[name]))
+            self._put(out, metric, self._score(name, answer(name, indices), indices))
+        weighted: dict[str, list[tuple[float, int]]] = {}
+        for name in LOCALITY_SETS:
+            indices = range(len(self.sets[name]))
+            scores = self._score(name, answer(name, indices), indices)
+            self._put(out, name, scores)
+            for key, value in scores.items():
+                if not math.isnan(value):
+                    weighted.setdefault(key, []).append((value, len(indices)))
+        overall = {key: sum(v * n for v, n in pairs) / sum(n for _, n in pairs) for key, pairs in weighted.items()}
+        self._put(out, "locality", overall)
+        return out
+
+    def _curve_point(self, answer, edits_so_far: int, es_values: list[float]) -> dict:
+        sample = self.settings.curve_sample
+        point = {"edits": edits_so_far, "es": metrics.mean(es_values)}
+        for metric, name in (("err", "edit"), ("generality_rephrase", "rephrase")):
+            indices = _evenly(edits_so_far, sample)
+            point[metric] = self._score(name, answer(name, indices), indices)[self.task.primary]
+        scores, count = 0.0, 0
+        for name in LOCALITY_SETS:
+            indices = _evenly(len(self.sets[name]), sample // 2)
+            if indices:
+                scores += self._score(name, answer(name, indices), indices)[self.task.primary] * len(indices)
+                count += len(indices)
+        point["locality"] = scores / count if count else float("nan")
+        return point
+
+    def _batch_indices(self, b: int) -> list[int]:
+        start = b * self.settings.batch_size
+        return list(range(start, start + len(self.batches[b])))
+
+    def _progress(self, description: str):
+        from tqdm.auto import tqdm
+
+        return tqdm(range(len(self.batches)), desc=description, unit="batch", disable=not self.settings.progress)
+
+    # --- methods ------------------------------------------------------------------------------
+    def run_unedited(self) -> MethodResult:
+        """The unedited model's answers to every probe set (also the locality reference)."""
+        start = time.perf_counter()
+        if not self.answerer.unedited:
+            self.answerer.compute_unedited()
+
+        def answer(name, indices):
+            return [self.answerer.unedited[name][i] for i in indices]
+
+        es = self._score("edit", answer("edit", range(len(self.edited))), range(len(self.edited)))
+        result = MethodResult("unedited", self._final_metrics(answer, es))
+        result.eval_seconds = time.perf_counter() - start
+        if self.task.kind != "classifier":
+            ppl = self.task.perplexity(self.edited)
+            result.extra["perplexity_target_new"] = metrics.mean(ppl)
+        return result
+
+    def run_melo(self, config: MeloConfig, keep: bool = False) -> MethodResult:
+        """Edit with MELO batch after batch. ``keep``: leave the model patched (``self.editor``)."""
+        if not self.answerer.unedited:
+            self.run_unedited()
+        start_all = time.perf_counter()
+        editor = melo_fast.patch(self.task.model, config)
+        result = MethodResult("melo")
+        es_values: list[float] = []
+        es_totals: dict[str, list[float]] = {}
+        edit_results = []
+
+        def answer(name, indices):
+            return self.answerer.routed(name, editor, indices)
+
+        try:
+            bar = self._progress("MELO edits")
+            for b in bar:
+                batch = self.task.edit_batch(self.batches[b])
+                edit_results.append(editor.edit(batch))
+                result.edit_seconds += edit_results[-1].seconds
+                indices = self._batch_indices(b)
+                scores = self._score("edit", answer("edit", indices), indices)
+                for key, value in scores.items():
+                    es_totals.setdefault(key, []).extend([value] * len(indices))
+                es_values.extend([scores[self.task.primary]] * len(indices))
+                bar.set_postfix(ES=f"{metrics.mean(es_values):.3f}", clusters=editor.db.num_clusters)
+                if b in self._curve_batches:
+                    result.curve.append(self._curve_point(answer, indices[-1] + 1, es_values))
+            es = {key: metrics.mean(values) for key, values in es_totals.items()}
+            result.metrics = self._final_metrics(answer, es)
+            result.db = editor.db.stats()
+            result.db["blocks"] = editor.num_blocks
+            result.extra["config"] = editor.config.to_dict()
+            result.extra["routed_questions_forwarded"] = self.answerer.forwarded
+            if self.task.kind != "classifier":
+                result.extra["perplexity_target_new"] = metrics.mean(self.task.perplexity(self.edited))
+        except BaseException:
+            melo_fast.unpatch(self.task.model)
+            raise
+        result.eval_seconds = time.perf_counter() - start_all - result.edit_seconds
+        if keep:
+            self.editor = editor
+        else:
+            melo_fast.unpatch(self.task.model)
+        return result
+
+    def release(self) -> None:
+        """Unpatch the model kept by ``run_melo(keep=True)``."""
+        if self.editor is not None:
+            melo_fast.unpatch(self.task.model)
+            self.editor = None
+
+    def replay(self, key_position, init_radius: float) -> MethodResult:
+        """MELO's metrics for another key position / init_radius, reusing the trained blocks.
+
+        Exact, not an approximation: a block is trained with every sample of its batch routed to
+        it, so what a block learns does not depend on the database, the keys or the radius (only on
+        the seed); only routing does. The database is rebuilt batch by batch from the same keys
+        and labels (ES is measured after each insert, as in a real run); the model's own database
+        and key position are restored afterwards. Requires ``run_melo(config, keep=True)``.
+        """
+        editor = self.editor
+        if editor is None:
+            raise RuntimeError("replay needs run_melo(config, keep=True) first")
+        from melo_fast.vecdb import VectorDatabase
+
+        saved_db, saved_position = editor.router.database, editor.router.key_position
+        result = MethodResult("melo")
+        es_totals: dict[str, list[float]] = {}
+        try:
+            editor.router.key_position = key_position
+            db = VectorDatabase(saved_db.dim, init_radius, device=saved_db.device)
+            editor.router.database = db
+            for b in range(len(self.batches)):
+                batch = self.task.edit_batch(self.batches[b])
+                db.insert(editor.keys(batch), editor._edit_labels(batch), b)
+                indices = self._batch_indices(b)
+                scores = self._score("edit", self.answerer.routed("edit", editor, indices), indices)
+                for key, value in scores.items():
+                    es_totals.setdefault(key, []).extend([value] * len(indices))
+            es = {key: metrics.mean(values) for key, values in es_totals.items()}
+            result.metrics = self._final_metrics(lambda n, i: self.answerer.routed(n, editor, i), es)
+            result.db = db.stats()
+            result.extra["config"] = {"key_position": key_position, "init_radius": init_radius}
+        finally:
+            editor.router.database, editor.router.key_position = saved_db, saved_position
+        return result
+
+    def question_spread(self, config: MeloConfig) -> float:
+        """Median distance from each edited question's key to the nearest other edited question's key.
+
+        Uses the edit questions only (no paraphrase or locality question), so it can set
+        ``init_radius`` before editing: the key scale differs between routers and between data sets
+        (hand-written questions are farther apart than zsRE's templates), a radius relative to it
+        transfers. Patches the model for the key pass and unpatches it; the keys stay cached.
+        """
+        editor = melo_fast.patch(self.task.model, config)
+        try:
+            keys = self.answerer.keys("edit", editor)
+        finally:
+            melo_fast.unpatch(self.task.model)
+        if keys.shape[0] < 2:
+            raise ValueError("init_radius 'auto' needs at least two edited questions")
+        distances = torch.cdist(keys, keys)
+        distances.fill_diagonal_(float("inf"))
+        return distances.min(1).values.median().item()
+
+    def key_scale(self, key_position=None) -> dict[str, float]:
+        """Distances between keys, to choose ``init_radius`` for a router (needs a kept editor).
+
+        Returns medians over edited records of: a question to its own rephrase
+        (``question_to_rephrase``) and to the nearest other edited question
+        (``question_to_nearest_question``), and of a locality question to the nearest edited
+        question (``locality_to_nearest_question``).
+        """
+        editor = self.editor
+        saved = editor.router.key_position
+        try:
+            if key_position is not None:
+                editor.router.key_position = key_position
+            questions = self.answerer.keys("edit", editor)
+            rephrases = self.answerer.keys("rephrase", editor)
+            between = torch.cdist(questions, questions)
+            between.fill_diagonal_(float("inf"))
+            locality = torch.cat([self.answerer.keys(name, editor) for name in LOCALITY_SETS])
+            return {
+                "question_to_rephrase": (questions - rephrases).norm(dim=1).median().item(),
+                "question_to_nearest_question": between.min(1).values.median().item(),
+                "locality_to_nearest_question": torch.cdist(locality, questions).min(1).values.median().item(),
+            }
+        finally:
+            editor.router.key_position = saved
+
+    def run_lora(self, config: MeloConfig) -> MethodResult:
+        """Sequential plain LoRA on MELO's targets, rank = rank_per_block × number of batches."""
+        if not self.answerer.unedited:
+            self.run_unedited()
+        if self.editor is not None:
+            raise RuntimeError("release() the kept MELO editor before running the LoRA baseline")
+        targets = config.targets
+        if targets is None:
+            from melo_fast.patching import default_names
+
+            targets = default_names(self.task.model)[1]
+        rank = config.rank_per_block * len(self.batches)
+        lora = SequentialLoRA(
+            self.task.model, targets, rank, config.scale, config.edit_lr, config.num_iter,
+            config.scheduler_step, config.scheduler_gamma, backend=config.backend,
+        )
+        start_all = time.perf_counter()
+        result = MethodResult("lora")
+        es_values: list[float] = []
+        es_totals: dict[str, list[float]] = {}
+        losses = []
+
+        def answer(name, indices):
+            return self.answerer.full(name, indices)
+
+        try:
+            bar = self._progress("LoRA baseline")
+            for b in bar:
+                batch = self.task.edit_batch(self.batches[b])
+                start = time.perf_counter()
+                losses.append(lora.edit(batch))
+                result.edit_seconds += time.perf_counter() - start
+                indices = self._batch_indices(b)
+                scores = self._score("edit", answer("edit", indices), indices)
+                for key, value in scores.items():
+                    es_totals.setdefault(key, []).extend([value] * len(indices))
+                es_values.extend([scores[self.task.primary]] * len(indices))
+                bar.set_postfix(ES=f"{metrics.mean(es_values):.3f}")
+                if b in self._curve_batches:
+                    result.curve.append(self._curve_point(answer, indices[-1] + 1, es_values))
+            es = {key: metrics.mean(values) for key, values in es_totals.items()}
+            result.metrics = self._final_metrics(answer, es)
+            if self.task.kind != "classifier":
+                result.extra["perplexity_target_new"] = metrics.mean(self.task.perplexity(self.edited))
+        finally:
+            lora.remove()
+        result.eval_seconds = time.perf_counter() - start_all - result.edit_seconds
+        result.extra.update(rank=rank, targets=lora.target_names,
+                            diverged_batches=sum(not math.isfinite(x) for x in losses))
+        return result
+
+    def run(self, config: MeloConfig, methods: Sequence[str] = METHODS) -> dict[str, MethodResult]:
+        """Every method of ``methods`` in order; MELO's model is unpatched afterwards."""
+        unknown = set(methods) - set(METHODS)
+        if unknown:
+            raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
+        results = {"unedited": self.run_unedited()}
+        if "melo" in methods:
+            results["melo"] = self.run_melo(config)
+        if "lora" in methods:
+            results["lora"] = self.run_lora(config)
+        return {name: results[name] for name in METHODS if name in results}
+
+    def describe(self) -> dict:
+        return {
+            "records": len(self.edited) + len(self.held),
+            "edited": len(self.edited),
+            "held_out": len(self.held),
+            "batch_size": self.settings.batch_size,
+            "batches": len(self.batches),
+            "probe_questions": {name: len(s) for name, s in self.sets.items()},
+        }
+
+
+# --- reporting ----------------------------------------------------------------------------------
+TABLE_COLUMNS = (
+    ("es", "ES"),
+    ("err", "ERR"),
+    ("generality_rephrase", "gen(rephrase)"),
+    ("generality_generate", "gen(generate)"),
+    ("locality", "locality"),
+    ("locality_relation", "loc(relation)"),
+    ("locality_unedited", "loc(not edited)"),
+)
+
+
+def format_table(results: dict[str, MethodResult]) -> str:
+    """A plain-text method × metric table (with edit seconds)."""
+    header = f"{'method':<10}" + "".join(f"{title:>16}" for _, title in TABLE_COLUMNS) + f"{'edit s':>10}"
+    lines = [header, "-" * len(header)]
+    for name, result in results.items():
+        cells = "".join(f"{result.metrics.get(key, float('nan')):>16.3f}" for key, _ in TABLE_COLUMNS)
+        lines.append(f"{name:<10}{cells}{result.edit_seconds:>10.1f}")
+    return "\n".join(lines)
+
+
+def markdown_table(results: dict[str, MethodResult]) -> str:
+    """The same table in Markdown (for EVALUATION.md)."""
+    titles = [title for _, title in TABLE_COLUMNS]
+    lines = ["| method | " + " | ".join(titles) + " | edit seconds |", "|---" * (len(titles) + 2) + "|"]
+    for name, result in results.items():
+        cells = " | ".join(f"{result.metrics.get(key, float('nan')):.3f}" for key, _ in TABLE_COLUMNS)
+        lines.append(f"| {name} | {cells} | {result.edit_seconds:.1f} |")
+    return "\n".join(lines)
+
+
+def write_json(path: Path, report: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=_jsonable))
+
+
+def _jsonable(value):
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def plot_curves(results: dict[str, MethodResult], path: Path, title: str) -> None:
+    """PNG of ES/ERR/generality/locality against the number of edits, one line per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = (("es", "ES (right after its batch)"), ("err", "ERR (edits so far)"),
+            ("generality_rephrase", "generality (rephrase)"), ("locality", "locality"))
+    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), sharex=True)
+    styles = {"melo": ("tab:blue", "-o"), "lora": ("tab:red", "--s")}
+    for axis, (key, label) in zip(axes, keys, strict=True):
+        for name, result in results.items():
+            if not result.curve:
+                continue
+            color, style = styles.get(name, ("tab:gray", "-"))
+            xs = [p["edits"] for p in result.curve]
+            axis.plot(xs, [p[key] for p in result.curve], style, color=color, label=name, markersize=4)
+        axis.set_title(label, fontsize=10)
+        axis.set_xlabel("edits so far")
+        axis.set_ylim(-0.02, 1.02)
+        axis.grid(alpha=0.3)
+    axes[0].legend(loc="lower left")
+    figure.suptitle(title, fontsize=11)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+# --- `python -m melo_fast eval` -----------------------------------------------------------------
+PRESETS: dict[str, tuple[dict, int]] = {
+    # DESIGN §1 "Paper settings": router → targets, blocks × rank, edits per batch, init_radius, lr.
+    # MeloConfig.scale is the official effective scale, which equals the official num_block.
+    "t5-small-ssm-nq": (
+        dict(
+            router="encoder.block.4.layer.1.DenseReluDense.wo",
+            targets=[
+                "encoder.block.5.layer.1.DenseReluDense.wo",
+                "encoder.block.6.layer.1.DenseReluDense.wo",
+                "decoder.block.5.layer.2.DenseReluDense.wo",
+                "decoder.block.6.layer.2.DenseReluDense.wo",
+            ],
+            rank_per_block=2, scale=20.0, init_radius=75.0, edit_lr=1e-2,
+        ),
+        100,
+    ),
+    "scotus-bert": (
+        dict(
+            router="encoder.layer.4.output.dense",
+            targets=[f"encoder.layer.{i}.output.dense" for i in (9, 10, 11)],
+            rank_per_block=4, scale=100.0, init_radius=0.1, edit_lr=1e-2,
+        ),
+        50,
+    ),
+    "gpt2-xl": (
+        dict(
+            router="transformer.h.35.mlp.c_fc",
+            targets=["transformer.h.36.mlp.c_fc", "transformer.h.37.mlp.c_fc"],
+            rank_per_block=2, scale=350.0, init_radius=0.5, edit_lr=1e-3,
+        ),
+        4,
+    ),
+}
+
+
+def preset(name: str) -> tuple[MeloConfig, int]:
+    """``(MeloConfig, edits per batch)`` of one of the paper's three configurations."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    fields, batch_size = PRESETS[name]
+    return MeloConfig(**fields), batch_size
+
+
+def load_local_model(path: str):
+    """``(model, tokenizer)`` from a local Hugging Face folder: seq2seq, classifier or causal LM by config."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSeq2SeqLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+    )
+
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"--model {path}: not a folder (give a local Hugging Face model folder)")
+    config = AutoConfig.from_pretrained(path)
+    architectures = getattr(config, "architectures", None) or []
+    if config.is_encoder_decoder:
+        auto = AutoModelForSeq2SeqLM
+    elif any(a.endswith("ForSequenceClassification") for a in architectures):
+        auto = AutoModelForSequenceClassification
+    else:
+        auto = AutoModelForCausalLM
+    model = auto.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    return model, tokenizer
+
+
+def add_common_arguments(parser, batch_size_default: int | None = 10) -> None:
+    """Arguments shared by ``demo`` and ``eval``."""
+    parser.add_argument("--data", default=None, help="KnowEdit zsRE JSON file (default: the shipped demo set)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N records")
+    parser.add_argument("--batch-size", type=int, default=batch_size_default, help="edits per batch")
+    parser.add_argument("--num-iter", type=int, default=None, help="optimization steps per batch (MeloConfig)")
+    parser.add_argument("--init-radius", default=None,
+                        help="MeloConfig.init_radius: a number, or 'auto' (AUTO_RADIUS x the median distance "
+                             "between an edited question's key and the nearest other one)")
+    parser.add_argument("--key-position", default=None, help="'last', 'mean' or an int token index (-1: official)")
+    parser.add_argument("--router", default=None, help="MeloConfig.router (module name or unique suffix)")
+    parser.add_argument("--targets", default=None, help="MeloConfig.targets, comma-separated module names")
+    parser.add_argument("--scale", type=float, default=None, help="MeloConfig.scale (effective block scale)")
+    parser.add_argument("--holdout", type=float, default=0.2, help="fraction of records never edited (locality)")
+    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="melo_out", help="output folder (JSON report, PNG plot)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared machine)")
+
+
+def apply_threads(args) -> None:
+    """Honour ``--threads`` (torch's intra-op CPU threads)."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+
+
+def config_overrides(args) -> dict:
+    """The MeloConfig fields given on the command line (None: keep the preset's / demo's value).
+
+    ``--init-radius auto`` is not a MeloConfig value: see :func:`resolve_radius`.
+    """
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
+    radius = None
+    if args.init_radius not in (None, "auto"):
+        try:
+            radius = float(args.init_radius)
+        except ValueError:
+            raise ValueError(f"--init-radius must be a number or 'auto', got {args.init_radius!r}") from None
+    changes = {"num_iter": args.num_iter, "init_radius": radius, "router": args.router,
+               "targets": targets, "scale": args.scale, "key_position": parse_key_position(args.key_position)}
+    return {k: v for k, v in changes.items() if v is not None}
+
+
+# init_radius "auto" = AUTO_RADIUS x the median nearest-other-question key distance of the edit set.
+# 0.18 gives 0.8 on the zsRE dev data with the demo's router, the largest radius of the sweep that
+# keeps ES >= 0.99, ERR >= 0.98 and locality >= 0.98 there (EVALUATION.md).
+AUTO_RADIUS = 0.18
+
+
+def resolve_radius(harness: SequentialEval, config: MeloConfig, value) -> MeloConfig:
+    """``config`` with ``init_radius`` resolved: ``"auto"`` is measured on the edit questions' keys."""
+    if value != "auto":
+        return config
+    spread = harness.question_spread(config)
+    return config.replace(init_radius=round(AUTO_RADIUS * spread, 4))
+
+
+def parse_key_position(value):
+    """``"last"``/``"mean"`` stay strings; an integer string becomes an int token index."""
+    if value is None or value in ("last", "mean"):
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"--key-position must be 'last', 'mean' or an int, got {value!r}") from None
+
+
+def add_arguments(parser) -> None:
+    """Arguments of ``python -m melo_fast eval``."""
+    parser.add_argument("--task", default="zsre", choices=["zsre"], help="task (KnowEdit zsRE question answering)")
+    parser.add_argument("--model", default=None,
+                        help="local HF model folder (seq2seq, causal LM or sequence classifier); "
+                             "default: the demo's MiniLM classifier")
+    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
+                        help="the paper's configuration (router, targets, blocks x rank, batch size, radius, lr)")
+    add_common_arguments(parser, batch_size_default=None)
+    parser.set_defaults(run=run_eval)
+
+
+def run_eval(args) -> dict:
+    """``python -m melo_fast eval``: all methods on a local model (or the demo classifier)."""
+    from melo_fast.eval import demo
+    from melo_fast.eval.tasks import task_for
+
+    if args.model is None:  # the demo's MiniLM classifier, with the demo's defaults
+        if args.init_radius is None:
+            args.init_radius = "auto"
+        return demo.run(args)
+    apply_threads(args)
+    torch.manual_seed(args.seed)
+    records = load_records(args.data, args.limit)
+    config, batch_size = preset(args.preset) if args.preset else (MeloConfig(), 10)
+    config = config.replace(**config_overrides(args))
+    model, tokenizer = load_local_model(args.model)
+    task = task_for(model, tokenizer)
+    settings = Settings(batch_size=args.batch_size or batch_size, holdout=args.holdout,
+                        progress=not args.no_progress)
+    harness = SequentialEval(task, records, settings)
+    config = resolve_radius(harness, config, args.init_radius)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    print(f"melo_fast eval: {args.model} ({task.kind}), {harness.describe()}, init_radius {config.init_radius}")
+    results = harness.run(config, methods)
+    print(format_table(results))
+    out = Path(args.out)
+    report = {
+        "command": "eval",
+        "model": args.model,
+        "task": task.kind,
+        "primary_score": task.primary,
+        "data": args.data or "demo_facts.json",
+        **harness.describe(),
+        "melo_config": config.to_dict(),
+        "methods": {name: r.to_dict() for name, r in results.items()},
+    }
+    write_json(out / "eval_report.json", report)
+    plot_curves(results, out / "eval_curves.png", f"{Path(args.model).name}: metrics vs number of edits")
+    print(f"wrote {out / 'eval_report.json'} and {out / 'eval_curves.png'}")
+    return report

@@ -1,0 +1,99 @@
+"""Metric functions of the GRACE/MELO protocol: token-F1, exact match, accuracy, perplexity.
+
+Pure functions on strings, ids or tensors, so each can be checked on hand-made cases.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCTUATION = set(string.punctuation)
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalisation: lower case, no punctuation, no articles, single spaces."""
+    text = "".join(ch for ch in text.lower() if ch not in _PUNCTUATION)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def _tokens(answer) -> list:
+    """Words of a string (normalised) or the items of a sequence of token ids."""
+    if isinstance(answer, str):
+        return normalize_answer(answer).split()
+    return list(answer)
+
+
+def token_f1(prediction, reference) -> float:
+    """Token-level F1 between two answers (SQuAD/MELO style).
+
+    Args:
+        prediction, reference: strings (compared as normalised words) or sequences of token ids.
+
+    Returns:
+        ``2 P R / (P + R)`` over the multiset of shared tokens; 1.0 when both are empty, 0.0 when
+        only one is.
+    """
+    pred, ref = _tokens(prediction), _tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def exact_match(prediction, reference) -> float:
+    """1.0 if the answers are equal after normalisation (strings) or exactly (token ids), else 0.0."""
+    return float(_tokens(prediction) == _tokens(reference))
+
+
+def best_over_references(metric, prediction, references: Sequence) -> float:
+    """The best score of ``prediction`` against any accepted reference (e.g. several ground truths)."""
+    if isinstance(references, (str, bytes)):
+        references = [references]
+    return max((metric(prediction, ref) for ref in references), default=0.0)
+
+
+def accuracy(predictions: Sequence, references: Sequence) -> float:
+    """Fraction of positions where ``predictions[i] == references[i]``; NaN for empty inputs."""
+    if len(predictions) != len(references):
+        raise ValueError(f"accuracy: {len(predictions)} predictions but {len(references)} references")
+    if not predictions:
+        return float("nan")
+    return sum(p == r for p, r in zip(predictions, references, strict=True)) / len(predictions)
+
+
+def mean(values: Sequence[float]) -> float:
+    """Arithmetic mean; NaN for an empty sequence (a metric with nothing to measure)."""
+    values = list(values)
+    return sum(values) / len(values) if values else float("nan")
+
+
+def perplexity(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-sequence perplexity ``exp(mean NLL)`` of the supervised tokens.
+
+    Args:
+        logits: ``[N, T, V]`` scores already aligned with ``labels`` (position t predicts labels[t];
+            shift causal-LM logits before calling).
+        labels: ``[N, T]`` int64 token ids, -100 where not supervised.
+
+    Returns:
+        ``[N]`` float32; NaN for a row with no supervised token.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"perplexity: logits {tuple(logits.shape)} do not align with labels {tuple(labels.shape)}")
+    mask = labels != -100
+    nll = torch.nn.functional.cross_entropy(
+        logits.float().transpose(1, 2), labels.clamp(min=0), reduction="none"
+    )  # [N, T]
+    count = mask.sum(1)
+    mean_nll = (nll * mask).sum(1) / count.clamp(min=1)
+    return torch.where(count > 0, mean_nll.exp(), torch.full_like(mean_nll, math.nan))
