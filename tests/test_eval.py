@@ -128,6 +128,15 @@ def test_malformed_files(tmp_path):
         load_records(write(tmp_path, {"prompt": "x"}))
 
 
+def test_cli_reports_a_bad_data_file_without_traceback(tmp_path):
+    from melo_fast.cli import main
+
+    bad = write(tmp_path, [record(0, "Who wrote Hamlet?", "a1"), {"prompt": "x?"}])
+    for command in ("demo", "eval"):
+        with pytest.raises(SystemExit, match="record 1: field 'ground_truth'"):
+            main([command, "--data", str(bad), "--out", str(tmp_path / "out")])
+
+
 def test_presets_are_valid_configs():
     config, batch_size = preset("t5-small-ssm-nq")
     assert (config.rank_per_block, config.scale, config.init_radius, batch_size) == (2, 20.0, 75.0, 100)

@@ -17,14 +17,16 @@ commands in EVALUATION.md, which has the numbers):
   that differ in the subject, so early layers (and melo_fast's BERT default, router in layer 3
   ``output.dense`` → LoRA in layers 4-5) see "What species is ZIC3 specific to?" and "What species
   is ZIC2 specific to?" as near neighbours: with that default the rephrase generality stayed
-  <= 0.15 over the whole radius range, while the last layer (where all-MiniLM-L6-v2 was trained to
-  map paraphrases together) reached 0.27 at the same ERR/locality. Keys from the last layer leave
-  only that layer's FFN to edit; it is enough (ES 0.99) and makes edits cheaper (backward through
-  one FFN).
+  <= 0.144 over the whole radius range (400 dev records), while this router, in the last layer
+  (where all-MiniLM-L6-v2 was trained to map paraphrases together), reached 0.268 on the 712 dev
+  edits with ES >= 0.99, ERR >= 0.98, locality >= 0.98 (``encoder.layer.5.output.dense`` as its own
+  target: 0.257); its keys separate questions best (nearest other question 3.9x farther than the
+  paraphrase). Keys from the last layer leave only that layer's FFN to edit; it is enough
+  (ES 0.993, the data's ceiling) and makes edits cheaper (backward through one FFN).
 - Key position "last": the last real token, [SEP] for BERT, which attends to the whole question.
-  "mean" routes almost the same (slightly worse ERR at equal generality). The official position -1
+  "mean" routes almost the same but loses ERR to conflict splits sooner as edits accumulate. The official position -1
   is a pad token for every row shorter than the longest of its batch, so a question's key depends on
-  what it is batched with: the edit's own question misses its edit (ES 0.56-0.93 over the sweep)
+  what it is batched with: the edit's own question misses its edit (ES 0.555-0.935 over the sweep)
   and it generalizes worse at equal locality.
 - ``init_radius`` "auto": 0.18 x the median distance from an edited question's key to the nearest
   other edited question's key, measured on the edit questions before editing. On the dev data
@@ -34,8 +36,8 @@ commands in EVALUATION.md, which has the numbers):
   apart than zsRE's templated ones, in questions and paraphrases alike. (The paper's radii belong
   to other models' key spaces.) A number given with ``--init-radius`` is used as is.
 - Optimizer: MELO's (Adam 1e-2, StepLR, 50 steps) with block scale 5 instead of 20: with 20 some
-  batches were still learning at step 50 (one batch of the demo set stopped at 9/10), with 5 every
-  batch we tried was fitted by step 20.
+  batches were still being fitted at step 50 (one batch of the demo set stopped at 9/10), with 5
+  the batches we tried were fitted by step 20.
 """
 
 from __future__ import annotations
@@ -47,7 +49,6 @@ import torch
 
 from melo_fast.config import MeloConfig
 from melo_fast.eval.classifier import build_deployed_model
-from melo_fast.eval.data import load_records
 from melo_fast.eval.harness import (
     AUTO_RADIUS,
     METHODS,
@@ -57,6 +58,7 @@ from melo_fast.eval.harness import (
     apply_threads,
     config_overrides,
     format_table,
+    load_or_exit,
     plot_curves,
     resolve_radius,
     write_json,
@@ -107,7 +109,7 @@ def run(args) -> dict:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
-    records = load_records(args.data, args.limit)
+    records = load_or_exit(args.data, args.limit)
     config = demo_config(args)
     out = Path(args.out)
     data_name = args.data or "the shipped demo set (melo_fast/eval/data/demo_facts.json)"

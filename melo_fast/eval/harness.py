@@ -37,7 +37,7 @@ import melo_fast
 from melo_fast.config import MeloConfig
 from melo_fast.eval import metrics
 from melo_fast.eval.baselines import SequentialLoRA
-from melo_fast.eval.data import EditRecord, load_records, split_edits
+from melo_fast.eval.data import DataError, EditRecord, load_records, split_edits
 from melo_fast.eval.probes import Answerer, ProbeSet
 
 METHODS = ("unedited", "melo", "lora")
@@ -584,6 +584,14 @@ def load_local_model(path: str):
     return model, tokenizer
 
 
+def load_or_exit(path, limit) -> list[EditRecord]:
+    """``load_records`` for the command line: a bad data file ends the run with its message, no traceback."""
+    try:
+        return load_records(path, limit)
+    except DataError as err:
+        raise SystemExit(f"melo_fast: {err}") from None
+
+
 def add_common_arguments(parser, batch_size_default: int | None = 10) -> None:
     """Arguments shared by ``demo`` and ``eval``."""
     parser.add_argument("--data", default=None, help="KnowEdit zsRE JSON file (default: the shipped demo set)")
@@ -591,8 +599,8 @@ def add_common_arguments(parser, batch_size_default: int | None = 10) -> None:
     parser.add_argument("--batch-size", type=int, default=batch_size_default, help="edits per batch")
     parser.add_argument("--num-iter", type=int, default=None, help="optimization steps per batch (MeloConfig)")
     parser.add_argument("--init-radius", default=None,
-                        help="MeloConfig.init_radius: a number, or 'auto' (AUTO_RADIUS x the median distance "
-                             "between an edited question's key and the nearest other one)")
+                        help="MeloConfig.init_radius: a number, or 'auto' (0.18 x the median distance "
+                             "between an edited question's key and the nearest other one; the demo's default)")
     parser.add_argument("--key-position", default=None, help="'last', 'mean' or an int token index (-1: official)")
     parser.add_argument("--router", default=None, help="MeloConfig.router (module name or unique suffix)")
     parser.add_argument("--targets", default=None, help="MeloConfig.targets, comma-separated module names")
@@ -671,12 +679,14 @@ def run_eval(args) -> dict:
     from melo_fast.eval.tasks import task_for
 
     if args.model is None:  # the demo's MiniLM classifier, with the demo's defaults
+        if args.preset:
+            raise SystemExit(f"--preset {args.preset} configures a paper checkpoint: give its folder with --model")
         if args.init_radius is None:
             args.init_radius = "auto"
         return demo.run(args)
     apply_threads(args)
     torch.manual_seed(args.seed)
-    records = load_records(args.data, args.limit)
+    records = load_or_exit(args.data, args.limit)
     config, batch_size = preset(args.preset) if args.preset else (MeloConfig(), 10)
     config = config.replace(**config_overrides(args))
     model, tokenizer = load_local_model(args.model)
