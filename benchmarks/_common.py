@@ -48,8 +48,9 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def device_name() -> str:
-    if DEVICE == "cuda":
+def device_name(device: str = DEVICE) -> str:
+    """CPU model or GPU name, with the torch thread count (recorded with every result)."""
+    if device == "cuda":
         return torch.cuda.get_device_name()
     try:
         with open("/proc/cpuinfo") as f:

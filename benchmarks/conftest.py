@@ -6,21 +6,13 @@ Every entry records device, versions and shapes in ``extra_info``; groups put ba
 
 from __future__ import annotations
 
-import platform
-
 import pytest
 import torch
 
-
-def device_name(device: str) -> str:
-    if device == "cuda":
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        model = ""
-    return f"{model or platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
+try:
+    from benchmarks._common import device_name
+except ImportError:  # benchmarks/ itself on sys.path (rootdir-relative import mode)
+    from _common import device_name
 
 
 def _sync(device: str):
