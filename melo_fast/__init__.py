@@ -7,11 +7,9 @@ editor.save("edits/"); melo_fast.load(fresh_model, "edits/")
 melo_fast.unpatch(model)
 """
 
-__version__ = "0.1.0"
-
 from melo_fast.config import MeloConfig
 from melo_fast.editor import EditResult, MeloEditor
-from melo_fast.io import load
-from melo_fast.patching import patch, unpatch
+from melo_fast.patching import load, patch, unpatch
+from melo_fast.version import __version__
 
 __all__ = ["EditResult", "MeloConfig", "MeloEditor", "__version__", "load", "patch", "unpatch"]

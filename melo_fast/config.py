@@ -22,7 +22,11 @@ class MeloConfig:
         targets: names of the ``nn.Linear`` / HF ``Conv1D`` modules that get a block LoRA.
             ``None``: the default for the model's ``model_type``.
         rank_per_block: rank ``k`` of one block (one edit batch trains one block).
-        init_radius: radius of a new cluster in the key space (Euclidean).
+        init_radius: radius of a new cluster in the key space (Euclidean). ``"auto"`` (default):
+            ``relative_radius`` × the model's key scale, measured once before the first edit on
+            built-in neutral prompts (``melo_fast.calibration``), so it holds at any key scale and in
+            bf16. A number is an absolute radius, MELO's own setting (0.5 for GPT2-XL, 75 for T5).
+        relative_radius: the radius as a fraction of the key scale when ``init_radius="auto"``.
         key_position: which token of an input gives its key: ``"last"`` real token (default),
             ``"mean"`` over real tokens, or an int index into the padded sequence (``-1`` is the
             official code's choice). For causal-LM edits the prompt (labels == -100) is the sequence.
@@ -40,7 +44,8 @@ class MeloConfig:
     router: str | None = None
     targets: list[str] | None = None
     rank_per_block: int = 4
-    init_radius: float = 0.5
+    init_radius: float | str = "auto"
+    relative_radius: float = 0.1
     key_position: str | int = "last"
     edit_lr: float = 1e-2
     num_iter: int = 50
@@ -69,8 +74,10 @@ class MeloConfig:
                 fail("targets", "module names must be distinct")
         if not isinstance(self.rank_per_block, int) or isinstance(self.rank_per_block, bool) or self.rank_per_block < 1:
             fail("rank_per_block", "must be an int >= 1")
-        if not _positive_number(self.init_radius):
-            fail("init_radius", "must be a number > 0")
+        if self.init_radius != "auto" and not _positive_number(self.init_radius):
+            fail("init_radius", 'must be "auto" (scale-free, the default) or an absolute radius > 0')
+        if not _positive_number(self.relative_radius):
+            fail("relative_radius", "must be a number > 0")
         if isinstance(self.key_position, bool) or not (
             self.key_position in KEY_POSITIONS or isinstance(self.key_position, int)
         ):

@@ -15,8 +15,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from melo_fast import ops
+from melo_fast.bank import BlockBank, BlockChunk
 from melo_fast.routing import KeysCaptured, Routing
-from melo_fast.vecdb import VectorDatabase
 
 SUPPORTED_TYPES = (nn.Linear, Conv1D)
 
@@ -73,13 +73,16 @@ def extract_keys(
 
 
 class RouterLayer(nn.Module):
-    """Turns the router module's output into keys and the keys into block ids (output unchanged)."""
+    """Turns the router module's output into keys and the keys into block ids (output unchanged).
 
-    def __init__(self, name: str, routing: Routing, database: VectorDatabase, key_position, backend):
+    Searches the edit state published in ``routing.state`` and records it in the call, so the
+    targets of this forward call read the blocks of the same state (see ``melo_fast.routing``).
+    """
+
+    def __init__(self, name: str, routing: Routing, key_position, backend):
         super().__init__()
         self.name = name
         self.routing = routing
-        self.database = database
         self.key_position = key_position
         self.backend = backend
 
@@ -93,8 +96,10 @@ class RouterLayer(nn.Module):
             raise KeysCaptured
         if routing.training or call.sticky:
             return None  # training routes every sample to the open block; decoding keeps the prefill's ids
-        if len(self.database):
-            call.block_ids = self.database.search(self._keys(output, call), backend=self.backend)
+        state = routing.state
+        call.state = state
+        if len(state.database):
+            call.block_ids = state.database.search(self._keys(output, call), backend=self.backend)
         else:
             rows = call.batch_size or output.shape[0]
             call.block_ids = torch.full((rows,), -1, dtype=torch.int64, device=output.device)
@@ -107,18 +112,18 @@ class RouterLayer(nn.Module):
         return extract_keys(output, call.attention_mask, call.prompt_end, self.key_position)
 
     def extra_repr(self) -> str:
-        return f"name={self.name!r}, key_position={self.key_position!r}, points={len(self.database)}"
+        return f"name={self.name!r}, key_position={self.key_position!r}, points={len(self.routing.state.database)}"
 
 
 class BlockLoRALinear(nn.Module):
-    """The block LoRA bank of one ``nn.Linear`` / ``Conv1D``: ``y = W x + s (x A_b^T) B_b`` per sample.
+    """The block LoRA of one ``nn.Linear`` / ``Conv1D``: ``y = W x + s (x A_b^T) B_b`` per sample.
 
-    Buffers (non-persistent: saved by ``MeloEditor.save``, not by the model's ``state_dict``):
-        bank_A ``[capacity, k, d_in]``, bank_B ``[capacity, k, d_out]`` in the module's dtype; the
-        first ``num_blocks`` are trained blocks. Capacity doubles when full.
-    While a block is open for training, ``active_A [n, k, d_in]`` and ``active_B [n, k, d_out]`` are
-    the only trainable parameters (float32 master copies, cast to the activation dtype in forward);
-    the new block is ``active_A[active_block]`` (see :meth:`open_block`).
+    Trained blocks live in ``bank`` (a :class:`~melo_fast.bank.BlockBank`, saved by the editor, not
+    by the model's ``state_dict``); a forward call reads them through the edit state its router
+    searched (``call.state.blocks[name]``: ``A [n, k, d_in]``, ``B [n, k, d_out]`` per bank buffer,
+    in the module's dtype). While a block is open for training, ``active_A [n, k, d_in]`` and
+    ``active_B [n, k, d_out]`` are the only trainable parameters (float32 master copies, cast to the
+    activation dtype in forward); the new block is ``active_A[active_block]`` (see :meth:`open_block`).
     """
 
     def __init__(self, name: str, module: nn.Module, routing: Routing, rank: int, scale: float, backend):
@@ -129,51 +134,40 @@ class BlockLoRALinear(nn.Module):
         self.scale = scale
         self.backend = backend
         self.d_in, self.d_out = linear_shape(module)
-        weight = module.weight
-        self.register_buffer("bank_A", weight.new_zeros(0, rank, self.d_in), persistent=False)
-        self.register_buffer("bank_B", weight.new_zeros(0, rank, self.d_out), persistent=False)
-        self.num_blocks = 0
+        self._weight_dtype, self._weight_device = module.weight.dtype, module.weight.device
+        self.bank = self.new_bank()
         self.active_A: nn.Parameter | None = None
         self.active_B: nn.Parameter | None = None
         self.active_block = 0
 
+    def new_bank(self) -> BlockBank:
+        """An empty bank for this target (in the target weight's dtype and device)."""
+        return BlockBank(self.rank, self.d_in, self.d_out, self._weight_dtype, self._weight_device)
+
     # --- training one block -------------------------------------------------------------------
-    def open_block(self) -> list[nn.Parameter]:
+    def open_block(self, earlier: tuple[BlockChunk, ...]) -> list[nn.Parameter]:
         """Create the new block's parameters: A as the official code (kaiming, a=sqrt(5)), B = 0.
 
         The parameters are bank-shaped (``[n, k, d]``) with the new block at ``active_block``: just
-        the new block (n = 1) normally, or, with the ``reference`` backend, every block so far plus
-        the new one, because the official code trains its full-rank LoRA matrices (the other
-        blocks get zero gradient; it is the baseline that block-only training is measured against).
+        the new block (n = 1) normally, or, with the ``reference`` backend, the ``earlier`` blocks
+        (those of the published state) plus the new one, because MELO's official code trains its
+        full-rank LoRA matrices (the other blocks get zero gradient; it is the baseline that
+        block-only training is measured against).
         """
-        device = self.bank_A.device
+        device = self.bank.device
         new_A = torch.empty(1, self.rank, self.d_in, device=device, dtype=torch.float32)
         nn.init.kaiming_uniform_(new_A[0], a=math.sqrt(5))
         new_B = torch.zeros(1, self.rank, self.d_out, device=device, dtype=torch.float32)
         if self.backend == "reference":
-            new_A = torch.cat([self.bank_A[: self.num_blocks].float(), new_A])
-            new_B = torch.cat([self.bank_B[: self.num_blocks].float(), new_B])
+            new_A = torch.cat([chunk.A.float() for chunk in earlier] + [new_A])
+            new_B = torch.cat([chunk.B.float() for chunk in earlier] + [new_B])
         self.active_block = new_A.shape[0] - 1
         self.active_A, self.active_B = nn.Parameter(new_A), nn.Parameter(new_B)
         return [self.active_A, self.active_B]
 
-    def reserve(self, num_blocks: int) -> None:
-        """Make room for ``num_blocks`` blocks, doubling the capacity (growable: no fixed block count)."""
-        capacity = self.bank_A.shape[0]
-        if num_blocks <= capacity:
-            return
-        new_capacity = max(num_blocks, 2 * capacity)
-        for name in ("bank_A", "bank_B"):
-            old = getattr(self, name)
-            grown = old.new_zeros(new_capacity, *old.shape[1:])
-            grown[:capacity] = old
-            setattr(self, name, grown)
-
-    def store_block(self, block_id: int) -> None:
-        """Copy the open block into the bank at ``block_id`` (capacity must already be reserved)."""
-        with torch.no_grad():
-            self.bank_A[block_id] = self.active_A[self.active_block].to(self.bank_A.dtype)
-            self.bank_B[block_id] = self.active_B[self.active_block].to(self.bank_B.dtype)
+    def store_block(self) -> None:
+        """Append the open block to the bank (past every published view: no reader sees it yet)."""
+        self.bank.append(self.active_A.detach()[self.active_block], self.active_B.detach()[self.active_block])
 
     def close_block(self) -> None:
         self.active_A = None
@@ -187,20 +181,20 @@ class BlockLoRALinear(nn.Module):
         x = args[0]
         if routing.training:
             # Every sample of an edit batch trains the open block.
-            A, B = self.active_A, self.active_B
             block_ids = torch.full((1,), self.active_block, dtype=torch.int64, device=x.device)
+            chunks = (BlockChunk(0, self.active_A, self.active_B),)
         else:
-            block_ids = routing.call.block_ids
-            if block_ids is None:
+            call = routing.call
+            if call.state is None:
                 raise RuntimeError(
                     f"melo_fast: target module {self.name!r} ran before the router in this forward call, so "
                     "no routing was decided for it. Choose targets that run after the router "
                     "(MeloConfig.router / MeloConfig.targets)."
                 )
-            if self.num_blocks == 0:
+            chunks = call.state.blocks[self.name]
+            if not chunks:
                 return None
-            block_ids = block_ids.to(x.device, non_blocking=True)
-            A, B = self.bank_A[: self.num_blocks], self.bank_B[: self.num_blocks]
+            block_ids = call.block_ids.to(x.device, non_blocking=True)
         # Group the rows by routed sample: [N, T, d], flattened [N*T, d] (OPT) and generation's
         # expanded [N*beams, T, d] (HF repeats each row in place) all keep a sample's rows contiguous.
         routed = block_ids.shape[0]
@@ -211,15 +205,24 @@ class BlockLoRALinear(nn.Module):
                 f"{routed} sequences the router routed"
             )
         dtype = output.dtype  # under autocast the layer's output dtype is the compute dtype
-        x, A, B = x.reshape(routed, -1, self.d_in).to(dtype), A.to(dtype), B.to(dtype)
-        base = output.reshape(routed, -1, self.d_out)
-        # Inference (no graph to record): add the edits into the layer's fresh output in place, so
-        # unedited samples cost nothing and no second output is allocated. Metadata only, no sync.
-        inplace = not torch.is_grad_enabled() or not (
-            x.requires_grad or A.requires_grad or B.requires_grad or base.requires_grad
-        )
-        out = ops.block_lora(x, A, B, block_ids, self.scale, base=base, backend=self.backend, inplace=inplace)
+        x = x.reshape(routed, -1, self.d_in).to(dtype)
+        out = output.reshape(routed, -1, self.d_out)
+        for chunk in chunks:
+            A, B = chunk.A.to(dtype), chunk.B.to(dtype)
+            # Inference (no graph to record): add the edits into the layer's fresh output in place, so
+            # unedited samples cost nothing and no second output is allocated. Metadata only, no sync.
+            inplace = not torch.is_grad_enabled() or not (
+                x.requires_grad or A.requires_grad or B.requires_grad or out.requires_grad
+            )
+            ids = block_ids if len(chunks) == 1 else _ids_in_chunk(block_ids, chunk)
+            out = ops.block_lora(x, A, B, ids, self.scale, base=out, backend=self.backend, inplace=inplace)
         return out.reshape(output.shape)
 
     def extra_repr(self) -> str:
-        return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scale={self.scale}, blocks={self.num_blocks}"
+        return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scale={self.scale}, blocks={self.bank.count}"
+
+
+def _ids_in_chunk(block_ids: torch.Tensor, chunk: BlockChunk) -> torch.Tensor:
+    """Block ids relative to ``chunk``; samples routed to another chunk (or none) get -1."""
+    local = block_ids - chunk.first
+    return torch.where((local >= 0) & (local < chunk.A.shape[0]), local, -1)

@@ -1,7 +1,9 @@
 """Generic module traversal: find the router and targets by name, attach MELO's layers, and undo it.
 
 Works on any model built of ``nn.Linear`` / HF ``Conv1D``: names come from ``MeloConfig`` or, when
-left out, from the per-architecture table in ``melo_fast.targets``.
+left out, from ``melo_fast.targets``. A PEFT model (``PeftModel``) is patched through its base
+model, and a router or target that PEFT already wrapped is resolved to the layer PEFT wraps.
+:func:`load` is :func:`patch` plus the saved edit state.
 """
 
 from __future__ import annotations
@@ -13,10 +15,12 @@ import warnings
 import torch
 from torch import nn
 
+from melo_fast import checkpoint
 from melo_fast.config import MeloConfig
 from melo_fast.editor import MeloEditor
 from melo_fast.layers import SUPPORTED_TYPES, BlockLoRALinear, RouterLayer, linear_shape
 from melo_fast.routing import Routing
+from melo_fast.state import EditState
 from melo_fast.targets import DEFAULTS, default_layers
 from melo_fast.vecdb import VectorDatabase
 
@@ -50,12 +54,21 @@ def find_module(model: nn.Module, name: str, role: str) -> tuple[str, nn.Module]
             f"melo_fast: {role} module name {name!r} is ambiguous, it matches {matches}; give the full name"
         )
     module = modules[matches[0]]
+    name = matches[0]
+    wrapped = getattr(module, "base_layer", None)  # PEFT's tuner layers keep the original as `base_layer`
+    if isinstance(wrapped, nn.Module) and not isinstance(module, SUPPORTED_TYPES):
+        if not isinstance(wrapped, SUPPORTED_TYPES):
+            raise TypeError(
+                f"melo_fast: {role} module {name!r} is a {type(module).__module__}.{type(module).__name__} "
+                f"wrapping a {type(wrapped).__name__}, not nn.Linear or Conv1D; {_candidates_hint(model)}"
+            )
+        return name + ".base_layer", wrapped
     if not isinstance(module, SUPPORTED_TYPES):
         raise TypeError(
-            f"melo_fast: {role} module {matches[0]!r} is a {type(module).__name__}, "
+            f"melo_fast: {role} module {name!r} is a {type(module).__module__}.{type(module).__name__}, "
             f"not nn.Linear or Conv1D; {_candidates_hint(model)}"
         )
-    return matches[0], module
+    return name, module
 
 
 def default_names(model: nn.Module) -> tuple[str, list[str]]:
@@ -148,12 +161,21 @@ def _wrap_generate(model: nn.Module, routing: Routing) -> _GenerateWrapper:
     return wrapper
 
 
-def patch(model: nn.Module, config: MeloConfig | None = None) -> MeloEditor:
+def _base_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a wrapper whose ``generate`` calls it directly (PEFT's ``PeftModel``)."""
+    get_base_model = getattr(type(model), "get_base_model", None)
+    return model.get_base_model() if callable(get_base_model) else model
+
+
+def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) -> MeloEditor:
     """Attach MELO to ``model`` in place and return its editor.
 
     Args:
-        model: a Hugging Face (or any) model whose router and targets are ``nn.Linear``/``Conv1D``.
-        config: what to patch and how; None uses the defaults for ``model.config.model_type``.
+        model: a Hugging Face (or any) model whose router and targets are ``nn.Linear``/``Conv1D``;
+            a PEFT ``PeftModel`` works too.
+        config: what to patch and how; None uses the defaults for the model (``melo_fast.targets``).
+        tokenizer: the model's tokenizer, used once to measure the key scale when
+            ``config.init_radius="auto"`` (the default); ``edit_texts`` and ``calibrate`` also take it.
 
     Returns:
         The :class:`MeloEditor` of this model (also reachable as ``model._melo_editor``).
@@ -165,8 +187,9 @@ def patch(model: nn.Module, config: MeloConfig | None = None) -> MeloEditor:
         )
     config = MeloConfig() if config is None else config
     config.validate()
+    inner = _base_model(model)
     if config.router is None or config.targets is None:
-        default_router, default_targets = default_names(model)
+        default_router, default_targets = default_names(inner)
         config = config.replace(router=config.router or default_router, targets=config.targets or default_targets)
 
     router_name, router_module = find_module(model, config.router, "router")
@@ -175,19 +198,20 @@ def patch(model: nn.Module, config: MeloConfig | None = None) -> MeloEditor:
         raise ValueError(f"melo_fast: targets {config.targets} name the same module more than once")
     config = config.replace(router=router_name, targets=[name for name, _ in targets])
 
-    routing = Routing()
-    database = VectorDatabase(linear_shape(router_module)[1], config.init_radius, device=router_module.weight.device)
-    router = RouterLayer(router_name, routing, database, config.key_position, config.backend)
+    radius = None if config.init_radius == "auto" else config.init_radius
+    database = VectorDatabase(linear_shape(router_module)[1], radius, device=router_module.weight.device)
+    routing = Routing(EditState(database, {name: () for name, _ in targets}, 0))
+    router = RouterLayer(router_name, routing, config.key_position, config.backend)
     lora_layers = {
         name: BlockLoRALinear(name, module, routing, config.rank_per_block, config.scale, config.backend)
         for name, module in targets
     }
 
-    config_of_model = getattr(model, "config", None)
+    config_of_model = getattr(inner, "config", None)
     is_encoder_decoder = bool(getattr(config_of_model, "is_encoder_decoder", False))
-    encoder = model.get_encoder() if is_encoder_decoder and hasattr(model, "get_encoder") else None
+    encoder = inner.get_encoder() if is_encoder_decoder and hasattr(inner, "get_encoder") else None
     router_in_encoder = encoder is not None and any(module is router_module for module in encoder.modules())
-    can_generate = hasattr(model, "can_generate") and model.can_generate()
+    can_generate = hasattr(inner, "can_generate") and inner.can_generate()
     causal_lm = can_generate and not is_encoder_decoder
 
     # Hooks run in registration order: the router's is registered first so that, if the router
@@ -197,16 +221,19 @@ def patch(model: nn.Module, config: MeloConfig | None = None) -> MeloEditor:
     for name, module in targets:
         module.melo_lora = lora_layers[name]
         handles.append(module.register_forward_hook(lora_layers[name].hook))
-    entry_points = [model] + ([encoder] if encoder is not None else [])
+    # Entry hooks and the generate wrapper go on the inner model: a wrapper's generate() (PEFT's)
+    # calls the inner model's forward directly, so a hook on the wrapper would miss every step.
+    entry_points = [inner] + ([encoder] if encoder is not None else [])
     for entry in entry_points:
-        hook = _entry_hook(entry, routing, router_in_encoder, causal_lm and entry is model)
+        hook = _entry_hook(entry, routing, router_in_encoder, causal_lm and entry is inner)
         handles.append(entry.register_forward_pre_hook(hook, with_kwargs=True))
 
     if can_generate:
-        handles.append(_wrap_generate(model, routing))
+        handles.append(_wrap_generate(inner, routing))
 
     editor = MeloEditor(
-        model, config, routing, router, lora_layers, handles, causal_lm=causal_lm, seq2seq=is_encoder_decoder
+        model, config, routing, router, lora_layers, handles, causal_lm=causal_lm, seq2seq=is_encoder_decoder,
+        tokenizer=tokenizer,
     )
     setattr(model, EDITOR_ATTRIBUTE, editor)
     return editor
@@ -227,3 +254,21 @@ def unpatch(model: nn.Module) -> nn.Module:
         del modules[name].melo_lora
     delattr(model, EDITOR_ATTRIBUTE)
     return model
+
+
+def load(model: nn.Module, path, tokenizer=None) -> MeloEditor:
+    """Patch ``model`` with the config saved in ``path`` and restore every block and the database.
+
+    The save is read and checked before the model is touched; if it does not fit the model, the
+    model is left unpatched. Returns the model's :class:`~melo_fast.MeloEditor`.
+    """
+    saved = checkpoint.read(path)
+    editor = patch(model, saved.config, tokenizer=tokenizer)
+    try:
+        editor.replace_state(saved.database, saved.blocks)
+    except BaseException as err:
+        unpatch(model)
+        if isinstance(err, ValueError):
+            raise ValueError(f"melo_fast: cannot load edits from {path}: {err}") from err
+        raise
+    return editor

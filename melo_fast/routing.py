@@ -1,16 +1,24 @@
 """Per-model routing state: which block each sample of the current forward call uses.
 
-One ``Routing`` object belongs to one patched model (no global state). What one forward call
-decides lives in thread-local storage, so two threads running the same patched model on different
-batches each see their own routing.
+One ``Routing`` object belongs to one patched model (no global state). It holds the published
+:class:`~melo_fast.state.EditState` (replaced, never modified, by commit and reload) and, per
+thread, what the current forward call decided. So:
+
+- two threads running the same patched model on different batches each see their own routing;
+- a block opened for training is visible only to the thread that opened it: every other thread keeps
+  running the committed model (DESIGN §2.11);
+- one forward call reads the published state once, at the router, and uses that object until the
+  call ends (and, in generation, until the last decoding step), so a concurrent commit is seen
+  entirely or not at all.
 
 Life of one call:
 1. the entry hook (on the model, and on its encoder for encoder-decoder models) records the
    attention mask and, for causal-LM edits, where each prompt ends; it clears the previous block
    ids unless this call continues a generation (KV cache already filled, or the encoder already ran),
    in which case the ids decided at prefill stay ("sticky" routing);
-2. the router layer turns its output into keys, searches the database, and stores block ids;
-3. every target layer reads the block ids.
+2. the router layer takes the published state, turns its output into keys, searches the state's
+   database, and stores the block ids and the state in the call;
+3. every target layer reads the block ids and the blocks of that same state.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import threading
 from dataclasses import dataclass
 
 import torch
+
+from melo_fast.state import EditState
 
 
 @dataclass
@@ -32,28 +42,37 @@ class CallState:
         prompt_end: ``[N]`` int64 index of each row's first supervised label (causal-LM edits),
             or None: keys are taken from the prompt, the part the user will send at inference.
         block_ids: ``[N]`` int64 block per sample (-1 = none), or None before the router ran.
+        state: the edit state the router searched; the targets read their blocks from it.
         keys: ``[N, d]`` float32 keys captured by ``Routing.capture_keys`` (the editor reads them).
-        sticky: this call continues a generation: keep ``block_ids`` from the prefill.
+        sticky: this call continues a generation: keep ``block_ids`` and ``state`` from the prefill.
     """
 
     batch_size: int | None = None
     attention_mask: torch.Tensor | None = None
     prompt_end: torch.Tensor | None = None
     block_ids: torch.Tensor | None = None
+    state: EditState | None = None
     keys: torch.Tensor | None = None
     sticky: bool = False
+
+
+def _inside_backward() -> bool:
+    """True while autograd runs a backward pass on this thread (e.g. activation checkpointing's recompute)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class Routing:
     """Routing state of one patched model.
 
-    ``training`` is editor-wide, not per thread: while a block is open for training, every forward
-    call routes all samples to it (the new block is what is being trained).
+    Attributes:
+        state: the published edit state. Assigned (never mutated) by the editor's commit/reload;
+            one attribute assignment, so readers see the old object or the new one.
     """
 
-    def __init__(self):
+    def __init__(self, state: EditState):
         self._local = threading.local()
-        self.training = False
+        self.state = state
+        self._training_thread: int | None = None
 
     @property
     def call(self) -> CallState:
@@ -61,6 +80,26 @@ class Routing:
             self._local.call = CallState()
         return self._local.call
 
+    # --- the open block -----------------------------------------------------------------------
+    @property
+    def training(self) -> bool:
+        """Whether this thread's forward calls train the open block (all samples routed to it).
+
+        True in the thread that opened the block. Also true inside a backward pass while a block is
+        open, because activation checkpointing re-runs the training forward there, and on CUDA that
+        happens on autograd's own threads. Serving threads never run a backward pass.
+        """
+        owner = self._training_thread
+        return owner is not None and (owner == threading.get_ident() or _inside_backward())
+
+    def start_training(self) -> None:
+        """Route this thread's forward calls to the open block (the editor holds the edit lock)."""
+        self._training_thread = threading.get_ident()
+
+    def stop_training(self) -> None:
+        self._training_thread = None
+
+    # --- per-thread switches ------------------------------------------------------------------
     @property
     def disabled(self) -> bool:
         return getattr(self._local, "disabled", False)
@@ -94,10 +133,11 @@ class Routing:
     @contextlib.contextmanager
     def generation(self):
         """In this thread, one ``generate()`` call: its first forward call decides the blocks and every
-        decoding step keeps them, with or without a KV cache."""
+        decoding step keeps them (and the edit state they index), with or without a KV cache."""
         previous = getattr(self._local, "generating", False)
         self._local.generating = True
         self.call.block_ids = None
+        self.call.state = None
         try:
             yield
         finally:
@@ -119,6 +159,7 @@ class Routing:
         call.attention_mask = attention_mask
         call.prompt_end = prompt_end
         call.block_ids = None
+        call.state = None
         call.keys = None
 
 

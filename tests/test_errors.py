@@ -8,7 +8,7 @@ from torch import nn
 
 import melo_fast
 from melo_fast.editor import build_edit_batch
-from tests.tiny_models import build
+from tests.tiny_models import block_tensors, build
 
 PROMPTS, TARGETS = ["The capital of France is", "The sky is"], ["Rome", "green"]
 
@@ -16,23 +16,21 @@ PROMPTS, TARGETS = ["The capital of France is", "The sky is"], ["Rome", "green"]
 @pytest.fixture
 def gpt2():
     family = build("gpt2")
-    return family, melo_fast.patch(family.model, melo_fast.MeloConfig(num_iter=5))
+    return family, melo_fast.patch(family.model, melo_fast.MeloConfig(num_iter=5), tokenizer=family.tokenizer)
 
 
 def snapshot(editor):
     tensors, meta = editor.db.state_dict()
-    banks = {name: (layer.bank_A.clone(), layer.bank_B.clone()) for name, layer in editor.lora_layers.items()}
-    return {k: v.clone() for k, v in tensors.items()}, meta, banks, editor.num_blocks
+    return {k: v.clone() for k, v in tensors.items()}, meta, block_tensors(editor), editor.num_blocks
 
 
 def assert_same_state(editor, saved):
     tensors, meta, banks, num_blocks = saved
-    now_tensors, now_meta, _, _ = snapshot(editor)
+    now_tensors, now_meta, now_banks, _ = snapshot(editor)
     assert editor.num_blocks == num_blocks and now_meta == meta
     assert all(torch.equal(tensors[k], now_tensors[k]) for k in tensors)
-    for name, layer in editor.lora_layers.items():
-        assert torch.equal(layer.bank_A[:num_blocks], banks[name][0][:num_blocks])
-        assert torch.equal(layer.bank_B[:num_blocks], banks[name][1][:num_blocks])
+    for name in banks:
+        assert all(torch.equal(a, b) for a, b in zip(banks[name], now_banks[name], strict=True))
     assert not editor.block_is_open and not editor.routing.training
     assert all(p.requires_grad for p in editor.model.parameters())
 
@@ -133,7 +131,7 @@ def test_corrupt_or_incompatible_save_folders(gpt2, tmp_path):
     family, editor = gpt2
     editor.edit_texts(PROMPTS, TARGETS, family.tokenizer)
     editor.save(tmp_path / "edits")
-    with pytest.raises(FileNotFoundError, match="not a melo_fast save folder"):
+    with pytest.raises(FileNotFoundError, match="no save folder"):
         melo_fast.load(build("gpt2").model, tmp_path / "nowhere")
 
     meta_file = tmp_path / "edits" / "melo_config.json"
@@ -169,3 +167,79 @@ def test_save_with_an_open_block_is_refused(gpt2, tmp_path):
     editor.open_block(build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer))
     with pytest.raises(RuntimeError, match="open block"):
         editor.save(tmp_path / "edits")
+
+
+def test_edit_texts_needs_lists_and_non_empty_texts(gpt2):
+    family, editor = gpt2
+    state = editor.state
+    with pytest.raises(TypeError, match="prompts must be a list"):
+        editor.edit_texts("abc", "xyz", family.tokenizer)
+    with pytest.raises(TypeError, match="targets must be a list"):
+        editor.edit_texts(["abc"], "xyz", family.tokenizer)
+    with pytest.raises(ValueError, match="target 1 is ''"):
+        editor.edit_texts(["The sky is", "Grass is"], ["blue", ""], family.tokenizer)
+    with pytest.raises(ValueError, match="prompt 0 is '   '"):
+        editor.edit_texts(["   "], ["blue"], family.tokenizer)
+    with pytest.raises(ValueError, match="prompt 1 is ''"):
+        editor.edit_texts(["The sky is", ""], ["blue", "red"], family.tokenizer)
+    assert editor.state is state
+
+
+def test_seq2seq_and_classifier_labels_are_checked_before_any_work():
+    t5 = build("t5")
+    editor = melo_fast.patch(t5.model, melo_fast.MeloConfig(num_iter=2), tokenizer=t5.tokenizer)
+    batch = build_edit_batch(t5.model, ["The sky is"], ["blue"], t5.tokenizer)
+    with pytest.raises(ValueError, match=r"rows \[0\] have no target tokens"):
+        editor.edit({**batch, "labels": torch.full_like(batch["labels"], -100)})
+    with pytest.raises(ValueError, match=r"seq2seq labels must be \[N, T_target\]"):
+        editor.edit({**batch, "labels": batch["labels"][:, 0]})
+
+    bert = build("bert")
+    editor = melo_fast.patch(bert.model, melo_fast.MeloConfig(num_iter=2), tokenizer=bert.tokenizer)
+    batch = build_edit_batch(bert.model, ["The sky is"], [1], bert.tokenizer)
+    with pytest.raises(ValueError, match=r"rows \[0\] have no class id"):
+        editor.edit({**batch, "labels": torch.tensor([-100])})
+    with pytest.raises(ValueError, match=r"classifier labels must be \[N\]"):
+        editor.edit({**batch, "labels": torch.zeros(1, 2, 2, dtype=torch.long)})
+    with pytest.raises(ValueError, match="'POSITIVE' is not a label of this model; valid labels:.*LABEL_0"):
+        editor.edit_texts(["The sky is"], ["POSITIVE"], bert.tokenizer)
+    with pytest.raises(ValueError, match="class 9, but the model has classes 0..5"):
+        editor.edit_texts(["The sky is"], [9], bert.tokenizer)
+    assert editor.num_blocks == 0
+
+
+def test_route_and_keys_need_the_input_dict(gpt2):
+    family, editor = gpt2
+    ids = family.tokenizer(["hello"], return_tensors="pt").input_ids
+    for call in (editor.route, editor.keys):
+        with pytest.raises(TypeError, match="take the dict the model takes") as error:
+            call(ids)
+        assert len(str(error.value)) < 200
+
+
+@pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
+def test_edit_works_from_a_serving_loop_without_gradients(gpt2, mode):
+    family, editor = gpt2
+    editor.config.num_iter = 20
+    context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
+    with context:
+        batch = build_edit_batch(family.model, ["The capital of France is"], ["Rome"], family.tokenizer)
+        editor.edit(batch)
+        inputs = family.tokenizer(["The capital of France is"], return_tensors="pt")
+        out = family.model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=50256)
+    assert family.tokenizer.decode(out[0, -1:]) == " Rome"
+
+
+def test_route_agrees_with_generate_on_left_padded_batches(gpt2):
+    """GPT-2 has absolute positions: generate() derives them from the attention mask; so must route()."""
+    family, editor = gpt2
+    editor.config.num_iter = 20
+    editor.edit_texts(["The capital of France is"], ["Rome"], family.tokenizer)
+    family.tokenizer.padding_side = "left"
+    longer = "Dogs bark loudly at the moon on every single night"  # so the edited prompt gets left padding
+    inputs = family.tokenizer(["The capital of France is", longer], return_tensors="pt", padding=True)
+    inputs_flipped = family.tokenizer([longer, "The capital of France is"], return_tensors="pt", padding=True)
+    assert editor.route(inputs).tolist() == [0, -1]
+    assert editor.route(inputs_flipped).tolist() == [-1, 0]
+    out = family.model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=50256)
+    assert family.tokenizer.decode(out[0, -1:]) == " Rome"

@@ -1,4 +1,4 @@
-"""Routing state is per model and per thread."""
+"""Routing state is per model and per thread (the concurrency tests are in test_serving.py)."""
 
 import threading
 
@@ -8,39 +8,9 @@ import melo_fast
 from tests.tiny_models import build
 
 
-def test_two_threads_on_one_model_each_get_their_own_routing():
-    family = build("gpt2")
-    editor = melo_fast.patch(family.model, melo_fast.MeloConfig(num_iter=20))
-    editor.edit_texts(["The capital of France is"], ["Rome"], family.tokenizer)
-    edited = family.tokenizer(["The capital of France is"], return_tensors="pt")
-    unrelated = family.tokenizer(["Dogs bark loudly at the moon"], return_tensors="pt")
-    with torch.no_grad():
-        expected = {"edited": family.model(**edited).logits, "unrelated": family.model(**unrelated).logits}
-    assert editor.route(edited).tolist() == [0] and editor.route(unrelated).tolist() == [-1]
-
-    barrier, mismatches = threading.Barrier(2), []
-
-    def worker(name, inputs):
-        barrier.wait()
-        for _ in range(15):
-            with torch.no_grad():
-                if not torch.equal(family.model(**inputs).logits, expected[name]):
-                    mismatches.append(name)
-
-    threads = [
-        threading.Thread(target=worker, args=("edited", edited)),
-        threading.Thread(target=worker, args=("unrelated", unrelated)),
-    ]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert mismatches == []
-
-
 def test_disabled_applies_to_the_calling_thread_only():
     family = build("gpt2")
-    editor = melo_fast.patch(family.model, melo_fast.MeloConfig(num_iter=20))
+    editor = melo_fast.patch(family.model, melo_fast.MeloConfig(num_iter=20), tokenizer=family.tokenizer)
     editor.edit_texts(["The capital of France is"], ["Rome"], family.tokenizer)
     edited = family.tokenizer(["The capital of France is"], return_tensors="pt")
     with torch.no_grad():
@@ -58,7 +28,7 @@ def test_two_patched_models_do_not_interfere():
     inputs = first.tokenizer(["The capital of France is"], return_tensors="pt")
     with torch.no_grad():
         before = second.model(**inputs).logits
-    editor = melo_fast.patch(first.model, melo_fast.MeloConfig(num_iter=20))
+    editor = melo_fast.patch(first.model, melo_fast.MeloConfig(num_iter=20), tokenizer=first.tokenizer)
     melo_fast.patch(second.model)
     editor.edit_texts(["The capital of France is"], ["Rome"], first.tokenizer)
     with torch.no_grad():

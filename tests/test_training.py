@@ -55,7 +55,7 @@ def test_fine_tuning_unrelated_data_with_edits_present_matches_the_unpatched_run
 
 def test_low_level_path_with_your_own_optimizer():
     family = build("gpt2")
-    editor = melo_fast.patch(family.model)
+    editor = melo_fast.patch(family.model, tokenizer=family.tokenizer)
     batch = build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer)
     parameters = editor.open_block(batch)
     assert editor.trainable_parameters() == parameters
@@ -73,7 +73,7 @@ def test_low_level_path_with_your_own_optimizer():
 
 def test_abort_changes_nothing():
     family = build("gpt2")
-    editor = melo_fast.patch(family.model)
+    editor = melo_fast.patch(family.model, tokenizer=family.tokenizer)
     inputs = family.tokenizer(PROMPTS, return_tensors="pt", padding=True)
     with torch.no_grad():
         before = family.model(**inputs).logits
@@ -90,7 +90,7 @@ def test_hf_trainer_trains_the_open_block():
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     family = build("gpt2")
-    editor = melo_fast.patch(family.model)
+    editor = melo_fast.patch(family.model, tokenizer=family.tokenizer)
     batch = build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer)
     editor.open_block(batch)
     rows = [{k: v[i] for k, v in batch.items()} for i in range(len(PROMPTS))]
@@ -119,9 +119,9 @@ def test_low_precision_models_edit_and_stay_local(dtype):
     unrelated = family.tokenizer(["Dogs bark at night"], return_tensors="pt")
     with torch.no_grad():
         before = family.model(**unrelated).logits
-    editor = melo_fast.patch(family.model)
+    editor = melo_fast.patch(family.model, tokenizer=family.tokenizer)
     editor.edit_texts(PROMPTS, TARGETS, family.tokenizer)
-    assert next(iter(editor.lora_layers.values())).bank_A.dtype == dtype
+    assert all(chunk.A.dtype == dtype for chunks in editor.state.blocks.values() for chunk in chunks)
     assert greedy(family, PROMPTS, 2) == [" Rome city", " bright green"]
     with torch.no_grad():
         assert torch.equal(family.model(**unrelated).logits, before)

@@ -77,7 +77,9 @@ def test_conflict_forgets_points_now_outside_the_shrunk_radius():
     assert counts.conflicts == 1
     assert counts.forgotten == 2  # both old points are 0.5 from the center: outside 0.4
     stats = db.stats()
-    assert stats == {"clusters": 2, "points": 1, "conflicts": 1, "forgotten_points": 2, "blocks_used": 1}
+    assert stats == {
+        "clusters": 2, "points": 1, "conflicts": 1, "forgotten_points": 2, "superseded_points": 0, "blocks_used": 1
+    }
     # The emptied cluster keeps its center and now routes to "none".
     assert db.search(keys([0.5, 0], [1.3, 0])).tolist() == [-1, 2]
 
@@ -115,8 +117,7 @@ def test_state_round_trip():
     db.insert(keys([0, 0], [3, 3]), [A, B], 0)
     db.insert(keys([0.5, 0]), [B], 1)
     tensors, meta = db.state_dict()
-    copy = fresh()
-    copy.load_state_dict(tensors, meta)
+    copy = VectorDatabase.from_state_dict(tensors, meta, device="cpu")
     probe = keys([0.1, 0], [3, 3.1], [0.45, 0], [9, 9])
     assert copy.search(probe).tolist() == db.search(probe).tolist()
     assert copy.stats() == db.stats() and copy.labels == db.labels

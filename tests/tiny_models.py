@@ -92,3 +92,8 @@ def build(name: str, seed: int = 0) -> Family:
 
 
 FAMILIES = ["gpt2", "llama", "opt", "t5", "bert", "distilbert"]
+
+
+def block_tensors(editor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of every target's committed blocks (``editor.blocks()`` may return views)."""
+    return {name: (A.clone(), B.clone()) for name, (A, B) in editor.blocks().items()}

@@ -298,16 +298,16 @@ class SequentialEval:
             raise RuntimeError("replay needs run_melo(config, keep=True) first")
         from melo_fast.vecdb import VectorDatabase
 
-        saved_db, saved_position = editor.router.database, editor.router.key_position
+        saved_db, saved_blocks, saved_position = editor.db, editor.blocks(), editor.router.key_position
         result = MethodResult("melo")
         es_totals: dict[str, list[float]] = {}
         try:
             editor.router.key_position = key_position
             db = VectorDatabase(saved_db.dim, init_radius, device=saved_db.device)
-            editor.router.database = db
             for b in range(len(self.batches)):
                 batch = self.task.edit_batch(self.batches[b])
                 db.insert(editor.keys(batch), editor._edit_labels(batch), b)
+                editor.replace_state(db, saved_blocks)
                 indices = self._batch_indices(b)
                 scores = self._score("edit", self.answerer.routed("edit", editor, indices), indices)
                 for key, value in scores.items():
@@ -317,7 +317,8 @@ class SequentialEval:
             result.db = db.stats()
             result.extra["config"] = {"key_position": key_position, "init_radius": init_radius}
         finally:
-            editor.router.database, editor.router.key_position = saved_db, saved_position
+            editor.replace_state(saved_db, saved_blocks)
+            editor.router.key_position = saved_position
         return result
 
     def question_spread(self, config: MeloConfig) -> float:

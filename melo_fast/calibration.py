@@ -1,0 +1,82 @@
+"""The scale-free default radius: measure the model's key scale on neutral prompts.
+
+An absolute radius (MELO's 0.5) means different things for a router whose keys have norm 0.1 and
+one whose keys have norm 1000, and bf16 rounding at the larger scale alone exceeds it. With
+``MeloConfig.init_radius="auto"`` (the default) the radius is instead
+
+    init_radius = MeloConfig.relative_radius × key_scale,
+
+where ``key_scale`` is the median distance between the keys of :data:`NEUTRAL_PROMPTS`, short
+everyday sentences and questions about unrelated things, as this model and router see them. It is
+measured once, before the first edit, and saved with the edits. Scaling the router's output scales
+``key_scale`` and the radius with it, so routing does not change (DESIGN §2.12).
+
+Why the median *pairwise* distance: it is the typical distance between two inputs that have nothing
+to do with each other, and unlike a nearest-neighbour distance it does not shrink as the set grows.
+Why a tenth of it (``relative_radius=0.1``): an edit's scope must hold the edited input under
+numerical noise and light rewording, and keep out inputs that merely share its topic or template;
+those sit much closer to each other than unrelated inputs do, so the radius is a small fraction of
+the unrelated distance.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEUTRAL_PROMPTS = (
+    "The weather today is mild with a light breeze.",
+    "How many legs does a spider have?",
+    "She poured a cup of tea and opened the window.",
+    "What is the boiling point of water at sea level?",
+    "The train to the coast leaves every hour.",
+    "Who painted the ceiling of the old chapel?",
+    "Bread rises because yeast produces gas.",
+    "Which river flows through the largest city in the region?",
+    "My neighbour repairs bicycles in his garage.",
+    "In what year did the bridge open to traffic?",
+    "A triangle has three sides and three angles.",
+    "Where do migrating birds spend the winter?",
+    "The library closes early on public holidays.",
+    "What language is spoken in the mountain villages?",
+    "He forgot his umbrella at the restaurant.",
+    "How long does light take to travel from the sun to the earth?",
+    "The orchestra tuned their instruments before the concert.",
+    "Which planet has the most moons?",
+    "Fresh snow covered the fields overnight.",
+    "What is the main ingredient of hummus?",
+    "The committee will publish its report next month.",
+    "Who wrote the first dictionary of the language?",
+    "Our team won the match in the final minute.",
+    "What causes the tides of the ocean?",
+    "The museum displays fossils of ancient fish.",
+    "Which instrument has eighty-eight keys?",
+    "Children learn to read at different speeds.",
+    "What is the capital of the northern province?",
+    "The software update fixed a memory leak.",
+    "How do bees tell each other where the flowers are?",
+    "A heavy storm delayed the harvest.",
+    "Which mineral gives the rocks their green colour?",
+)
+
+
+def neutral_inputs(tokenizer, device) -> list[dict[str, torch.Tensor]]:
+    """The neutral prompts as model inputs: one padded batch, or one input per prompt when the
+    tokenizer has no pad token (GPT-2's), so the user's tokenizer is never modified."""
+    if tokenizer.pad_token_id is None:
+        batches = [tokenizer([prompt], return_tensors="pt") for prompt in NEUTRAL_PROMPTS]
+    else:
+        batches = [tokenizer(list(NEUTRAL_PROMPTS), return_tensors="pt", padding=True)]
+    return [{name: value.to(device) for name, value in batch.items()} for batch in batches]
+
+
+def key_scale(keys: torch.Tensor) -> float:
+    """Median pairwise Euclidean distance between the rows of ``keys`` ``[N, d]`` (N >= 2), in fp32."""
+    if keys.shape[0] < 2:
+        raise ValueError("key_scale needs at least two keys")
+    scale = torch.pdist(keys.float()).median().item()
+    if not scale > 0 or scale == float("inf"):
+        raise ValueError(
+            f"melo_fast: the neutral prompts' keys have median distance {scale}: the router's output does not "
+            "tell inputs apart (or overflowed). Choose another router, or set an absolute MeloConfig.init_radius."
+        )
+    return scale

@@ -1,0 +1,219 @@
+"""The on-disk form of an edit state: config, blocks and database, written so no data is ever lost.
+
+A save folder holds ``melo_config.json`` (format version, MeloConfig, database metadata, and the
+name of the weights file) and ``melo_edits.<id>.safetensors`` (every block of every target and the
+database tensors).
+
+Guarantees of :func:`write`:
+
+- it never deletes or replaces anything that is not its own: the path must be a new folder, an
+  empty folder, or an earlier melo_fast save (a folder holding ``melo_config.json``); a file, or a
+  non-empty folder of something else, is refused untouched;
+- replacing an earlier save is atomic, also against a crash or a failure at any step: the new
+  weights go to a new file, then ``melo_config.json`` is replaced in one ``os.replace`` (the commit
+  point), and only then is the old weights file removed. So the path always holds a complete save,
+  the old one or the new one; at worst a crash leaves an unreferenced weights file behind;
+- files get the usual permissions (0644 under the usual umask; folders 0755), like ``save_pretrained``.
+
+:func:`read` checks everything that can be checked without the model and names the file and the
+problem in its errors. A reader racing a writer may find that the weights file its config named was
+just replaced; it then reads the new config once more.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from melo_fast.config import MeloConfig
+from melo_fast.vecdb import VectorDatabase
+from melo_fast.version import __version__
+
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+CONFIG_FILE = "melo_config.json"
+VERSION_1_WEIGHTS = "melo_edits.safetensors"
+
+
+@dataclass
+class SavedEdits:
+    """A save folder's contents, checked for internal consistency (not yet against a model).
+
+    Attributes:
+        config: the MeloConfig the edits were made with.
+        num_blocks: number of trained blocks.
+        blocks: target name → ``(A [num_blocks, k, d_in], B [num_blocks, k, d_out])`` CPU tensors.
+        database: the vector database, on CPU.
+        meta: the raw metadata of ``melo_config.json``.
+    """
+
+    config: MeloConfig
+    num_blocks: int
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    database: VectorDatabase
+    meta: dict
+
+
+def write(
+    path,
+    config: MeloConfig,
+    database: VectorDatabase,
+    blocks: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    model_type: str | None,
+) -> None:
+    """Write an edit state made with ``config`` to folder ``path``.
+
+    Args:
+        database: the vector database.
+        blocks: target name → ``(A [n, k, d_in], B [n, k, d_out])``, the same ``n`` for every target.
+        model_type: the model's ``config.model_type`` (recorded for the reader's information).
+    """
+    path = Path(path)
+    previous_weights = _check_destination(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    db_tensors, db_meta = database.state_dict()
+    tensors = {f"db.{name}": tensor for name, tensor in db_tensors.items()}
+    for name, (A, B) in blocks.items():
+        tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"] = A, B
+    num_blocks = next(iter(blocks.values()))[0].shape[0] if blocks else 0
+    weights_name = f"melo_edits.{secrets.token_hex(6)}.safetensors"
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "melo_fast_version": __version__,
+        "model_type": model_type,
+        "num_blocks": num_blocks,
+        "weights_file": weights_name,
+        "config": config.to_dict(),
+        "database": db_meta,
+    }
+    weights_path, config_tmp = path / weights_name, path / f".{CONFIG_FILE}.{secrets.token_hex(6)}.tmp"
+    try:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights_path))
+        _fsync(weights_path)
+        with open(config_tmp, "w") as f:
+            f.write(json.dumps(meta, indent=2))
+            f.flush()
+            os.fsync(f.fileno())
+        # safetensors creates its file owner-only; give it the mode open() gave the config (umask applied).
+        os.chmod(weights_path, stat.S_IMODE(config_tmp.stat().st_mode))
+        os.replace(config_tmp, path / CONFIG_FILE)  # the commit point
+    except BaseException:
+        config_tmp.unlink(missing_ok=True)
+        weights_path.unlink(missing_ok=True)
+        raise
+    _fsync_folder(path)
+    if previous_weights is not None and previous_weights != weights_name:
+        (path / previous_weights).unlink(missing_ok=True)
+
+
+def _check_destination(path: Path) -> str | None:
+    """Refuse anything :func:`write` must not overwrite; return the weights file of an earlier save."""
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(
+            f"melo_fast: cannot save to {path}: it is a file. A save is a folder; choose a new or empty "
+            "folder, or an earlier melo_fast save folder to replace it"
+        )
+    if not path.is_dir():
+        return None
+    if (path / CONFIG_FILE).is_file():
+        try:
+            meta = json.loads((path / CONFIG_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None  # a damaged earlier save: replace its config, leave its other files alone
+        return meta.get("weights_file", VERSION_1_WEIGHTS) if isinstance(meta, dict) else None
+    entries = sorted(p.name for p in path.iterdir())
+    if entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise FileExistsError(
+            f"melo_fast: cannot save to {path}: the folder is not empty ({shown}) and is not a melo_fast save "
+            f"(no {CONFIG_FILE}). Choose a new or empty folder; nothing was changed"
+        )
+    return None
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _fsync_folder(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the data files are already synced
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read(path) -> SavedEdits:
+    """Read and check save folder ``path``. Errors name the file and what is wrong with it."""
+    path = Path(path)
+    for attempt in range(2):
+        meta = _read_meta(path)
+        weights = path / meta.get("weights_file", VERSION_1_WEIGHTS)
+        if weights.is_file() or attempt:
+            break
+        # The config named a weights file that is gone: a concurrent save replaced both; read again.
+    if not weights.is_file():
+        raise FileNotFoundError(f"melo_fast: {weights} is missing (named by {path / CONFIG_FILE})")
+    try:
+        tensors = load_file(str(weights))
+    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+        raise ValueError(
+            f"melo_fast: {weights} is not a readable safetensors file (truncated or corrupt?): {err}"
+        ) from err
+    try:
+        return _parse(meta, tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"melo_fast: {path} is not a consistent melo_fast save: {err}") from err
+
+
+def _read_meta(path: Path) -> dict:
+    config_file = path / CONFIG_FILE
+    if not path.is_dir():
+        raise FileNotFoundError(f"melo_fast: no save folder at {path}")
+    if not config_file.is_file():
+        raise FileNotFoundError(f"melo_fast: {path} is not a melo_fast save folder ({CONFIG_FILE} is missing)")
+    try:
+        meta = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"melo_fast: {config_file} is corrupt (not JSON): {err}") from err
+    version = meta.get("format_version") if isinstance(meta, dict) else None
+    if version not in READABLE_VERSIONS:
+        raise ValueError(
+            f"melo_fast: {config_file} has save format version {version!r}; this melo_fast reads {READABLE_VERSIONS}"
+        )
+    return meta
+
+
+def _parse(meta: dict, tensors: dict[str, torch.Tensor]) -> SavedEdits:
+    config = MeloConfig.from_dict(meta["config"])
+    num_blocks = int(meta["num_blocks"])
+    blocks = {}
+    for name in config.targets:
+        A, B = tensors.get(f"lora.{name}.A"), tensors.get(f"lora.{name}.B")
+        if A is None or B is None:
+            raise ValueError(f"the blocks of target {name!r} are missing")
+        expected = (num_blocks, config.rank_per_block)
+        if A.dim() != 3 or B.dim() != 3 or A.shape[:2] != expected or B.shape[:2] != expected:
+            raise ValueError(
+                f"the blocks of {name!r} have shapes {tuple(A.shape)}/{tuple(B.shape)}, expected "
+                f"[{num_blocks}, {config.rank_per_block}, d]"
+            )
+        blocks[name] = (A, B)
+    db_tensors = {name[len("db.") :]: t for name, t in tensors.items() if name.startswith("db.")}
+    database = VectorDatabase.from_state_dict(db_tensors, meta["database"], device="cpu")
+    return SavedEdits(config, num_blocks, blocks, database, meta)

@@ -1,0 +1,166 @@
+"""Saving and loading never destroy data (melo_fast.checkpoint's guarantees), and bad saves fail clearly."""
+
+import json
+import os
+import stat
+
+import pytest
+import torch
+
+import melo_fast
+from melo_fast import checkpoint
+from tests.tiny_models import build
+
+PROMPT = "The capital of France is"
+
+
+@pytest.fixture
+def edited():
+    family = build("gpt2")
+    editor = melo_fast.patch(family.model, melo_fast.MeloConfig(num_iter=5), tokenizer=family.tokenizer)
+    editor.edit_texts([PROMPT], ["Rome"], family.tokenizer)
+    return family, editor
+
+
+def logits(family):
+    with torch.no_grad():
+        return family.model(**family.tokenizer([PROMPT], return_tensors="pt")).logits
+
+
+def loaded_blocks(path) -> int:
+    return melo_fast.load(build("gpt2").model, path).num_blocks
+
+
+def listing(folder):
+    return sorted((p.name, p.read_bytes()) for p in folder.iterdir())
+
+
+def test_save_refuses_a_file_and_a_foreign_folder_and_leaves_them_untouched(edited, tmp_path):
+    _, editor = edited
+    target = tmp_path / "notes.txt"
+    target.write_text("my notes")
+    with pytest.raises(FileExistsError, match="is a file"):
+        editor.save(target)
+    assert target.read_text() == "my notes"
+
+    folder = tmp_path / "project"
+    folder.mkdir()
+    (folder / "train.py").write_text("print('hi')")
+    before = listing(folder)
+    with pytest.raises(FileExistsError, match=r"not empty \(train.py\) and is not a melo_fast save"):
+        editor.save(folder)
+    assert listing(folder) == before
+
+
+def test_replacing_an_earlier_save_keeps_other_files_and_removes_the_old_weights(edited, tmp_path):
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    (path / "README.md").write_text("edits of 2 Dec")
+    first_weights = json.loads((path / checkpoint.CONFIG_FILE).read_text())["weights_file"]
+    editor.edit_texts(["Water boils at"], ["fifty"], family.tokenizer)
+    editor.save(path)
+    names = sorted(p.name for p in path.iterdir())
+    second_weights = json.loads((path / checkpoint.CONFIG_FILE).read_text())["weights_file"]
+    assert names == sorted(["README.md", checkpoint.CONFIG_FILE, second_weights]) and first_weights not in names
+    assert loaded_blocks(path) == 2
+
+
+def test_save_to_the_current_folder(edited, tmp_path, monkeypatch):
+    _, editor = edited
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    editor.save(".")
+    assert loaded_blocks(empty) == 1
+    assert not [p for p in empty.iterdir() if p.name.startswith(".")]  # no temporary files left
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "data.csv").write_text("1,2")
+    monkeypatch.chdir(busy)
+    with pytest.raises(FileExistsError):
+        editor.save(".")
+    assert [p.name for p in busy.iterdir()] == ["data.csv"]
+
+
+def test_saved_files_get_the_usual_permissions(edited, tmp_path):
+    _, editor = edited
+    old_umask = os.umask(0o022)
+    try:
+        editor.save(tmp_path / "edits")
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((tmp_path / "edits").stat().st_mode) == 0o755
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "edits").iterdir()} == {0o644}
+
+
+@pytest.mark.parametrize("step", ["weights", "commit", "cleanup"])
+def test_a_failure_at_any_step_of_a_replacing_save_leaves_a_complete_save(edited, tmp_path, monkeypatch, step):
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)  # one block
+    editor.edit_texts(["Water boils at"], ["fifty"], family.tokenizer)  # now two
+
+    class Injected(Exception):
+        pass
+
+    def fail(*args, **kwargs):
+        raise Injected
+
+    if step == "weights":
+        monkeypatch.setattr(checkpoint, "save_file", fail)
+    elif step == "commit":
+        monkeypatch.setattr(checkpoint.os, "replace", fail)
+    else:
+        real_unlink = checkpoint.Path.unlink
+
+        def fail_on_old_weights(self, *args, **kwargs):
+            if self.name.startswith("melo_edits."):
+                raise Injected
+            return real_unlink(self, *args, **kwargs)
+
+        monkeypatch.setattr(checkpoint.Path, "unlink", fail_on_old_weights)
+    with pytest.raises(Injected):
+        editor.save(path)
+    monkeypatch.undo()
+    # The old save before the commit point, the new one after it; never nothing.
+    assert loaded_blocks(path) == (2 if step == "cleanup" else 1)
+
+
+def test_load_errors_name_the_file_and_leave_the_model_unpatched(edited, tmp_path):
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    weights = path / json.loads((path / checkpoint.CONFIG_FILE).read_text())["weights_file"]
+    good = weights.read_bytes()
+
+    fresh = build("gpt2")
+    weights.write_bytes(good[: len(good) // 2])  # truncated
+    with pytest.raises(ValueError, match=f"{weights.name} is not a readable safetensors file"):
+        melo_fast.load(fresh.model, path)
+    assert getattr(fresh.model, "_melo_editor", None) is None
+    weights.write_bytes(b"\x00" * 64)  # corrupt
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        melo_fast.load(fresh.model, path)
+    weights.unlink()  # missing
+    with pytest.raises(FileNotFoundError, match=f"{weights.name} is missing"):
+        melo_fast.load(fresh.model, path)
+    assert getattr(fresh.model, "_melo_editor", None) is None
+
+    weights.write_bytes(good)  # repaired: the same model loads now, no "already patched"
+    melo_fast.load(fresh.model, path)
+    assert torch.equal(logits(fresh), logits(family))
+
+
+def test_a_version_1_save_still_loads(edited, tmp_path):
+    """Saves written before the atomic layout (fixed weights file name, format 1) stay readable."""
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    meta = json.loads((path / checkpoint.CONFIG_FILE).read_text())
+    (path / meta.pop("weights_file")).rename(path / checkpoint.VERSION_1_WEIGHTS)
+    meta["format_version"] = 1
+    (path / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
+    fresh = build("gpt2")
+    melo_fast.load(fresh.model, path)
+    assert torch.equal(logits(fresh), logits(family))
