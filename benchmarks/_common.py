@@ -28,6 +28,7 @@ import torch
 
 import melo_fast
 from melo_fast import ops
+from melo_fast.vecdb import VectorDatabase
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -220,19 +221,21 @@ def lookup_queries(centers: torch.Tensor, n_queries: int, seed: int = 1) -> torc
     return torch.cat([hits, misses])
 
 
-def fill_database(db, n_keys: int, num_blocks: int, hits: torch.Tensor | None = None, seed: int = 0) -> None:
-    """Replace ``db``'s contents with ``n_keys`` singleton clusters, without running any edit.
+def synthetic_database(
+    dim: int, n_keys: int, num_blocks: int, hits: torch.Tensor | None = None, radius: float = 0.5, seed: int = 0
+) -> VectorDatabase:
+    """A database of ``n_keys`` singleton clusters, built without running any edit.
 
-    Writes the tensors directly (what ``insert`` would build for keys that are all far apart):
-    one cluster per key with radius ``db.init_radius``, CSR offsets ``0..n``, the point at the
-    center, random blocks in ``[0, num_blocks)``. The first ``len(hits)`` keys are ``hits`` (e.g. the
-    benchmark batch's own keys) routed to blocks ``0..len(hits)-1``, so those inputs hit an edit;
-    the other keys are drawn with the mean and spread of ``hits`` per dimension (far from them).
+    The tensors ``insert`` would build for keys that are all far apart: one cluster per key with
+    radius ``radius``, CSR offsets ``0..n``, the point at the center, random blocks in
+    ``[0, num_blocks)``. The first ``len(hits)`` keys are ``hits`` (e.g. the benchmark batch's own
+    keys) routed to blocks ``0..len(hits)-1``, so those inputs hit an edit whatever the radius; the
+    other keys are drawn with the mean and spread of ``hits`` per dimension (far from them).
     """
     n_hits = 0 if hits is None else hits.shape[0]
     if n_keys < n_hits:
-        raise ValueError("fill_database: fewer keys than hits")
-    centers = synthetic_vectors(n_keys, db.dim, seed)
+        raise ValueError("synthetic_database: fewer keys than hits")
+    centers = synthetic_vectors(n_keys, dim, seed)
     if n_hits > 1:
         centers.mul_(hits.float().std(0).clamp(min=1e-3).to(DEVICE)).add_(hits.float().mean(0).to(DEVICE))
     if n_hits:
@@ -240,31 +243,39 @@ def fill_database(db, n_keys: int, num_blocks: int, hits: torch.Tensor | None = 
     g = torch.Generator().manual_seed(seed + 2)
     blocks = torch.randint(0, max(num_blocks, 1), (n_keys,), generator=g)
     blocks[:n_hits] = torch.arange(n_hits) % max(num_blocks, 1)
-    db.centers = centers
-    db.points = centers
-    db.radii = torch.full((n_keys,), db.init_radius, device=DEVICE)
-    db.cluster_labels = torch.zeros(n_keys, dtype=torch.int64, device=DEVICE)
-    db.point_offsets = torch.arange(n_keys + 1, device=DEVICE)
-    db.point_blocks = blocks.to(DEVICE)
-    db.labels = [(0,)]
+    tensors = {
+        "centers": centers,
+        "points": centers,
+        "radii": torch.full((n_keys,), radius, device=DEVICE),
+        "cluster_labels": torch.zeros(n_keys, dtype=torch.int64, device=DEVICE),
+        "point_offsets": torch.arange(n_keys + 1, device=DEVICE),
+        "point_blocks": blocks.to(DEVICE),
+    }
+    meta = {"dim": dim, "init_radius": radius, "labels": [[0]], "conflicts": 0, "forgotten": 0}
+    return VectorDatabase.from_state_dict(tensors, meta, device=DEVICE)
 
 
-def fill_banks(editor, num_blocks: int, capacity: int | None = None, seed: int = 0) -> None:
-    """Give every target layer ``num_blocks`` trained-looking blocks without running any edit.
-
-    ``layer.reserve``; random ``bank_A`` (kaiming-like scale) and small ``bank_B`` written into
-    the first ``num_blocks`` slots; ``num_blocks`` set on each layer and on the editor.
-    """
+def synthetic_blocks(editor, num_blocks: int, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``num_blocks`` trained-looking blocks for every target: random A (kaiming-like scale), small B."""
     g = torch.Generator().manual_seed(seed)
-    for layer in editor.lora_layers.values():
-        layer.reserve(max(num_blocks, capacity or 0))
-        with torch.no_grad():
-            a = torch.randn(num_blocks, layer.rank, layer.d_in, generator=g) / layer.d_in**0.5
-            b = torch.randn(num_blocks, layer.rank, layer.d_out, generator=g) * 1e-3
-            layer.bank_A[:num_blocks] = a.to(layer.bank_A)
-            layer.bank_B[:num_blocks] = b.to(layer.bank_B)
-        layer.num_blocks = num_blocks
-    editor.num_blocks = num_blocks
+    blocks = {}
+    for name, layer in editor.lora_layers.items():
+        a = torch.randn(num_blocks, layer.rank, layer.d_in, generator=g) / layer.d_in**0.5
+        b = torch.randn(num_blocks, layer.rank, layer.d_out, generator=g) * 1e-3
+        blocks[name] = (a.to(DEVICE, layer.bank.dtype), b.to(DEVICE, layer.bank.dtype))
+    return blocks
+
+
+def fill_edits(editor, n_keys: int, num_blocks: int, hits: torch.Tensor | None = None, seed: int = 0):
+    """Publish ``num_blocks`` synthetic blocks and an ``n_keys`` database in ``editor`` (no training).
+
+    Returns ``(database, blocks)``, so a benchmark can publish the same state again with
+    ``editor.replace_state(*returned)``.
+    """
+    database = synthetic_database(editor.db.dim, n_keys, num_blocks, hits, seed=seed)
+    state = database, synthetic_blocks(editor, num_blocks, seed)
+    editor.replace_state(*state)
+    return state
 
 
 # ---- memory ----------------------------------------------------------------------------------------

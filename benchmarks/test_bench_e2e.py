@@ -15,7 +15,7 @@ Every patched case also times the same model with melo_fast disabled (``editor.d
 hooks return at once) right before each of its rounds, so the two alternate; the report's paired
 ratio is free of the machine-load drift that can separate rows measured a minute apart.
 
-Edits are written directly, not trained (see ``_common.fill_database`` / ``fill_banks``): one block
+Edits are written directly, not trained (see ``_common.fill_edits``): one block
 per 10 edits (100 blocks for 1k edits, 1000 for 10k), and the benchmark inputs' own keys are among
 the stored keys, each routed to its own block, so every sample hits an edit and really runs the
 LoRA (the worst case for the patched model; an input that hits no edit only pays the lookup).
@@ -29,9 +29,9 @@ import torch
 import melo_fast
 
 try:
-    from benchmarks._common import DEVICE, TOKENIZERS, bench, default_backend, fill_banks, fill_database
+    from benchmarks._common import DEVICE, TOKENIZERS, bench, default_backend, fill_edits
 except ImportError:  # benchmarks/ run as a rootdir-less folder
-    from _common import DEVICE, TOKENIZERS, bench, default_backend, fill_banks, fill_database
+    from _common import DEVICE, TOKENIZERS, bench, default_backend, fill_edits
 
 MODELS = ["gpt2-small", "bert-base", "t5-small"]
 GENERATIVE = ["gpt2-small", "t5-small"]
@@ -126,8 +126,7 @@ def prepare(model, edits, batch):
     if edits:
         n = batch["input_ids"].shape[0]
         blocks = max(n, edits // EDITS_PER_BLOCK)
-        fill_banks(editor, blocks)
-        fill_database(editor.db, edits, blocks, hits=editor.keys(batch))
+        fill_edits(editor, edits, blocks, hits=editor.keys(batch))
         routed = editor.route(batch)
         assert routed.tolist() == list(range(n)), f"benchmark inputs should hit their own edits, got {routed}"
     return editor

@@ -17,10 +17,9 @@ Cases: ``block-only`` (melo_fast's default backend: only the new block is a para
 ``BlockLoRALinear.open_block`` makes the whole bank, every earlier block plus the new one, the
 trainable parameter, as the official code trains its full-rank LoRA matrices).
 
-The bank is pre-filled so the edit is the last block of the paper's bank: ``layer.reserve``, random
-blocks written into ``bank_A``/``bank_B``, ``num_blocks`` set on every layer and the editor
-(``_common.fill_banks``); the database gets 4 (resp. 8) random keys per earlier block written
-directly as singleton clusters (``_common.fill_database``). Before every timed round the block count and
+The bank is pre-filled so the edit is the last block of the paper's bank: random blocks and a
+database of 4 (resp. 8) random keys per earlier block, as singleton clusters, published with
+``editor.replace_state`` (``_common.fill_edits``). Before every timed round the block count and
 the database are reset to that state, so every round trains the same block.
 
 Peak memory, two numbers per case (``extra_info``):
@@ -51,12 +50,11 @@ try:
         TOKENIZERS,
         bench,
         default_backend,
-        fill_banks,
-        fill_database,
+        fill_edits,
         peak_tensor_bytes,
     )
 except ImportError:  # benchmarks/ run as a rootdir-less folder
-    from _common import DEVICE, TOKENIZERS, bench, default_backend, fill_banks, fill_database, peak_tensor_bytes
+    from _common import DEVICE, TOKENIZERS, bench, default_backend, fill_edits, peak_tensor_bytes
 
 BLOCK_ONLY = "block-only (melo_fast)"
 MEMORY_STEPS = 3
@@ -152,18 +150,11 @@ def test_edit(benchmark, built, setting, path):
     try:
         earlier = setting.blocks - 1
         n_edits = batch["labels"].shape[0]
-        fill_banks(editor, earlier, capacity=setting.blocks + 1)  # room for the new block: no growth mid-edit
-        fill_database(editor.db, earlier * n_edits, earlier)
-        saved_db = {k: getattr(editor.db, k) for k in ("centers", "radii", "cluster_labels", "point_offsets",
-                                                        "points", "point_blocks", "labels")}
+        earlier_state = fill_edits(editor, earlier * n_edits, earlier)
         resolved = editor.config  # router and targets filled in by patch()
 
         def reset():
-            editor.num_blocks = earlier
-            for layer in editor.lora_layers.values():
-                layer.num_blocks = earlier
-            for key, value in saved_db.items():
-                setattr(editor.db, key, value)
+            editor.replace_state(*earlier_state)
 
         # Memory, untimed: a short edit under torch.profiler (every step after the first has the same peak).
         # It is also the warm-up: one-time costs (allocator, lazy init) stay out of the timed edit.

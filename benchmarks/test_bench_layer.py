@@ -22,6 +22,8 @@ from torch import nn
 
 from melo_fast.layers import BlockLoRALinear
 from melo_fast.routing import Routing
+from melo_fast.state import EditState
+from melo_fast.vecdb import VectorDatabase
 
 try:
     from benchmarks._common import DEVICE, backend_params, bench, default_backend
@@ -72,15 +74,16 @@ def test_melo_layer(benchmark, data, backend, distinct):
     x, linear = data
     module = nn.Linear(D_IN, D_OUT).to(DEVICE, DTYPE).requires_grad_(False)
     module.load_state_dict(linear.state_dict())
-    routing = Routing()
+    empty_database = VectorDatabase(D_IN, 1.0, device=DEVICE)  # unused: the router's decision is set below
+    routing = Routing(EditState(empty_database, {"fc": ()}, 0))
     lora = BlockLoRALinear("fc", module, routing, RANK, SCALE, backend)
-    lora.reserve(BANK)
     g = torch.Generator().manual_seed(1)
-    lora.bank_A.copy_((torch.randn(BANK, RANK, D_IN, generator=g) / D_IN**0.5).to(lora.bank_A))
-    lora.bank_B.copy_((torch.randn(BANK, RANK, D_OUT, generator=g) * 0.01).to(lora.bank_B))
-    lora.num_blocks = BANK
+    lora.bank.extend((torch.randn(BANK, RANK, D_IN, generator=g) / D_IN**0.5).to(DEVICE),
+                     (torch.randn(BANK, RANK, D_OUT, generator=g) * 0.01).to(DEVICE))
     handle = module.register_forward_hook(lora.hook)
-    routing.call.block_ids = block_ids(distinct)  # what the router would have decided for this batch
+    # What the router would have decided for this batch, in the state it would have read.
+    routing.call.state = EditState(empty_database, {"fc": lora.bank.chunks()}, BANK)
+    routing.call.block_ids = block_ids(distinct)
     baseline = PEFT_SINGLE if distinct == 1 else PEFT_MIXED
     slow = backend == "reference"
     try:

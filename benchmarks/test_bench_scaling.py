@@ -30,8 +30,7 @@ try:
         available_backends,
         bench,
         default_backend,
-        fill_banks,
-        fill_database,
+        fill_edits,
         lookup_database,
         lookup_queries,
         peak_rss,
@@ -42,8 +41,7 @@ except ImportError:  # benchmarks/ run as a rootdir-less folder
         available_backends,
         bench,
         default_backend,
-        fill_banks,
-        fill_database,
+        fill_edits,
         lookup_database,
         lookup_queries,
         peak_rss,
@@ -144,15 +142,8 @@ def test_forward_vs_edits(benchmark, bert, edits, backend):
         editor = melo_fast.patch(model, MeloConfig(backend=backend))
         blocks = min(MAX_BLOCKS, max(FWD_BATCH, edits // EDITS_PER_BLOCK))
         if edits:
-            fill_banks(editor, blocks)
-
-            def make():
-                fill_database(editor.db, edits, blocks, hits=editor.keys(batch))
-                return {k: getattr(editor.db, k) for k in ("centers", "radii", "cluster_labels", "point_offsets",
-                                                            "points", "point_blocks", "labels")}
-
-            for key, value in databases.get(edits, make).items():
-                setattr(editor.db, key, value)
+            state = databases.get(edits, lambda: fill_edits(editor, edits, blocks, hits=editor.keys(batch)))
+            editor.replace_state(*state)
             assert editor.route(batch).tolist() == list(range(FWD_BATCH))
 
     def forward():
