@@ -14,6 +14,6 @@ def test_readme_example_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # it writes edits/ to the working directory
     namespace = {}
     exec(compile(example, str(README), "exec"), namespace)
-    assert namespace["editor"].num_blocks == 1
-    assert namespace["editor"].route(namespace["inputs"]).tolist() == [0, -1]
+    assert namespace["editor"].num_blocks == 2
+    assert namespace["editor"].route(namespace["inputs"]).tolist() == [1, -1]  # the correction took over
     assert (tmp_path / "edits" / "melo_config.json").is_file()
