@@ -540,11 +540,66 @@ def test_loader_reports_a_missing_build(monkeypatch):
     assert out.shape == (2, 3, 5)
 
 
-@needs_ext
-@pytest.mark.parametrize("isa", ["baseline", "avx2"])
-def test_portable_code_paths(isa):
-    """The baseline (SSE2) and AVX2 versions of the kernels, forced via MELO_FAST_ISA, agree too."""
-    if isa == "avx2" and cpu.isa() == "baseline":
-        pytest.skip("this CPU has no AVX2")
-    stdout, _ = run_python(PARITY_SCRIPT + "\nfrom melo_fast.ops import cpu\nprint(cpu.isa())", MELO_FAST_ISA=isa)
-    assert stdout.split("\n")[:3] == ["available", "ok", isa]
+ISA_PARITY_SCRIPT = textwrap.dedent("""
+    import torch
+    from melo_fast import ops
+    from melo_fast.ops import cpu
+    print(cpu.isa())
+    g = torch.Generator().manual_seed(0)
+
+    # Search: odd sizes (not multiples of any vector width), clusters of 1-3 points, hits and misses.
+    centers = torch.randn(53, 37, generator=g)
+    sizes = torch.arange(53) % 3 + 1
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), sizes.cumsum(0)])
+    points = centers.repeat_interleave(sizes, 0) + 0.1 * torch.randn(int(sizes.sum()), 37, generator=g)
+    blocks = torch.arange(points.shape[0]) % 7
+    queries = torch.cat([points[::3] + 0.02 * torch.randn(points[::3].shape, generator=g),
+                         torch.randn(11, 37, generator=g)])
+    for dtype in (torch.float32, torch.bfloat16):
+        db = (centers.to(dtype), torch.full((53,), 0.5), offsets, points.to(dtype), blocks)
+        got = ops.vecdb_search(queries.to(dtype), *db, backend="cpp")
+        assert torch.equal(got, ops.vecdb_search(queries.to(dtype), *db, backend="reference")), dtype
+
+    # Block LoRA: forward (out of place, in place) and every gradient, against the fp64 reference.
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x = torch.randn(5, 7, 41, generator=g)
+        A = torch.randn(4, 3, 41, generator=g) / 41 ** 0.5
+        B = torch.randn(4, 3, 29, generator=g)
+        base = torch.randn(5, 7, 29, generator=g)
+        grad = torch.randn(5, 7, 29, generator=g)
+        ids = torch.tensor([3, -1, 0, 3, 1])
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, A, B, base)]
+        out = ops.block_lora(*leaves[:3], ids, 1.5, base=leaves[3], backend="cpp")
+        out.backward(grad.to(dtype))
+        exact = [t.detach().double().requires_grad_() for t in (x, A, B, base)]
+        expected = ops.block_lora(*exact[:3], ids, 1.5, base=exact[3], backend="reference")
+        expected.backward(grad.double())
+        def close(name, got, want):
+            error = (got.double() - want).abs().max().item() / max(want.abs().max().item(), 1e-12)
+            assert error <= tol, (dtype, name, error)
+        close("out", out, expected)
+        for name, leaf, ref in zip(("grad_x", "grad_A", "grad_B", "grad_base"), leaves, exact):
+            close(name, leaf.grad, ref.grad)
+        with torch.no_grad():
+            inplace = base.to(dtype).clone()
+            ops.block_lora(x.to(dtype), A.to(dtype), B.to(dtype), ids, 1.5, base=inplace, backend="cpp", inplace=True)
+        close("inplace", inplace, expected)
+        assert torch.equal(inplace[1], base.to(dtype)[1])  # block -1: untouched
+    print("ok")
+""")
+
+
+def test_every_code_path_matches_the_reference(cpu_isa_path):
+    """Each ISA's kernels (forced via MELO_FAST_ISA), every output and gradient, at fp32 tolerance."""
+    stdout, _ = run_python(ISA_PARITY_SCRIPT, MELO_FAST_ISA=cpu_isa_path)
+    assert stdout.split("\n")[:2] == [cpu_isa_path, "ok"]
+
+
+@pytest.fixture(params=["baseline", "avx2", "avx512"])
+def cpu_isa_path(request):
+    if _EXT_ERROR is not None:
+        pytest.skip(f"cpp backend unavailable: {_EXT_ERROR}")
+    order = ["baseline", "avx2", "avx512"]
+    if order.index(request.param) > order.index(cpu.isa()):
+        pytest.skip(f"this CPU has no {request.param}")
+    return request.param
