@@ -220,3 +220,31 @@ def test_reload_swaps_the_state_and_refuses_an_incompatible_save(tmp_path):
     with pytest.raises(ValueError, match="router: saved"):
         other.reload(tmp_path / "edits")
     assert other.state is state
+
+
+def test_activation_checkpointing_recomputes_the_open_block_on_autograd_threads():
+    """Checkpointing re-runs the training forward inside backward, on autograd's threads on CUDA; that
+    recompute must still see the open block. Here backward() is called from another thread, which on
+    CPU is where autograd runs it."""
+    family, editor = setup_model()
+    for module in family.model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0  # HF checkpoints only in training mode: keep that mode deterministic
+    batch = build_edit_batch(family.model, [EDITED], ["Rome"], family.tokenizer)
+    grads = {}
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        parameters = editor.open_block(batch)
+        if checkpointing:
+            family.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        family.model.train()
+        loss = family.model(**batch).loss
+        threads = Threads()
+        threads.start(loss.backward)
+        threads.join()
+        grads[checkpointing] = [p.grad.clone() for p in parameters]
+        family.model.gradient_checkpointing_disable()
+        family.model.eval()
+        editor.abort()
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads[False], grads[True], strict=True))
+    assert any(g.abs().sum() > 0 for g in grads[True])
