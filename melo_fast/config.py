@@ -17,10 +17,10 @@ class MeloConfig:
 
     Attributes:
         router: name of the module whose output gives each input's key (MELO's "grace layer").
-            ``None``: the default for the model's ``model_type`` (see ``melo_fast.targets``).
+            ``None``: found from the model's structure (see ``melo_fast.targets``).
             A suffix is enough when it is unique (``"h.3.mlp.c_fc"``).
         targets: names of the ``nn.Linear`` / HF ``Conv1D`` modules that get a block LoRA.
-            ``None``: the default for the model's ``model_type``.
+            ``None``: found from the model's structure.
         rank_per_block: rank ``k`` of one block (one edit batch trains one block).
         init_radius: radius of a new cluster in the key space (Euclidean). ``"auto"`` (default):
             ``relative_radius`` × the model's key scale, measured once before the first edit on

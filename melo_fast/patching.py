@@ -21,7 +21,7 @@ from melo_fast.editor import MeloEditor
 from melo_fast.layers import SUPPORTED_TYPES, BlockLoRALinear, RouterLayer, linear_shape
 from melo_fast.routing import Routing
 from melo_fast.state import EditState
-from melo_fast.targets import DEFAULTS, default_layers
+from melo_fast.targets import NoDefaultModules, choose_modules
 from melo_fast.vecdb import VectorDatabase
 
 EDITOR_ATTRIBUTE = "_melo_editor"
@@ -72,24 +72,12 @@ def find_module(model: nn.Module, name: str, role: str) -> tuple[str, nn.Module]
 
 
 def default_names(model: nn.Module) -> tuple[str, list[str]]:
-    """Default (router, targets) patterns for ``model.config.model_type``."""
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if model_type not in DEFAULTS:
-        raise ValueError(
-            f"melo_fast: no default router/targets for model_type {model_type!r} (defaults exist for "
-            f"{sorted(DEFAULTS)}); pass MeloConfig(router=..., targets=[...]). {_candidates_hint(model)}"
-        )
-    router_pattern, target_patterns = DEFAULTS[model_type]
-    router_layer, lora_layers = default_layers(config.num_hidden_layers)
-    targets = []
-    for pattern in target_patterns:
-        if pattern.startswith("decoder.block"):  # T5's decoder may have its own depth
-            layers = default_layers(getattr(config, "num_decoder_layers", None) or config.num_hidden_layers)[1]
-        else:
-            layers = lora_layers
-        targets += [pattern.format(i=i) for i in layers]
-    return router_pattern.format(i=router_layer), targets
+    """Default (router, targets) of ``model``, found from its structure (rule: ``melo_fast.targets``)."""
+    try:
+        choice = choose_modules(model)
+    except NoDefaultModules as err:
+        raise ValueError(f"{err}; pass MeloConfig(router=..., targets=[...]). {_candidates_hint(model)}") from None
+    return choice.router, list(choice.targets)
 
 
 def _entry_hook(model: nn.Module, routing: Routing, router_in_encoder: bool, causal_lm: bool):

@@ -1,8 +1,14 @@
-"""`python -m melo_fast env` tells which backends work here."""
+"""`python -m melo_fast env` tells which backends work here; `inspect` tells what patch() would choose."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
+
+import melo_fast
+from melo_fast.cli import main
+from tests.tiny_models import build
 
 
 def test_env_lists_every_backend():
@@ -12,3 +18,42 @@ def test_env_lists_every_backend():
     for backend in ("reference", "torch", "cpp", "triton"):
         assert f"backend {backend}" in done.stdout
     assert "backend torch     available" in done.stdout
+
+
+def inspected(capsys, folder) -> dict[str, str]:
+    """Run `inspect` and return its router, key width and targets."""
+    main(["inspect", str(folder)])
+    lines = capsys.readouterr().out.splitlines()
+    fields = {line.split(":")[0]: line.split(":", 1)[1].strip() for line in lines if line[:1].isalpha()}
+    targets = [fields["targets"]] + [line.strip() for line in lines if line.startswith(" " * 11)]
+    return {"router": fields["router"].split(" (")[0], "key width": fields["key width"], "targets": targets,
+            "layers": fields["layers"]}
+
+
+def test_inspect_a_saved_model_prints_what_patch_chooses(capsys, tmp_path):
+    family = build("bart")
+    family.model.save_pretrained(tmp_path)  # config.json + weights
+    shown = inspected(capsys, tmp_path)
+    editor = melo_fast.patch(family.model)
+    assert shown["router"] == editor.config.router
+    assert shown["targets"] == editor.config.targets
+    assert shown["key width"] == "64"
+    assert shown["layers"] == "model.encoder.layers (4 layers, encoder), model.decoder.layers (4 layers, decoder)"
+
+
+def test_inspect_a_bare_config_gives_names_any_head_class_accepts(capsys, tmp_path):
+    family = build("qwen2_moe")
+    family.model.config.save_pretrained(tmp_path)  # config.json only, without "architectures"
+    shown = inspected(capsys, tmp_path)
+    assert shown["router"] == "layers.1.mlp.shared_expert.up_proj"  # the bare Qwen2MoeModel's name
+    assert shown["key width"] == "128"
+    # patch() takes them as suffixes: on the causal-LM class they name the same modules as its defaults.
+    explicit = melo_fast.patch(family.model, melo_fast.MeloConfig(router=shown["router"], targets=shown["targets"]))
+    melo_fast.unpatch(family.model)
+    default = melo_fast.patch(family.model)
+    assert (explicit.config.router, explicit.config.targets) == (default.config.router, default.config.targets)
+
+
+def test_inspect_without_a_config_says_so(tmp_path):
+    with pytest.raises(SystemExit, match="has no config.json"):
+        main(["inspect", str(tmp_path)])
