@@ -27,10 +27,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m melo_fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from melo_fast.eval import demo, harness
+    from melo_fast.eval import demo, evaluate
 
     demo.add_arguments(commands.add_parser("demo", help="edit a real pretrained model on real data and report"))
-    harness.add_arguments(commands.add_parser("eval", help="MELO metrics and baselines on a local HF model"))
+    evaluate.add_arguments(commands.add_parser("eval", help="MELO metrics and baselines on a local HF model"))
     commands.add_parser("env", help="versions and available op backends").set_defaults(run=_env)
 
     args = parser.parse_args(argv)

@@ -13,8 +13,9 @@ import torch
 import melo_fast
 from melo_fast.config import MeloConfig
 from melo_fast.eval import metrics
+from melo_fast.eval.arguments import PRESETS, preset
 from melo_fast.eval.data import DataError, load_records, split_edits
-from melo_fast.eval.harness import PRESETS, SequentialEval, Settings, preset
+from melo_fast.eval.harness import SequentialEval, Settings
 from melo_fast.eval.tasks import ClassifierTask, GenerativeTask
 from tests.conftest import ZSRE_DEV
 from tests.tiny_models import NUM_CLASSES, build
