@@ -170,8 +170,20 @@ class SequentialEval:
         for key, value in scores.items():
             out[metric if key == self.task.primary else f"{metric}_{key}"] = value
 
-    def _final_metrics(self, answer, es_scores: dict[str, float]) -> dict[str, float]:
-        """Every end-of-run metric; ``answer(set_name, indices)`` gives the model's answers now."""
+    def final_metrics(self, answer, es_scores: dict[str, float]) -> dict[str, float]:
+        """Every end-of-run metric of a model, from its answers now.
+
+        Args:
+            answer: ``answer(set_name, indices) -> list[str]``, the model's answers to those questions
+                of a probe set (``self.sets``); any editing method can be scored this way.
+            es_scores: the ES scores measured batch by batch (primary score and the others).
+
+        Returns:
+            ``es``, ``err``, ``generality_rephrase``, ``generality_generate`` (a mean over every
+            generate prompt, not per record), ``locality_relation``, ``locality_unedited`` and
+            ``locality`` (the mean over the questions of both locality sets), each also as
+            ``<metric>_<score>`` for the task's secondary scores.
+        """
         out: dict[str, float] = {}
         self._put(out, "es", es_scores)
         for metric, name in (("err", "edit"), ("generality_rephrase", "rephrase"),
@@ -225,7 +237,7 @@ class SequentialEval:
             return [self.answerer.unedited[name][i] for i in indices]
 
         es = self._score("edit", answer("edit", range(len(self.edited))), range(len(self.edited)))
-        result = MethodResult("unedited", self._final_metrics(answer, es))
+        result = MethodResult("unedited", self.final_metrics(answer, es))
         result.eval_seconds = time.perf_counter() - start
         if self.task.kind != "classifier":
             ppl = self.task.perplexity(self.edited)
@@ -261,7 +273,7 @@ class SequentialEval:
                 if b in self._curve_batches:
                     result.curve.append(self._curve_point(answer, indices[-1] + 1, es_values))
             es = {key: metrics.mean(values) for key, values in es_totals.items()}
-            result.metrics = self._final_metrics(answer, es)
+            result.metrics = self.final_metrics(answer, es)
             result.db = editor.db.stats()
             result.db["blocks"] = editor.num_blocks
             result.extra["config"] = editor.config.to_dict()
@@ -313,7 +325,7 @@ class SequentialEval:
                 for key, value in scores.items():
                     es_totals.setdefault(key, []).extend([value] * len(indices))
             es = {key: metrics.mean(values) for key, values in es_totals.items()}
-            result.metrics = self._final_metrics(lambda n, i: self.answerer.routed(n, editor, i), es)
+            result.metrics = self.final_metrics(lambda n, i: self.answerer.routed(n, editor, i), es)
             result.db = db.stats()
             result.extra["config"] = {"key_position": key_position, "init_radius": init_radius}
         finally:
@@ -406,7 +418,7 @@ class SequentialEval:
                 if b in self._curve_batches:
                     result.curve.append(self._curve_point(answer, indices[-1] + 1, es_values))
             es = {key: metrics.mean(values) for key, values in es_totals.items()}
-            result.metrics = self._final_metrics(answer, es)
+            result.metrics = self.final_metrics(answer, es)
             if self.task.kind != "classifier":
                 result.extra["perplexity_target_new"] = metrics.mean(self.task.perplexity(self.edited))
         finally:
