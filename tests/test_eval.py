@@ -437,9 +437,24 @@ def test_generative_protocol_matches_by_hand():
     harness = SequentialEval(task, dev, Settings(batch_size=2, holdout=0.2, progress=False, curve_points=1))
     assert len(harness.held) == 1 and len(harness.sets["generate"]) == 5
     unedited = harness.run_unedited()
+    hand = ByHand(family.model, family.tokenizer)
+    # Every probe question's unedited answer, batched and left-padded by the harness, is the answer
+    # of the question asked alone (answers are cut to each one's own expected length).
+    edited, held = harness.edited, harness.held
+    relation = [p for r in edited + held for p in r.locality]
+    questions = {
+        "edit": ([r.prompt for r in edited], [r.target_new for r in edited]),
+        "rephrase": ([r.rephrase_prompt for r in edited], [r.target_new for r in edited]),
+        "generate": ([g for r in edited for g in r.generate_prompts],
+                     [r.target_new for r in edited for _ in r.generate_prompts]),
+        "locality_relation": ([p.prompt for p in relation], [p.ground_truth[0] for p in relation]),
+        "locality_unedited": ([r.prompt for r in held] + [r.rephrase_prompt for r in held],
+                              [r.ground_truth[0] for r in held] * 2),
+    }
+    for name, (texts, expected) in questions.items():
+        assert harness.answerer.unedited[name] == hand.answers(texts, expected), name
     torch.manual_seed(2)
     melo = harness.run_melo(config)
-    hand = ByHand(family.model, family.tokenizer)
     check_against_by_hand(melo, by_hand(hand, harness, task.edit_batch, "melo", config, seed=2))
     assert unedited.extra["perplexity_target_new"] == pytest.approx(hand.perplexity(harness.edited), rel=1e-4)
     assert "es_exact_match" in melo.metrics
