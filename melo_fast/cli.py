@@ -23,7 +23,8 @@ def _env(_args) -> None:
         print(f"  backend {name:<9} {status}")
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m melo_fast``; each command sets ``run`` (``args.run(args)``)."""
     parser = argparse.ArgumentParser(prog="python -m melo_fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_arguments(commands.add_parser("demo", help="edit a real pretrained model on real data and report"))
     evaluate.add_arguments(commands.add_parser("eval", help="MELO metrics and baselines on a local HF model"))
     commands.add_parser("env", help="versions and available op backends").set_defaults(run=_env)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.run(args)

@@ -110,8 +110,8 @@ def config_overrides(args) -> dict:
 
 
 # init_radius "auto" = AUTO_RADIUS x the median nearest-other-question key distance of the edit set.
-# 0.18 gives 0.8 on the zsRE dev data with the demo's router, the largest radius of the sweep that
-# keeps ES >= 0.99, ERR >= 0.98 and locality >= 0.98 there (EVALUATION.md).
+# Chosen on the zsRE dev sweep with the demo's router: about the largest radius that keeps ES >= 0.99,
+# ERR >= 0.98 and locality >= 0.98 there (EVALUATION.md recomputes that radius from the sweep).
 AUTO_RADIUS = 0.18
 
 

@@ -6,38 +6,32 @@ original answer. MELO then changes each edited question's answer to ``target_new
 batches, and the harness (:mod:`melo_fast.eval.harness`) measures ES, ERR, generality and
 locality against the unedited model and a sequential plain-LoRA baseline.
 
-Why this router, these targets, this key and this radius (measured on the dev data with the
-commands in EVALUATION.md, which has the numbers):
+Why this router, these targets, this key and this radius (EVALUATION.md has the figures, each
+regenerated from the JSON report of the command it names; none is copied here):
 
 - Router ``encoder.layer.5.attention.output.dense``, LoRA on the last layer's FFN
   (``encoder.layer.5.intermediate.dense`` and ``encoder.layer.5.output.dense``). MELO's generality
   depends on one geometric fact: a cluster's radius shrinks to half the distance to the nearest
   edit with another answer (the conflict split), so a paraphrase is only routed to its edit if it is
   closer to its question than half the distance between questions. zsRE questions are templates
-  that differ in the subject, so early layers (and melo_fast's BERT default, router in layer 3
-  ``output.dense`` → LoRA in layers 4-5) see "What species is ZIC3 specific to?" and "What species
-  is ZIC2 specific to?" as near neighbours: with that default the rephrase generality stayed
-  <= 0.144 over the whole radius range (400 dev records), while this router, in the last layer
-  (where all-MiniLM-L6-v2 was trained to map paraphrases together), reached 0.268 on the 712 dev
-  edits with ES >= 0.99, ERR >= 0.98, locality >= 0.98 (``encoder.layer.5.output.dense`` as its own
-  target: 0.257); its keys separate questions best (nearest other question 3.9x farther than the
-  paraphrase). Keys from the last layer leave only that layer's FFN to edit; it is enough
-  (ES 0.993, the data's ceiling) and makes edits cheaper (backward through one FFN).
+  that differ in the subject, so early layers (a router in layer 3 ``output.dense`` → LoRA in
+  layers 4-5) see "What species is ZIC3 specific to?" and "What species is ZIC2 specific to?" as
+  near neighbours, while the last layer (where all-MiniLM-L6-v2 was trained to map paraphrases
+  together) separates questions from each other more than from their paraphrases: EVALUATION.md
+  ("How the demo's MELO configuration was chosen") compares the routers' key distances and best
+  generality under the targets. Keys from the last layer leave only that layer's FFN to edit,
+  which makes edits cheaper (backward through one FFN).
 - Key position "last": the last real token, [SEP] for BERT, which attends to the whole question.
-  "mean" routes almost the same but loses ERR to conflict splits sooner as edits accumulate. The official position -1
-  is a pad token for every row shorter than the longest of its batch, so a question's key depends on
-  what it is batched with: the edit's own question misses its edit (ES 0.555-0.935 over the sweep)
-  and it generalizes worse at equal locality.
-- ``init_radius`` "auto": 0.18 x the median distance from an edited question's key to the nearest
-  other edited question's key, measured on the edit questions before editing. On the dev data
-  that is 0.8 (0.7 x the median question-to-rephrase distance), the largest radius of the sweep
-  that keeps ES >= 0.99, ERR >= 0.98 and locality >= 0.98 on the 712 dev edits. A relative radius
-  because key distances depend on the data: the shipped hand-written questions are ~1.6x farther
-  apart than zsRE's templated ones, in questions and paraphrases alike. (The paper's radii belong
-  to other models' key spaces.) A number given with ``--init-radius`` is used as is.
-- Optimizer: MELO's (Adam 1e-2, StepLR, 50 steps) with block scale 5 instead of 20: with 20 some
-  batches were still being fitted at step 50 (one batch of the demo set stopped at 9/10), with 5
-  the batches we tried were fitted by step 20.
+  The official position -1 is a pad token for every row shorter than the longest of its batch, so
+  a question's key depends on what it is batched with and the edit's own question can miss its
+  edit; "mean" is the other candidate. The sweep in EVALUATION.md measures all three.
+- ``init_radius`` "auto": ``AUTO_RADIUS`` x the median distance from an edited question's key to
+  the nearest other edited question's key, measured on the edit questions before editing. A
+  relative radius because key distances depend on the data (the shipped hand-written questions
+  are farther apart than zsRE's templated ones; EVALUATION.md gives both). The paper's radii
+  belong to other models' key spaces. A number given with ``--init-radius`` is used as is.
+- Optimizer: MELO's (Adam 1e-2, StepLR, 50 steps) with block scale 5 instead of MELO's 20 for
+  zsRE; EVALUATION.md compares the two on the shipped set.
 """
 
 from __future__ import annotations
@@ -67,17 +61,17 @@ DEMO_CONFIG = MeloConfig(
     router="encoder.layer.5.attention.output.dense",
     targets=["encoder.layer.5.intermediate.dense", "encoder.layer.5.output.dense"],
     rank_per_block=4,
-    init_radius=0.8,  # the demo resolves "auto" per data set (see above); 0.8 is its value on the dev data
+    init_radius=0.8,  # only when --init-radius is a number: the demo resolves "auto" per data set (see above)
     key_position="last",
     edit_lr=1e-2,
     num_iter=50,
     scale=5.0,
 )
-# Measured (EVALUATION.md); printed at the end of every demo run so that users know what the full run costs.
+# Printed at the end of every demo run so that users know what the full run costs.
 DEV_RUN_NOTE = (
     "The full zsRE dev run (890 records, 712 edits in batches of 10, with the sweep and the LoRA baseline),\n"
     "  python -m melo_fast demo --data ../shared/data/zsre_knowedit_dev.json --sweep --threads 1\n"
-    "took 21 min (1249 s) on 2 shared CPU cores (EVALUATION.md)."
+    "takes about 20 minutes on 2 CPU cores (EVALUATION.md has the measured wall time)."
 )
 SWEEP_KEY_POSITIONS = ("last", "mean", -1)
 SWEEP_RADIUS_FACTORS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25)  # × median question-to-rephrase distance

@@ -441,6 +441,21 @@ class SequentialEval:
         return {name: results[name] for name in METHODS if name in results}
 
     def describe(self) -> dict:
+        """The run's shape, and two facts of the edit set that bound what any method can score.
+
+        ``targets_already_true``: edited records whose ``target_new`` is one of their ground truths
+        (an unedited model that knows the facts scores them on ES/ERR). ``conflicting_prompts``:
+        groups of edited records (record indices) that ask the same prompt with different targets;
+        after all edits one answer per prompt can hold, so with accuracy ERR is at most
+        ``err_ceiling`` (token-F1 may give partial credit to both).
+        """
+        by_prompt: dict[str, list[EditRecord]] = {}
+        for record in self.edited:
+            by_prompt.setdefault(record.prompt, []).append(record)
+        conflicts = [[r.index for r in group] for group in by_prompt.values()
+                     if len({r.target_new for r in group}) > 1]
+        can_hold = sum(max(sum(r.target_new == t.target_new for r in group) for t in group)
+                       for group in by_prompt.values())
         return {
             "records": len(self.edited) + len(self.held),
             "edited": len(self.edited),
@@ -448,4 +463,7 @@ class SequentialEval:
             "batch_size": self.settings.batch_size,
             "batches": len(self.batches),
             "probe_questions": {name: len(s) for name, s in self.sets.items()},
+            "targets_already_true": sum(r.target_new in r.ground_truth for r in self.edited),
+            "conflicting_prompts": conflicts,
+            "err_ceiling": can_hold / len(self.edited),
         }
