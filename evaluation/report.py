@@ -163,7 +163,7 @@ def made_at(report: dict) -> str:
     if not git:
         return f"{source.get('date', 'unknown date')}, outside a git checkout"
     changes = git.get("changed") or []
-    state = "clean" if not changes else "with uncommitted changes to " + ", ".join(f"`{c}`" for c in changes)
+    state = "source clean" if not changes else "uncommitted source changes: " + ", ".join(f"`{c}`" for c in changes)
     return f"{source.get('date')}, commit `{git['commit'][:10]}` ({state})"
 
 
