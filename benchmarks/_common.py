@@ -104,7 +104,7 @@ def _jsonable(value):
 
 
 def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, max_rounds=30, warmup=1,
-          setup=None, paired=None, **info) -> float:
+          setup=None, paired=None, count_faults=False, **info) -> float:
     """Time ``fn`` (device-synchronized) under ``group`` and record where, what and how.
 
     Rounds are chosen from one warm-up call so that the case takes about ``target_s``
@@ -116,6 +116,10 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
     right before every round of ``fn``, so the two alternate; its times go to
     ``extra_info["paired"]`` (in round order, matching ``stats.data``) and the report gives the median
     of the per-round ratios, which machine-load drift between rows cannot bias.
+
+    ``count_faults``: also count the minor page faults of every timed call (``getrusage``, two
+    system calls per round: only for cases of milliseconds or more) and record their median as
+    ``extra_info["minor_faults_per_call"]`` with ``"page_size"``: the fresh memory a call touches.
     """
     timer = getattr(benchmark, "_timer", None) or time.perf_counter
     paired_times: list[float] = []
@@ -132,9 +136,17 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
             setup()
         run_paired()
 
+    faults: list[int] = []
+
     def timed():
+        if not count_faults:
+            result = fn()
+            sync()
+            return result
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         result = fn()
         sync()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         return result
 
     benchmark.group = group
@@ -162,6 +174,7 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
         if estimate > 4 * target_s:
             rounds = 1  # a slow outlier (e.g. the torch backend at 1M keys): one round after the warm-up
     paired_times.clear()
+    faults.clear()
 
     def pedantic_setup():
         before_round()
@@ -174,6 +187,9 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
         ordered = sorted(paired_times)
         benchmark.extra_info["paired"] = {"case": paired[0], "min": ordered[0], "median": ordered[len(ordered) // 2],
                                           "rounds": len(ordered), "times": paired_times}  # round order
+    if faults:
+        benchmark.extra_info["minor_faults_per_call"] = sorted(faults)[len(faults) // 2]
+        benchmark.extra_info["page_size"] = resource.getpagesize()
     return benchmark.stats.stats.min
 
 

@@ -10,9 +10,24 @@ import pytest
 import torch
 
 try:
-    from benchmarks._common import device_name
+    from benchmarks._common import ROOT, device_name
 except ImportError:  # benchmarks/ itself on sys.path (rootdir-relative import mode)
-    from _common import device_name
+    from _common import ROOT, device_name
+
+# Everything that can change a figure: the package, its C++ kernels and build, and the suites (not
+# their outputs, which an earlier run may have left modified).
+MEASURED_PATHS = ("melo_fast", "csrc", "setup.py", "pyproject.toml", "benchmarks", ":(exclude)benchmarks/results.json",
+                  ":(exclude)benchmarks/plots")
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Record the commit the numbers come from, and every uncommitted file that could change them.
+
+    (pytest-benchmark's own ``commit_info`` says only "dirty", for any change anywhere in the tree.)
+    """
+    from melo_fast.eval.report import git_state
+
+    output_json["melo_fast_source"] = git_state(ROOT, MEASURED_PATHS)
 
 
 def _sync(device: str):

@@ -8,6 +8,10 @@ blocks, the routing set to 1 distinct block for the whole batch or 64 distinct b
 sample). PEFT: a ``peft`` LoRA ``Linear`` with 64 adapters of rank 4; the single-adapter case is
 PEFT's ordinary forward with one active adapter, the per-sample case passes ``adapter_names=``
 (PEFT's mixed-batch forward, a Python loop over the distinct adapters of the batch).
+Every case also records the minor page faults per call (the fresh memory it touches): PEFT's
+single-adapter forward is out of place (``result + lora_B(lora_A(x)) * scaling``, three new tensors
+of the output's size), and at this size each is fresh memory from the OS on every call, which the
+per-sample path (one sample's temporaries at a time) does not pay.
 Groups: "layer ... 1 distinct" (baseline: PEFT single adapter) and "layer ... 64 distinct"
 (baseline: PEFT per-sample adapters).
 """
@@ -63,7 +67,7 @@ def test_linear(benchmark, data, distinct):
     baseline = PEFT_SINGLE if distinct == 1 else PEFT_MIXED
     with torch.no_grad():
         bench(benchmark, lambda: linear(x), group=group(distinct), case="nn.Linear (no LoRA)", baseline=baseline,
-              **info(distinct, backend="none"))
+              count_faults=True, **info(distinct, backend="none"))
 
 
 @pytest.mark.parametrize("distinct", [1, 64])
@@ -87,7 +91,7 @@ def test_melo_layer(benchmark, data, backend, distinct):
         with torch.no_grad():
             bench(benchmark, lambda: module(x), group=group(distinct), case=f"melo_fast BlockLoRA [{backend}]",
                   baseline=baseline, min_rounds=2 if slow else 3, warmup=0 if slow else 1,
-                  **info(distinct, backend=backend, default_backend=backend == default_backend()))
+                  count_faults=True, **info(distinct, backend=backend, default_backend=backend == default_backend()))
     finally:
         handle.remove()
 
@@ -142,4 +146,4 @@ def test_peft_layer(benchmark, data, peft_layer, mode, distinct):
     with torch.no_grad():
         bench(benchmark, forward, group=group(distinct), case=case,
               baseline=PEFT_SINGLE if distinct == 1 else PEFT_MIXED,
-              **info(distinct, backend="peft", peft_mode=mode, peft=peft.__version__, adapters=BANK))
+              count_faults=True, **info(distinct, backend="peft", peft_mode=mode, peft=peft.__version__, adapters=BANK))

@@ -11,8 +11,8 @@ add-on, out of place or in place) with ``nn.Linear`` alone timed right before ev
 ``extra_info["add-on / Linear"]`` is the median over rounds of (layer - Linear) / Linear.
 
 Groups are op + shape, so backends sit side by side in the table; compare ratios within a group.
-The reference backend (plain Python loops over the rules of DESIGN §1) runs a few pedantic rounds only, and is
-left out where one call would take minutes (lookups above 10k centers).
+The reference backend (plain Python loops over the rules of DESIGN §1) runs a few pedantic rounds
+only, and is left out where one call would take minutes (lookups above 10k centers).
 """
 
 from __future__ import annotations

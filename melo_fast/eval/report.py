@@ -78,21 +78,26 @@ def provenance() -> dict:
         "python": platform.python_version(),
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
         "torch_threads": torch.get_num_threads(),
-        "git": _git_state(Path(melo_fast.__file__).resolve().parents[1]),
+        "git": git_state(Path(melo_fast.__file__).resolve().parents[1]),
     }
 
 
 SOURCE_PATHS = ("melo_fast", "csrc", "setup.py", "pyproject.toml")
 
 
-def _git_state(root: Path) -> dict | None:
+def git_state(root: Path, paths: tuple[str, ...] = SOURCE_PATHS) -> dict | None:
+    """``{"commit": HEAD, "changed": files under paths that differ from it}`` of the checkout at ``root``.
+
+    Changed files are staged, unstaged and untracked ones (``git status --porcelain``), so an empty
+    list means the figures made now come from ``commit`` exactly. None outside a git checkout.
+    """
     def git(*args):
         done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=30)
         return done.stdout if done.returncode == 0 else None
 
     try:
         commit = git("rev-parse", "HEAD")
-        status = git("status", "--porcelain", "--", *SOURCE_PATHS)
+        status = git("status", "--porcelain", "--", *paths)
     except (OSError, subprocess.SubprocessError):
         return None
     if not commit or status is None:
