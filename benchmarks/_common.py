@@ -119,7 +119,8 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
 
     ``count_faults``: also count the minor page faults of every timed call (``getrusage``, two
     system calls per round: only for cases of milliseconds or more) and record their median as
-    ``extra_info["minor_faults_per_call"]`` with ``"page_size"``: the fresh memory a call touches.
+    ``extra_info["minor_faults_per_call"]``: how much fresh memory a call touches (4 KiB per fault
+    with ordinary pages).
     """
     timer = getattr(benchmark, "_timer", None) or time.perf_counter
     paired_times: list[float] = []
@@ -189,7 +190,6 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
                                           "rounds": len(ordered), "times": paired_times}  # round order
     if faults:
         benchmark.extra_info["minor_faults_per_call"] = sorted(faults)[len(faults) // 2]
-        benchmark.extra_info["page_size"] = resource.getpagesize()
     return benchmark.stats.stats.min
 
 
@@ -284,6 +284,31 @@ def fill_banks(editor, num_blocks: int, capacity: int | None = None, seed: int =
 
 
 # ---- memory ----------------------------------------------------------------------------------------
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free memory to the OS (glibc ``malloc_trim(0)``; elsewhere a no-op).
+
+    Use it as the untimed ``setup`` of every round of cases that allocate large outputs: glibc serves
+    a large allocation from free heap memory when an earlier case left some, and from fresh pages
+    (a page fault each) otherwise, so without it a case's time depends on which cases ran before it.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _status_kib(field: str) -> int | None:

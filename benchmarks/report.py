@@ -75,10 +75,9 @@ class Row:
         return ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
 
     @property
-    def fresh_mib(self) -> float | None:
-        """Fresh memory one call touched, from its minor page faults (MiB), when the case counted them."""
-        faults = self.info.get("minor_faults_per_call")
-        return None if faults is None else faults * self.info.get("page_size", 4096) / 2**20
+    def faults(self) -> int | None:
+        """Minor page faults per call (fresh memory the call touched), when the case counted them."""
+        return self.info.get("minor_faults_per_call")
 
     @property
     def case(self) -> str:
@@ -510,9 +509,9 @@ def group_table(rows: list[Row], stat: str) -> str:
         header.append("peak tensor memory (torch.profiler)")
     if has["train_state_bytes"]:
         header.append("train state (analytic)")
-    faults = any(r.fresh_mib is not None for r in rows)
+    faults = any(r.faults is not None for r in rows)
     if faults:
-        header.append("fresh memory / call (page faults)")
+        header.append("minor page faults / call")
     lines = []
     for row in rows:
         line = [row.case + (" (baseline)" if row is base else ""), fmt_time(row.time), fmt_time(row.median),
@@ -535,7 +534,7 @@ def group_table(rows: list[Row], stat: str) -> str:
         if has["train_state_bytes"]:
             line.append(fmt_bytes(row.get("train_state_bytes")))
         if faults:
-            line.append("–" if row.fresh_mib is None else f"{row.fresh_mib:,.1f} MiB")
+            line.append("–" if row.faults is None else f"{row.faults:,}")
         lines.append(line)
     return table(header, lines)
 
@@ -552,9 +551,9 @@ def peft_adapter_note(rows: list[Row]) -> list[str]:
         return []
     note = (f"PEFT with one active adapter ({fmt_time(single.time)}) is slower here than with "
             f"{mixed.get('distinct')} per-sample adapters ({fmt_time(mixed.time)}).")
-    if single.fresh_mib is not None and mixed.fresh_mib is not None:
-        note += (f" Per call, the one-adapter forward touches {single.fresh_mib:,.0f} MiB of fresh memory (minor page "
-                 f"faults), the per-sample forward {mixed.fresh_mib:,.0f} MiB: PEFT's one-adapter path adds "
+    if single.faults is not None and mixed.faults is not None and single.faults > mixed.faults:
+        note += (f" Per call, the one-adapter forward takes {single.faults:,} minor page faults (fresh memory from the "
+                 f"OS), the per-sample forward {mixed.faults:,}: PEFT's one-adapter path adds "
                  "`result + lora_B(lora_A(x)) * scaling` out of place, new tensors of the output's size, while the "
                  "per-sample path's temporaries are one sample's size.")
     return [note, ""]
