@@ -496,7 +496,8 @@ def group_table(rows: list[Row], stat: str) -> str:
     if base is not None:
         header.append(f"× vs {base.case}")
     if has["paired"]:
-        header.append("× vs unpatched, interleaved")
+        against = next(str(r.get("paired").get("case", "baseline")) for r in rows if r.get("paired"))
+        header.append(f"× vs {against.removesuffix(', interleaved')}, interleaved")
     if linear is not None:
         header.append("LoRA add-on (− nn.Linear)")
     if has["tokens"]:
