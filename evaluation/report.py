@@ -65,7 +65,7 @@ RUNS = {run.name: run for run in (
     Run("dev", ("demo", "--data", DEV_DATA, "--sweep", "--threads", "1"),
         "zsRE dev data: every method, and the init_radius x key position sweep"),
     Run("demo_radius_0.8", ("demo", "--init-radius", "0.8", "--methods", "unedited,melo", "--threads", "1"),
-        "the shipped set with the dev data's radius"),
+        "the shipped set with a fixed init_radius"),
     Run("demo_scale_20", ("demo", "--scale", "20", "--methods", "unedited,melo", "--threads", "1"),
         "the shipped set with MELO's zsRE block scale"),
     Run("router_layer3_400", ("demo", "--data", DEV_DATA, "--limit", "400", *_MELO_SWEEP, *_LAYER3, "--threads", "1"),
@@ -268,8 +268,8 @@ def commands(reports: Reports) -> list[str]:
             report = reports[name]
             source = report.get("provenance") or {}
             rows.append([f"`{name}`", run.what, f"`{run.command}`", f"{report['total_seconds']:.0f} s",
-                         f"{made_at(report)}; {source.get('machine', '?')}, {source.get('torch_threads', '?')} "
-                         f"torch threads, torch {source.get('torch', '?')}"])
+                         f"{made_at(report)}; {source.get('machine', '?')}, torch threads: "
+                         f"{source.get('torch_threads', '?')}, torch {source.get('torch', '?')}"])
         else:
             rows.append([f"`{name}`", run.what, f"`{run.command}`", reports.problems[name], "–"])
     lines += table(["run", "what", "command", "wall time", "made at"], rows) + [""]
