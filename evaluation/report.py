@@ -404,13 +404,13 @@ def sweep_findings(dev: dict) -> list[str]:
         lines.append(f"- **ES by key position**: −1 {f3(low)}–{f3(high)} over the sweep, `last` "
                      f"{f3(es_range['last'][0])}–{f3(es_range['last'][1])}"
                      + (", `mean` " + "–".join(f3(v) for v in es_range["mean"]) if "mean" in es_range else "")
-                     + ". With BERT's right padding, position −1 is a pad token for every question shorter than the "
-                     "longest of its batch, so the key at evaluation (padded with other questions) is not the key "
-                     "stored at edit time.")
+                     + "." + (" With BERT's right padding, position −1 is a pad token for every question shorter than "
+                              "the longest of its batch, so the key at evaluation (padded with other questions) is not "
+                              "the key stored at edit time." if high < es_range["last"][0] else ""))
     onsets = []
     for key, points in curves.items():
         below = [p["init_radius"] for p in points if p["err"] < ERR_BOUND]
-        onsets.append(f"`{key_name(key)}` " + (f"from radius {min(below):.4g} on" if below else "never in the sweep"))
+        onsets.append(f"`{key_name(key)}` " + (f"first at radius {min(below):.4g}" if below else "never in the sweep"))
     lines.append(f"- **ERR below {ERR_BOUND}** (conflict splits forget points as radii grow): " + "; ".join(onsets)
                  + ".")
     if "last" in curves:
