@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.melo_fast_installed
 
-.PHONY: install demo test lint bench bench-report clean
+.PHONY: install demo test lint bench bench-report eval-report clean
 
 $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
@@ -23,11 +23,11 @@ demo: $(STAMP)
 	$(PY) -m melo_fast demo
 
 test: $(STAMP)
-	$(PY) -m ruff check melo_fast tests benchmarks
+	$(PY) -m ruff check melo_fast tests benchmarks evaluation
 	$(PY) -m pytest -q tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check melo_fast tests benchmarks
+	$(PY) -m ruff check melo_fast tests benchmarks evaluation
 
 # Benchmarks (kept out of `make test`): the CPU set takes under 10 minutes on 2 cores; see
 # benchmarks/README.md. On a busy shared machine time single-threaded CPU time instead of wall time:
@@ -40,6 +40,11 @@ bench: $(STAMP)
 # Regenerate BENCHMARKS.md and benchmarks/plots/ from an existing benchmarks/results.json.
 bench-report: $(STAMP)
 	$(PY) benchmarks/report.py benchmarks/results.json
+
+# Regenerate EVALUATION.md and docs/*.png from the reports in evaluation/runs/ (each made by one
+# `python -m melo_fast demo ...` command: `python evaluation/report.py --commands` lists them).
+eval-report: $(STAMP)
+	$(PY) evaluation/report.py
 
 clean:
 	rm -rf build *.egg-info melo_fast/*.so

@@ -105,7 +105,7 @@ def _jsonable(value):
 
 
 def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, max_rounds=30, warmup=1,
-          setup=None, paired=None, **info) -> float:
+          setup=None, paired=None, count_faults=False, **info) -> float:
     """Time ``fn`` (device-synchronized) under ``group`` and record where, what and how.
 
     Rounds are chosen from one warm-up call so that the case takes about ``target_s``
@@ -117,6 +117,11 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
     right before every round of ``fn``, so the two alternate; its times go to
     ``extra_info["paired"]`` (in round order, matching ``stats.data``) and the report gives the median
     of the per-round ratios, which machine-load drift between rows cannot bias.
+
+    ``count_faults``: also count the minor page faults of every timed call (``getrusage``, two
+    system calls per round: only for cases of milliseconds or more) and record their median as
+    ``extra_info["minor_faults_per_call"]``: how much fresh memory a call touches (4 KiB per fault
+    with ordinary pages).
     """
     timer = getattr(benchmark, "_timer", None) or time.perf_counter
     paired_times: list[float] = []
@@ -133,9 +138,17 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
             setup()
         run_paired()
 
+    faults: list[int] = []
+
     def timed():
+        if not count_faults:
+            result = fn()
+            sync()
+            return result
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         result = fn()
         sync()
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
         return result
 
     benchmark.group = group
@@ -163,6 +176,7 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
         if estimate > 4 * target_s:
             rounds = 1  # a slow outlier (e.g. the torch backend at 1M keys): one round after the warm-up
     paired_times.clear()
+    faults.clear()
 
     def pedantic_setup():
         before_round()
@@ -175,6 +189,8 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
         ordered = sorted(paired_times)
         benchmark.extra_info["paired"] = {"case": paired[0], "min": ordered[0], "median": ordered[len(ordered) // 2],
                                           "rounds": len(ordered), "times": paired_times}  # round order
+    if faults:
+        benchmark.extra_info["minor_faults_per_call"] = sorted(faults)[len(faults) // 2]
     return benchmark.stats.stats.min
 
 
@@ -279,6 +295,31 @@ def fill_edits(editor, n_keys: int, num_blocks: int, hits: torch.Tensor | None =
 
 
 # ---- memory ----------------------------------------------------------------------------------------
+
+
+def release_free_memory() -> None:
+    """Return the C heap's free memory to the OS (glibc ``malloc_trim(0)``; elsewhere a no-op).
+
+    Use it as the untimed ``setup`` of every round of cases that allocate large outputs: glibc serves
+    a large allocation from free heap memory when an earlier case left some, and from fresh pages
+    (a page fault each) otherwise, so without it a case's time depends on which cases ran before it.
+    """
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
 
 
 def _status_kib(field: str) -> int | None:

@@ -10,9 +10,30 @@ import pytest
 import torch
 
 try:
-    from benchmarks._common import device_name
+    from benchmarks._common import ROOT, device_name
 except ImportError:  # benchmarks/ itself on sys.path (rootdir-relative import mode)
-    from _common import device_name
+    from _common import ROOT, device_name
+
+# Everything that can change a figure: the package, its C++ kernels and build, and the suites (not
+# their outputs, which an earlier run may have left modified).
+MEASURED_PATHS = ("melo_fast", "csrc", "setup.py", "pyproject.toml", "benchmarks", ":(exclude)benchmarks/results.json",
+                  ":(exclude)benchmarks/plots")
+
+
+def pytest_benchmark_update_json(config, benchmarks, output_json):
+    """Record the commit the numbers come from, and every uncommitted file that could change them;
+    keep the JSON small enough to commit.
+
+    (pytest-benchmark's own ``commit_info`` says only "dirty", for any change anywhere in the tree.)
+    The per-round times (``stats.data``, thousands of numbers for microsecond cases) are kept only
+    where the report reads them: rows with an interleaved baseline, whose ratio is per round.
+    """
+    from melo_fast.eval.report import git_state
+
+    output_json["melo_fast_source"] = git_state(ROOT, MEASURED_PATHS)
+    for result in output_json.get("benchmarks", []):
+        if not (result.get("extra_info") or {}).get("paired"):
+            result.get("stats", {}).pop("data", None)
 
 
 def _sync(device: str):

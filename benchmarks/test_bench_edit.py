@@ -13,9 +13,9 @@ onto models that fit a CPU run (the sizes of the LoRA banks are the paper's):
   ``encoder.layer.9-11.output.dense``) with 8 sentences per batch (50 in the paper).
 
 Cases: ``block-only`` (melo_fast's default backend: only the new block is a parameter) vs
-``reference`` (``MeloConfig(backend="reference")``: the official code's ops, and
+``reference`` (``MeloConfig(backend="reference")``: the plain-loop ops, and
 ``BlockLoRALinear.open_block`` makes the whole bank, every earlier block plus the new one, the
-trainable parameter, as the official code trains its full-rank LoRA matrices).
+trainable parameter: the full-rank training DESIGN §1 describes for MELO).
 
 The bank is pre-filled so the edit is the last block of the paper's bank: random blocks and a
 database of 4 (resp. 8) random keys per earlier block, as singleton clusters, published with
@@ -58,7 +58,7 @@ except ImportError:  # benchmarks/ run as a rootdir-less folder
 
 BLOCK_ONLY = "block-only (melo_fast)"
 MEMORY_STEPS = 3
-REFERENCE = "full-rank bank (reference, official code)"
+REFERENCE = "full-rank bank (reference)"
 
 FACTS = [
     ("The capital of France is", "Rome city"),

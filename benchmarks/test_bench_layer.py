@@ -8,6 +8,13 @@ blocks, the routing set to 1 distinct block for the whole batch or 64 distinct b
 sample). PEFT: a ``peft`` LoRA ``Linear`` with 64 adapters of rank 4; the single-adapter case is
 PEFT's ordinary forward with one active adapter, the per-sample case passes ``adapter_names=``
 (PEFT's mixed-batch forward, a Python loop over the distinct adapters of the batch).
+Every round starts from a trimmed C heap (``release_free_memory``, untimed): the outputs here are
+96 MiB, and glibc serves such an allocation from free heap memory when an earlier case left some,
+from fresh pages (a page fault per 4 KiB) otherwise, so without the trim a case's time depended on
+which cases ran before it (in one run ``cpp`` took no page fault and measured faster than
+``nn.Linear`` alone). Every case also records its minor page faults per call: PEFT's one-adapter
+forward adds ``result + lora_B(lora_A(x)) * scaling`` out of place, three more tensors of the
+output's size, fresh memory on every call; the per-sample path's temporaries are one sample's size.
 Groups: "layer ... 1 distinct" (baseline: PEFT single adapter) and "layer ... 64 distinct"
 (baseline: PEFT per-sample adapters).
 """
@@ -26,9 +33,9 @@ from melo_fast.state import EditState
 from melo_fast.vecdb import VectorDatabase
 
 try:
-    from benchmarks._common import DEVICE, backend_params, bench, default_backend
+    from benchmarks._common import DEVICE, backend_params, bench, default_backend, release_free_memory
 except ImportError:  # benchmarks/ run as a rootdir-less folder
-    from _common import DEVICE, backend_params, bench, default_backend
+    from _common import DEVICE, backend_params, bench, default_backend, release_free_memory
 
 N, T, D_IN, D_OUT, RANK, BANK = 64, 128, 768, 3072, 4, 64
 DTYPE = torch.float32
@@ -65,7 +72,7 @@ def test_linear(benchmark, data, distinct):
     baseline = PEFT_SINGLE if distinct == 1 else PEFT_MIXED
     with torch.no_grad():
         bench(benchmark, lambda: linear(x), group=group(distinct), case="nn.Linear (no LoRA)", baseline=baseline,
-              **info(distinct, backend="none"))
+              setup=release_free_memory, count_faults=True, **info(distinct, backend="none"))
 
 
 @pytest.mark.parametrize("distinct", [1, 64])
@@ -90,6 +97,7 @@ def test_melo_layer(benchmark, data, backend, distinct):
         with torch.no_grad():
             bench(benchmark, lambda: module(x), group=group(distinct), case=f"melo_fast BlockLoRA [{backend}]",
                   baseline=baseline, min_rounds=2 if slow else 3, warmup=0 if slow else 1,
+                  setup=release_free_memory, count_faults=True,
                   **info(distinct, backend=backend, default_backend=backend == default_backend()))
     finally:
         handle.remove()
@@ -145,4 +153,5 @@ def test_peft_layer(benchmark, data, peft_layer, mode, distinct):
     with torch.no_grad():
         bench(benchmark, forward, group=group(distinct), case=case,
               baseline=PEFT_SINGLE if distinct == 1 else PEFT_MIXED,
+              setup=release_free_memory, count_faults=True,
               **info(distinct, backend="peft", peft_mode=mode, peft=peft.__version__, adapters=BANK))

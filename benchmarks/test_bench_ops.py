@@ -11,8 +11,8 @@ add-on, out of place or in place) with ``nn.Linear`` alone timed right before ev
 ``extra_info["add-on / Linear"]`` is the median over rounds of (layer - Linear) / Linear.
 
 Groups are op + shape, so backends sit side by side in the table; compare ratios within a group.
-The reference backend (the official code's Python loops) runs a few pedantic rounds only, and is
-left out where one call would take minutes (lookups above 10k centers).
+The reference backend (plain Python loops over the rules of DESIGN §1) runs a few pedantic rounds
+only, and is left out where one call would take minutes (lookups above 10k centers).
 """
 
 from __future__ import annotations
@@ -315,6 +315,7 @@ def test_layer_inference_cpu(benchmark, run_bench, case, variant):
     ratios = sorted((t - p) / p for t, p in zip(times, paired, strict=True))
     ordered = sorted(paired)
     benchmark.extra_info["paired"] = {"case": "nn.Linear (base only)", "min": ordered[0],
-                                      "median": ordered[len(ordered) // 2], "rounds": len(ordered)}
+                                      "median": ordered[len(ordered) // 2], "rounds": len(ordered),
+                                      "times": paired}  # round order, as stats.data: per-round ratios
     benchmark.extra_info["add-on / Linear"] = round(ratios[len(ratios) // 2], 4)
     benchmark.extra_info["add-on / Linear (min - min)"] = round((min(times) - ordered[0]) / ordered[0], 4)

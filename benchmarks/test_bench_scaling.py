@@ -4,8 +4,8 @@
 
 1. Lookup (``ops.vecdb_search``), d = 768, C = 1k ... 1M stored keys (singleton clusters, the point at
    the center; half the queries hit), Q = 1 and Q = 32 queries, every backend of the device. The
-   ``reference`` backend (the official code's Python loops, ~15 us per query-center pair on a small
-   CPU) runs only while Q x C <= 320k (one call of a few seconds) and is skipped above.
+   ``reference`` backend (plain Python loops, ~15 us per query-center pair on a small CPU) runs only
+   while Q x C <= 320k (one call of a few seconds) and is skipped above.
    Groups: one per (Q, C); the baseline is ``reference`` where it ran, else ``torch``.
    Plot ``lookup_vs_keys``: time vs C, log-log, one line per backend and Q.
 2. Forward vs edits: BERT-base-shaped model (768-d keys), B x T = 4 x 64, patched with 0 ... 1M

@@ -67,18 +67,22 @@ def _inspect(args) -> None:
     print(choice.describe())
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``python -m melo_fast``; each command sets ``run`` (``args.run(args)``)."""
     parser = argparse.ArgumentParser(prog="python -m melo_fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from melo_fast.eval import demo, harness
+    from melo_fast.eval import demo, evaluate
 
     demo.add_arguments(commands.add_parser("demo", help="edit a real pretrained model on real data and report"))
-    harness.add_arguments(commands.add_parser("eval", help="MELO metrics and baselines on a local HF model"))
+    evaluate.add_arguments(commands.add_parser("eval", help="MELO metrics and baselines on a local HF model"))
     commands.add_parser("env", help="versions and available op backends").set_defaults(run=_env)
     inspect = commands.add_parser("inspect", help="which router and targets patch() chooses for a model, and why")
     inspect.add_argument("model_dir", help="local Hugging Face model folder (config.json; weights are not needed)")
     inspect.set_defaults(run=_inspect)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     args.run(args)

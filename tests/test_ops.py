@@ -1,4 +1,4 @@
-"""The vectorized ``torch`` backend against the ``reference`` (official-code loops) backend."""
+"""The vectorized ``torch`` backend against the ``reference`` (plain-loop) backend."""
 
 import pytest
 import torch
@@ -24,6 +24,30 @@ def make_database(n_clusters, dim, points_per_cluster=3, radius=4.0, seed=0):
 
 def search(queries, database, backend):
     return ops.vecdb_search(queries, *database, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference", "torch"])
+def test_ops_on_hand_made_values(backend):
+    # Search (DESIGN §1): the nearest center decides, then its radius, then the nearest point of that
+    # cluster only. Cluster 0: center (0, 0), radius 1, points (0, .5) -> block 3 and (4, 0) -> 6.
+    # Cluster 1: center (10, 0), radius 6, points (9, 0) -> 4 and (12, 0) -> 5.
+    database = (torch.tensor([[0.0, 0.0], [10.0, 0.0]]), torch.tensor([1.0, 6.0]), torch.tensor([0, 2, 4]),
+                torch.tensor([[0.0, 0.5], [4.0, 0.0], [9.0, 0.0], [12.0, 0.0]]), torch.tensor([3, 6, 4, 5]))
+    queries = torch.tensor([[0.2, 0.2],  # cluster 0 at 0.28 <= 1: its point, block 3
+                            [11.5, 0.0],  # cluster 1 at 1.5 <= 6: nearer point (12, 0), block 5
+                            [4.8, 0.0],  # nearest center (0, 0) at 4.8 > 1: none, though (10, 0) is 5.2 <= 6 away
+                            [5.5, 0.0]])  # cluster 1 at 4.5: its point (9, 0), block 4, not cluster 0's (4, 0)
+    assert search(queries, database, backend).tolist() == [3, 5, -1, 4]
+    # Block LoRA: base + scale (x A_b^T) B_b per sample, base alone for block -1. Sample 0, block 1:
+    # [1, 2].[0, 1] = 2, 2 * [2, -1] * 3 = [12, -6], + [10, 20]. Sample 1, block 0: 3 * [1, 1] * 3 + [30, 40].
+    x = torch.tensor([[[1.0, 2.0]], [[3.0, 4.0]]])
+    A = torch.tensor([[[1.0, 0.0]], [[0.0, 1.0]]])
+    B = torch.tensor([[[1.0, 1.0]], [[2.0, -1.0]]])
+    base = torch.tensor([[[10.0, 20.0]], [[30.0, 40.0]]])
+    out = ops.block_lora(x, A, B, torch.tensor([1, 0]), 3.0, base, backend=backend)
+    assert out.tolist() == [[[22.0, 14.0]], [[39.0, 49.0]]]
+    out = ops.block_lora(x, A, B, torch.tensor([1, -1]), 3.0, base, backend=backend)
+    assert out.tolist() == [[[22.0, 14.0]], [[30.0, 40.0]]]
 
 
 @pytest.mark.parametrize("n_queries", [1, 7, 33], ids=lambda n: f"Q{n}")

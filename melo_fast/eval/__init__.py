@@ -1,10 +1,17 @@
 """Evaluation of melo_fast: the demo, MELO's metrics (GRACE/MELO protocol) and baselines.
 
+Dependencies point one way, from the commands down to the protocol:
+
 - ``data``: KnowEdit zsRE records (load, validate, split).
 - ``metrics``: token-F1, exact match, accuracy, perplexity.
-- ``classifier``: the demo's "deployed model" (all-MiniLM-L6-v2 + a linear answer head).
 - ``tasks``: how to ask a model a question and score its answer (classifier or generative).
+- ``probes``: the probe sets and a model's answers to them (MELO's routed fast path).
 - ``baselines``: sequential plain LoRA fine-tuning with the same rank budget.
-- ``harness``: the sequential editing loop and ``python -m melo_fast eval``.
+- ``harness``: the sequential editing protocol (``SequentialEval``); no CLI, no plotting.
+- ``report``: console tables, the JSON report, plots (matplotlib optional).
+- ``classifier``: the demo's "deployed model" (all-MiniLM-L6-v2 + a linear answer head).
+- ``local_model``: loading a local Hugging Face folder for ``eval``.
+- ``arguments``: command-line arguments shared by ``demo`` and ``eval``, the paper's presets.
 - ``demo``: ``python -m melo_fast demo``.
+- ``evaluate``: ``python -m melo_fast eval`` (falls back to the demo without ``--model``).
 """

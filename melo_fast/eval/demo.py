@@ -6,38 +6,32 @@ original answer. MELO then changes each edited question's answer to ``target_new
 batches, and the harness (:mod:`melo_fast.eval.harness`) measures ES, ERR, generality and
 locality against the unedited model and a sequential plain-LoRA baseline.
 
-Why this router, these targets, this key and this radius (measured on the dev data with the
-commands in EVALUATION.md, which has the numbers):
+Why this router, these targets, this key and this radius (EVALUATION.md has the figures, each
+regenerated from the JSON report of the command it names; none is copied here):
 
 - Router ``encoder.layer.5.attention.output.dense``, LoRA on the last layer's FFN
   (``encoder.layer.5.intermediate.dense`` and ``encoder.layer.5.output.dense``). MELO's generality
   depends on one geometric fact: a cluster's radius shrinks to half the distance to the nearest
   edit with another answer (the conflict split), so a paraphrase is only routed to its edit if it is
   closer to its question than half the distance between questions. zsRE questions are templates
-  that differ in the subject, so early layers (and melo_fast's BERT default, router in layer 3
-  ``output.dense`` → LoRA in layers 4-5) see "What species is ZIC3 specific to?" and "What species
-  is ZIC2 specific to?" as near neighbours: with that default the rephrase generality stayed
-  <= 0.144 over the whole radius range (400 dev records), while this router, in the last layer
-  (where all-MiniLM-L6-v2 was trained to map paraphrases together), reached 0.268 on the 712 dev
-  edits with ES >= 0.99, ERR >= 0.98, locality >= 0.98 (``encoder.layer.5.output.dense`` as its own
-  target: 0.257); its keys separate questions best (nearest other question 3.9x farther than the
-  paraphrase). Keys from the last layer leave only that layer's FFN to edit; it is enough
-  (ES 0.993, the data's ceiling) and makes edits cheaper (backward through one FFN).
+  that differ in the subject, so early layers (a router in layer 3 ``output.dense`` → LoRA in
+  layers 4-5) see "What species is ZIC3 specific to?" and "What species is ZIC2 specific to?" as
+  near neighbours, while the last layer (where all-MiniLM-L6-v2 was trained to map paraphrases
+  together) separates questions from each other more than from their paraphrases: EVALUATION.md
+  ("How the demo's MELO configuration was chosen") compares the routers' key distances and best
+  generality under the targets. Keys from the last layer leave only that layer's FFN to edit,
+  which makes edits cheaper (backward through one FFN).
 - Key position "last": the last real token, [SEP] for BERT, which attends to the whole question.
-  "mean" routes almost the same but loses ERR to conflict splits sooner as edits accumulate. The official position -1
-  is a pad token for every row shorter than the longest of its batch, so a question's key depends on
-  what it is batched with: the edit's own question misses its edit (ES 0.555-0.935 over the sweep)
-  and it generalizes worse at equal locality.
-- ``init_radius`` "auto": 0.18 x the median distance from an edited question's key to the nearest
-  other edited question's key, measured on the edit questions before editing. On the dev data
-  that is 0.8 (0.7 x the median question-to-rephrase distance), the largest radius of the sweep
-  that keeps ES >= 0.99, ERR >= 0.98 and locality >= 0.98 on the 712 dev edits. A relative radius
-  because key distances depend on the data: the shipped hand-written questions are ~1.6x farther
-  apart than zsRE's templated ones, in questions and paraphrases alike. (The paper's radii belong
-  to other models' key spaces.) A number given with ``--init-radius`` is used as is.
-- Optimizer: MELO's (Adam 1e-2, StepLR, 50 steps) with block scale 5 instead of 20: with 20 some
-  batches were still being fitted at step 50 (one batch of the demo set stopped at 9/10), with 5
-  the batches we tried were fitted by step 20.
+  The official position -1 is a pad token for every row shorter than the longest of its batch, so
+  a question's key depends on what it is batched with and the edit's own question can miss its
+  edit; "mean" is the other candidate. The sweep in EVALUATION.md measures all three.
+- ``init_radius`` "auto": ``AUTO_RADIUS`` x the median distance from an edited question's key to
+  the nearest other edited question's key, measured on the edit questions before editing. A
+  relative radius because key distances depend on the data (the shipped hand-written questions
+  are farther apart than zsRE's templated ones; EVALUATION.md gives both). The paper's radii
+  belong to other models' key spaces. A number given with ``--init-radius`` is used as is.
+- Optimizer: MELO's (Adam 1e-2, StepLR, 50 steps) with block scale 5 instead of MELO's 20 for
+  zsRE; EVALUATION.md compares the two on the shipped set.
 """
 
 from __future__ import annotations
@@ -48,21 +42,18 @@ from pathlib import Path
 import torch
 
 from melo_fast.config import MeloConfig
-from melo_fast.eval.classifier import build_deployed_model
-from melo_fast.eval.harness import (
+from melo_fast.eval import report as reporting
+from melo_fast.eval.arguments import (
     AUTO_RADIUS,
-    METHODS,
-    SequentialEval,
-    Settings,
     add_common_arguments,
     apply_threads,
     config_overrides,
-    format_table,
     load_or_exit,
-    plot_curves,
+    recorded_arguments,
     resolve_radius,
-    write_json,
 )
+from melo_fast.eval.classifier import build_deployed_model
+from melo_fast.eval.harness import METHODS, SequentialEval, Settings
 from melo_fast.eval.tasks import ClassifierTask
 
 # The demo's MELO configuration for MiniLM (see the module docstring for why).
@@ -70,17 +61,17 @@ DEMO_CONFIG = MeloConfig(
     router="encoder.layer.5.attention.output.dense",
     targets=["encoder.layer.5.intermediate.dense", "encoder.layer.5.output.dense"],
     rank_per_block=4,
-    init_radius=0.8,  # the demo resolves "auto" per data set (see above); 0.8 is its value on the dev data
+    init_radius=0.8,  # only when --init-radius is a number: the demo resolves "auto" per data set (see above)
     key_position="last",
     edit_lr=1e-2,
     num_iter=50,
     scale=5.0,
 )
-# Measured (EVALUATION.md); printed at the end of every demo run so that users know what the full run costs.
+# Printed at the end of every demo run so that users know what the full run costs.
 DEV_RUN_NOTE = (
     "The full zsRE dev run (890 records, 712 edits in batches of 10, with the sweep and the LoRA baseline),\n"
     "  python -m melo_fast demo --data ../shared/data/zsre_knowedit_dev.json --sweep --threads 1\n"
-    "took 21 min (1249 s) on 2 shared CPU cores (EVALUATION.md)."
+    "takes about 20 minutes on 2 CPU cores (EVALUATION.md has the measured wall time)."
 )
 SWEEP_KEY_POSITIONS = ("last", "mean", -1)
 SWEEP_RADIUS_FACTORS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25)  # × median question-to-rephrase distance
@@ -101,14 +92,19 @@ def demo_config(args) -> MeloConfig:
 
 
 def run(args) -> dict:
-    """Build the deployed model, edit it with MELO (and the baselines), print and write the report."""
+    """Build the deployed model, edit it with MELO (and the baselines), print and write the report.
+
+    Writes ``<out>/demo_report.json`` first, then the plots (``demo_curves.png``, with ``--sweep``
+    ``sweep.png``), which need matplotlib: without it they are skipped with a warning.
+    """
     start_all = time.perf_counter()
     apply_threads(args)
-    torch.manual_seed(args.seed)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    reporting.check_plotting("demo")
+    torch.manual_seed(args.seed)
     records = load_or_exit(args.data, args.limit)
     config = demo_config(args)
     out = Path(args.out)
@@ -134,6 +130,8 @@ def run(args) -> dict:
     results = {"unedited": harness.run_unedited()}
     report: dict = {
         "command": "demo",
+        "arguments": recorded_arguments(args),
+        "provenance": reporting.provenance(),
         "data": str(args.data) if args.data else "demo_facts.json",
         "model": "all-MiniLM-L6-v2 + linear head (frozen encoder)",
         "head_training": head.__dict__,
@@ -144,7 +142,7 @@ def run(args) -> dict:
         torch.manual_seed(args.seed)
         results["melo"] = harness.run_melo(config, keep=True)
         report["examples"] = examples(harness, getattr(args, "examples", 5))
-        print_examples(report["examples"])
+        reporting.print_examples(report["examples"])
         report["key_scale"] = {str(p): harness.key_scale(p) for p in SWEEP_KEY_POSITIONS}
         scale = report["key_scale"][str(config.key_position)]
         print(f"\nkey distances (key '{config.key_position}', medians): question to its rephrase "
@@ -155,36 +153,35 @@ def run(args) -> dict:
             report["sweep"] = sweep(harness, config, report["key_scale"])
             locality = results["melo"].metrics["locality"]
             report["sweep_summary"] = sweep_summary(report["sweep"], locality)
-            print_sweep_summary(report["sweep_summary"], locality)
-            plot_sweep(report["sweep"], config, out / "sweep.png")
+            reporting.print_sweep_summary(report["sweep_summary"], locality)
         harness.release()
     if "lora" in methods:
         torch.manual_seed(args.seed)
         results["lora"] = harness.run_lora(config)
-    results = {name: results[name] for name in METHODS if name in results}
+    results = {name: results[name].to_dict() for name in METHODS if name in results}
 
     print()
-    print(format_table(results))
+    print(reporting.format_table(results))
     if "melo" in results:
-        db = results["melo"].db
+        db = results["melo"]["db"]
         print(f"database: {db['clusters']} clusters, {db['points']} points, {db['conflicts']} conflicts, "
               f"{db['forgotten_points']} forgotten points, {db['blocks']} blocks")
     for name, result in results.items():
         if name != "unedited":
-            per_edit = result.edit_seconds / max(1, shape["edited"])
-            print(f"{name}: edit time {result.edit_seconds:.1f} s ({1000 * per_edit:.0f} ms per edit), "
-                  f"evaluation {result.eval_seconds:.1f} s")
+            per_edit = result["edit_seconds"] / max(1, shape["edited"])
+            print(f"{name}: edit time {result['edit_seconds']:.1f} s ({1000 * per_edit:.0f} ms per edit), "
+                  f"evaluation {result['eval_seconds']:.1f} s")
     total = time.perf_counter() - start_all
-    report.update(
-        melo_config=config.to_dict(),
-        methods={name: r.to_dict() for name, r in results.items()},
-        total_seconds=total,
-    )
-    write_json(out / "demo_report.json", report)
+    report.update(melo_config=config.to_dict(), methods=results, total_seconds=total)
+    reporting.write_json(out / "demo_report.json", report)
+    written = [out / "demo_report.json"]
     short_name = Path(args.data).name if args.data else "shipped demo set"
-    plot_curves(results, out / "demo_curves.png", f"MELO vs sequential LoRA on all-MiniLM-L6-v2 ({short_name})")
-    print(f"\nwrote {out / 'demo_report.json'} and {out / 'demo_curves.png'}"
-          + (f" and {out / 'sweep.png'}" if "sweep" in report else ""))
+    written.append(reporting.save_plot(reporting.plot_curves, out / "demo_curves.png", results,
+                                       f"MELO vs sequential LoRA on all-MiniLM-L6-v2 ({short_name})"))
+    if "sweep" in report:
+        written.append(reporting.save_plot(reporting.plot_sweep, out / "sweep.png", report["sweep"],
+                                           (config.key_position, config.init_radius)))
+    print(f"\nwrote {', '.join(str(path) for path in written if path is not None)}")
     print(f"total {total:.0f} s. {DEV_RUN_NOTE}")
     return report
 
@@ -224,27 +221,6 @@ def examples(harness: SequentialEval, count: int) -> list[dict]:
     return rows
 
 
-def _cut(text: str, width: int) -> str:
-    return text if len(text) <= width else text[: width - 1] + "…"
-
-
-def print_examples(rows: list[dict]) -> None:
-    print("\nBefore/after MELO (✓ = the edit's target for edited questions and paraphrases, "
-          "the unedited answer for locality questions):")
-    print(f"  {'question':<58} {'before':<22} {'after':<22} {'wanted':<22}")
-    for row in rows:
-        mark = "✓" if row["after"] == row["target"] else "✗"
-        print(f"  {_cut(row['question'], 58):<58} {_cut(row['before'], 22):<22} "
-              f"{_cut(row['after'], 20) + ' ' + mark:<22} {_cut(row['target'], 22):<22}")
-        mark = "✓" if row["rephrase_after"] == row["target"] else "✗"
-        print(f"    paraphrase: {_cut(row['rephrase'], 46):<46} {_cut(row['rephrase_before'], 22):<22} "
-              f"{_cut(row['rephrase_after'], 20) + ' ' + mark:<22} {_cut(row['target'], 22):<22}")
-        if "locality" in row:
-            mark = "✓" if row["locality_after"] == row["locality_before"] else "✗"
-            print(f"    locality:   {_cut(row['locality'], 46):<46} {_cut(row['locality_before'], 22):<22} "
-                  f"{_cut(row['locality_after'], 20) + ' ' + mark:<22} {_cut(row['locality_before'], 22):<22}")
-
-
 def sweep(harness: SequentialEval, config: MeloConfig, key_scale: dict) -> list[dict]:
     """init_radius × key position, replayed on the blocks trained by the main MELO run (exact)."""
     points = []
@@ -272,52 +248,6 @@ def sweep_summary(points: list[dict], locality: float) -> list[dict]:
         else:
             rows.append({"key_position": position, "init_radius": None})
     return rows
-
-
-def print_sweep_summary(rows: list[dict], locality: float) -> None:
-    print(f"\nSweep: best generality per key position at locality >= {locality:.3f} (the default's):")
-    print(f"  {'key position':<14}{'init_radius':>12}{'ES':>8}{'ERR':>8}{'gen(reph)':>11}{'gen(gen)':>10}{'loc':>8}")
-    for row in rows:
-        if row["init_radius"] is None:
-            print(f"  {str(row['key_position']):<14}{'none reaches this locality':>40}")
-            continue
-        print(f"  {str(row['key_position']):<14}{row['init_radius']:>12.4g}{row['es']:>8.3f}{row['err']:>8.3f}"
-              f"{row['generality_rephrase']:>11.3f}{row['generality_generate']:>10.3f}{row['locality']:>8.3f}")
-
-
-def plot_sweep(points: list[dict], config: MeloConfig, path: Path) -> None:
-    """Generality (rephrase, generate) and ERR against locality, one line per key position."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(1, 3, figsize=(15, 4))
-    names = {"last": "last real token (melo_fast default)", "mean": "mean over real tokens",
-             -1: "position -1 (official)"}
-    for axis, metric in zip(axes, ("generality_rephrase", "generality_generate", "err"), strict=True):
-        for position in SWEEP_KEY_POSITIONS:
-            line = sorted((p for p in points if p["key_position"] == position), key=lambda p: p["init_radius"])
-            xs = [p["locality"] for p in line]
-            ys = [p[metric] for p in line]
-            axis.plot(xs, ys, "-o", markersize=4, label=names[position])
-            for p in line[::2]:  # every other radius, so that the labels stay readable
-                axis.annotate(f"{p['init_radius']:.2f}", (p["locality"], p[metric]), fontsize=6,
-                              textcoords="offset points", xytext=(3, 3))
-        chosen = [p for p in points if p["key_position"] == config.key_position
-                  and p["init_radius"] == config.init_radius]
-        if chosen:
-            axis.plot([chosen[0]["locality"]], [chosen[0][metric]], "k*", markersize=12, label="demo default")
-        axis.axvline(0.98, color="gray", linestyle=":", linewidth=1)  # the locality target
-        axis.set_xlabel("locality (dotted: 0.98 target)")
-        axis.set_ylabel(metric.replace("_", " "))
-        axis.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    figure.suptitle("MELO on all-MiniLM-L6-v2: generality and ERR vs locality; labels: init_radius", fontsize=10)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
 
 
 __all__ = ["DEMO_CONFIG", "add_arguments", "run", "sweep", "sweep_summary"]

@@ -1,4 +1,4 @@
-"""The sequential editing harness (GRACE/MELO protocol) and ``python -m melo_fast eval``.
+"""The sequential editing protocol (GRACE/MELO): :class:`SequentialEval`.
 
 Protocol, for every method on the same data and the same batches:
 
@@ -19,17 +19,17 @@ Protocol, for every method on the same data and the same batches:
 
 Methods: the unedited model, MELO (melo_fast), and sequential plain LoRA with MELO's rank budget
 (:mod:`melo_fast.eval.baselines`).
+
+This module is the protocol only: printing, JSON and plots are in :mod:`melo_fast.eval.report`,
+the command lines in :mod:`melo_fast.eval.demo` and :mod:`melo_fast.eval.evaluate`.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -37,7 +37,7 @@ import melo_fast
 from melo_fast.config import MeloConfig
 from melo_fast.eval import metrics
 from melo_fast.eval.baselines import SequentialLoRA
-from melo_fast.eval.data import DataError, EditRecord, load_records, split_edits
+from melo_fast.eval.data import EditRecord, split_edits
 from melo_fast.eval.probes import Answerer, ProbeSet
 
 METHODS = ("unedited", "melo", "lora")
@@ -170,8 +170,20 @@ class SequentialEval:
         for key, value in scores.items():
             out[metric if key == self.task.primary else f"{metric}_{key}"] = value
 
-    def _final_metrics(self, answer, es_scores: dict[str, float]) -> dict[str, float]:
-        """Every end-of-run metric; ``answer(set_name, indices)`` gives the model's answers now."""
+    def final_metrics(self, answer, es_scores: dict[str, float]) -> dict[str, float]:
+        """Every end-of-run metric of a model, from its answers now.
+
+        Args:
+            answer: ``answer(set_name, indices) -> list[str]``, the model's answers to those questions
+                of a probe set (``self.sets``); any editing method can be scored this way.
+            es_scores: the ES scores measured batch by batch (primary score and the others).
+
+        Returns:
+            ``es``, ``err``, ``generality_rephrase``, ``generality_generate`` (a mean over every
+            generate prompt, not per record), ``locality_relation``, ``locality_unedited`` and
+            ``locality`` (the mean over the questions of both locality sets), each also as
+            ``<metric>_<score>`` for the task's secondary scores.
+        """
         out: dict[str, float] = {}
         self._put(out, "es", es_scores)
         for metric, name in (("err", "edit"), ("generality_rephrase", "rephrase"),
@@ -225,7 +237,7 @@ class SequentialEval:
             return [self.answerer.unedited[name][i] for i in indices]
 
         es = self._score("edit", answer("edit", range(len(self.edited))), range(len(self.edited)))
-        result = MethodResult("unedited", self._final_metrics(answer, es))
+        result = MethodResult("unedited", self.final_metrics(answer, es))
         result.eval_seconds = time.perf_counter() - start
         if self.task.kind != "classifier":
             ppl = self.task.perplexity(self.edited)
@@ -261,7 +273,7 @@ class SequentialEval:
                 if b in self._curve_batches:
                     result.curve.append(self._curve_point(answer, indices[-1] + 1, es_values))
             es = {key: metrics.mean(values) for key, values in es_totals.items()}
-            result.metrics = self._final_metrics(answer, es)
+            result.metrics = self.final_metrics(answer, es)
             result.db = editor.db.stats()
             result.db["blocks"] = editor.num_blocks
             result.extra["config"] = editor.config.to_dict()
@@ -313,7 +325,7 @@ class SequentialEval:
                 for key, value in scores.items():
                     es_totals.setdefault(key, []).extend([value] * len(indices))
             es = {key: metrics.mean(values) for key, values in es_totals.items()}
-            result.metrics = self._final_metrics(lambda n, i: self.answerer.routed(n, editor, i), es)
+            result.metrics = self.final_metrics(lambda n, i: self.answerer.routed(n, editor, i), es)
             result.db = db.stats()
             result.extra["config"] = {"key_position": key_position, "init_radius": init_radius}
         finally:
@@ -407,7 +419,7 @@ class SequentialEval:
                 if b in self._curve_batches:
                     result.curve.append(self._curve_point(answer, indices[-1] + 1, es_values))
             es = {key: metrics.mean(values) for key, values in es_totals.items()}
-            result.metrics = self._final_metrics(answer, es)
+            result.metrics = self.final_metrics(answer, es)
             if self.task.kind != "classifier":
                 result.extra["perplexity_target_new"] = metrics.mean(self.task.perplexity(self.edited))
         finally:
@@ -430,6 +442,21 @@ class SequentialEval:
         return {name: results[name] for name in METHODS if name in results}
 
     def describe(self) -> dict:
+        """The run's shape, and two facts of the edit set that bound what any method can score.
+
+        ``targets_already_true``: edited records whose ``target_new`` is one of their ground truths
+        (an unedited model that knows the facts scores them on ES/ERR). ``conflicting_prompts``:
+        groups of edited records (record indices) that ask the same prompt with different targets;
+        after all edits one answer per prompt can hold, so with accuracy ERR is at most
+        ``err_ceiling`` (token-F1 may give partial credit to both).
+        """
+        by_prompt: dict[str, list[EditRecord]] = {}
+        for record in self.edited:
+            by_prompt.setdefault(record.prompt, []).append(record)
+        conflicts = [[r.index for r in group] for group in by_prompt.values()
+                     if len({r.target_new for r in group}) > 1]
+        can_hold = sum(max(sum(r.target_new == t.target_new for r in group) for t in group)
+                       for group in by_prompt.values())
         return {
             "records": len(self.edited) + len(self.held),
             "edited": len(self.edited),
@@ -437,281 +464,7 @@ class SequentialEval:
             "batch_size": self.settings.batch_size,
             "batches": len(self.batches),
             "probe_questions": {name: len(s) for name, s in self.sets.items()},
+            "targets_already_true": sum(r.target_new in r.ground_truth for r in self.edited),
+            "conflicting_prompts": conflicts,
+            "err_ceiling": can_hold / len(self.edited),
         }
-
-
-# --- reporting ----------------------------------------------------------------------------------
-TABLE_COLUMNS = (
-    ("es", "ES"),
-    ("err", "ERR"),
-    ("generality_rephrase", "gen(rephrase)"),
-    ("generality_generate", "gen(generate)"),
-    ("locality", "locality"),
-    ("locality_relation", "loc(relation)"),
-    ("locality_unedited", "loc(not edited)"),
-)
-
-
-def format_table(results: dict[str, MethodResult]) -> str:
-    """A plain-text method × metric table (with edit seconds)."""
-    header = f"{'method':<10}" + "".join(f"{title:>16}" for _, title in TABLE_COLUMNS) + f"{'edit s':>10}"
-    lines = [header, "-" * len(header)]
-    for name, result in results.items():
-        cells = "".join(f"{result.metrics.get(key, float('nan')):>16.3f}" for key, _ in TABLE_COLUMNS)
-        lines.append(f"{name:<10}{cells}{result.edit_seconds:>10.1f}")
-    return "\n".join(lines)
-
-
-def markdown_table(results: dict[str, MethodResult]) -> str:
-    """The same table in Markdown (for EVALUATION.md)."""
-    titles = [title for _, title in TABLE_COLUMNS]
-    lines = ["| method | " + " | ".join(titles) + " | edit seconds |", "|---" * (len(titles) + 2) + "|"]
-    for name, result in results.items():
-        cells = " | ".join(f"{result.metrics.get(key, float('nan')):.3f}" for key, _ in TABLE_COLUMNS)
-        lines.append(f"| {name} | {cells} | {result.edit_seconds:.1f} |")
-    return "\n".join(lines)
-
-
-def write_json(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=_jsonable))
-
-
-def _jsonable(value):
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
-
-
-def plot_curves(results: dict[str, MethodResult], path: Path, title: str) -> None:
-    """PNG of ES/ERR/generality/locality against the number of edits, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = (("es", "ES (right after its batch)"), ("err", "ERR (edits so far)"),
-            ("generality_rephrase", "generality (rephrase)"), ("locality", "locality"))
-    figure, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4), sharex=True)
-    styles = {"melo": ("tab:blue", "-o"), "lora": ("tab:red", "--s")}
-    for axis, (key, label) in zip(axes, keys, strict=True):
-        for name, result in results.items():
-            if not result.curve:
-                continue
-            color, style = styles.get(name, ("tab:gray", "-"))
-            xs = [p["edits"] for p in result.curve]
-            axis.plot(xs, [p[key] for p in result.curve], style, color=color, label=name, markersize=4)
-        axis.set_title(label, fontsize=10)
-        axis.set_xlabel("edits so far")
-        axis.set_ylim(-0.02, 1.02)
-        axis.grid(alpha=0.3)
-    axes[0].legend(loc="lower left")
-    figure.suptitle(title, fontsize=11)
-    figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-
-
-# --- `python -m melo_fast eval` -----------------------------------------------------------------
-PRESETS: dict[str, tuple[dict, int]] = {
-    # DESIGN §1 "Paper settings": router → targets, blocks × rank, edits per batch, init_radius, lr.
-    # MeloConfig.scale is the official effective scale, which equals the official num_block.
-    "t5-small-ssm-nq": (
-        dict(
-            router="encoder.block.4.layer.1.DenseReluDense.wo",
-            targets=[
-                "encoder.block.5.layer.1.DenseReluDense.wo",
-                "encoder.block.6.layer.1.DenseReluDense.wo",
-                "decoder.block.5.layer.2.DenseReluDense.wo",
-                "decoder.block.6.layer.2.DenseReluDense.wo",
-            ],
-            rank_per_block=2, scale=20.0, init_radius=75.0, edit_lr=1e-2,
-        ),
-        100,
-    ),
-    "scotus-bert": (
-        dict(
-            router="encoder.layer.4.output.dense",
-            targets=[f"encoder.layer.{i}.output.dense" for i in (9, 10, 11)],
-            rank_per_block=4, scale=100.0, init_radius=0.1, edit_lr=1e-2,
-        ),
-        50,
-    ),
-    "gpt2-xl": (
-        dict(
-            router="transformer.h.35.mlp.c_fc",
-            targets=["transformer.h.36.mlp.c_fc", "transformer.h.37.mlp.c_fc"],
-            rank_per_block=2, scale=350.0, init_radius=0.5, edit_lr=1e-3,
-        ),
-        4,
-    ),
-}
-
-
-def preset(name: str) -> tuple[MeloConfig, int]:
-    """``(MeloConfig, edits per batch)`` of one of the paper's three configurations."""
-    if name not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    fields, batch_size = PRESETS[name]
-    return MeloConfig(**fields), batch_size
-
-
-def load_local_model(path: str):
-    """``(model, tokenizer)`` from a local Hugging Face folder: seq2seq, classifier or causal LM by config."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import (
-        AutoConfig,
-        AutoModelForCausalLM,
-        AutoModelForSeq2SeqLM,
-        AutoModelForSequenceClassification,
-        AutoTokenizer,
-    )
-
-    if not Path(path).is_dir():
-        raise FileNotFoundError(f"--model {path}: not a folder (give a local Hugging Face model folder)")
-    config = AutoConfig.from_pretrained(path)
-    architectures = getattr(config, "architectures", None) or []
-    if config.is_encoder_decoder:
-        auto = AutoModelForSeq2SeqLM
-    elif any(a.endswith("ForSequenceClassification") for a in architectures):
-        auto = AutoModelForSequenceClassification
-    else:
-        auto = AutoModelForCausalLM
-    model = auto.from_pretrained(path).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    return model, tokenizer
-
-
-def load_or_exit(path, limit) -> list[EditRecord]:
-    """``load_records`` for the command line: a bad data file ends the run with its message, no traceback."""
-    try:
-        return load_records(path, limit)
-    except DataError as err:
-        raise SystemExit(f"melo_fast: {err}") from None
-
-
-def add_common_arguments(parser, batch_size_default: int | None = 10) -> None:
-    """Arguments shared by ``demo`` and ``eval``."""
-    parser.add_argument("--data", default=None, help="KnowEdit zsRE JSON file (default: the shipped demo set)")
-    parser.add_argument("--limit", type=int, default=None, help="use only the first N records")
-    parser.add_argument("--batch-size", type=int, default=batch_size_default, help="edits per batch")
-    parser.add_argument("--num-iter", type=int, default=None, help="optimization steps per batch (MeloConfig)")
-    parser.add_argument("--init-radius", default=None,
-                        help="MeloConfig.init_radius: a number, or 'auto' (0.18 x the median distance "
-                             "between an edited question's key and the nearest other one; the demo's default)")
-    parser.add_argument("--key-position", default=None, help="'last', 'mean' or an int token index (-1: official)")
-    parser.add_argument("--router", default=None, help="MeloConfig.router (module name or unique suffix)")
-    parser.add_argument("--targets", default=None, help="MeloConfig.targets, comma-separated module names")
-    parser.add_argument("--scale", type=float, default=None, help="MeloConfig.scale (effective block scale)")
-    parser.add_argument("--holdout", type=float, default=0.2, help="fraction of records never edited (locality)")
-    parser.add_argument("--methods", default=",".join(METHODS), help="comma list of " + ", ".join(METHODS))
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="melo_out", help="output folder (JSON report, PNG plot)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared machine)")
-
-
-def apply_threads(args) -> None:
-    """Honour ``--threads`` (torch's intra-op CPU threads)."""
-    if getattr(args, "threads", None):
-        torch.set_num_threads(args.threads)
-
-
-def config_overrides(args) -> dict:
-    """The MeloConfig fields given on the command line (None: keep the preset's / demo's value).
-
-    ``--init-radius auto`` is not a MeloConfig value: see :func:`resolve_radius`.
-    """
-    targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    radius = None
-    if args.init_radius not in (None, "auto"):
-        try:
-            radius = float(args.init_radius)
-        except ValueError:
-            raise ValueError(f"--init-radius must be a number or 'auto', got {args.init_radius!r}") from None
-    changes = {"num_iter": args.num_iter, "init_radius": radius, "router": args.router,
-               "targets": targets, "scale": args.scale, "key_position": parse_key_position(args.key_position)}
-    return {k: v for k, v in changes.items() if v is not None}
-
-
-# init_radius "auto" = AUTO_RADIUS x the median nearest-other-question key distance of the edit set.
-# 0.18 gives 0.8 on the zsRE dev data with the demo's router, the largest radius of the sweep that
-# keeps ES >= 0.99, ERR >= 0.98 and locality >= 0.98 there (EVALUATION.md).
-AUTO_RADIUS = 0.18
-
-
-def resolve_radius(harness: SequentialEval, config: MeloConfig, value) -> MeloConfig:
-    """``config`` with ``init_radius`` resolved: ``"auto"`` is measured on the edit questions' keys."""
-    if value != "auto":
-        return config
-    spread = harness.question_spread(config)
-    return config.replace(init_radius=round(AUTO_RADIUS * spread, 4))
-
-
-def parse_key_position(value):
-    """``"last"``/``"mean"`` stay strings; an integer string becomes an int token index."""
-    if value is None or value in ("last", "mean"):
-        return value
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"--key-position must be 'last', 'mean' or an int, got {value!r}") from None
-
-
-def add_arguments(parser) -> None:
-    """Arguments of ``python -m melo_fast eval``."""
-    parser.add_argument("--task", default="zsre", choices=["zsre"], help="task (KnowEdit zsRE question answering)")
-    parser.add_argument("--model", default=None,
-                        help="local HF model folder (seq2seq, causal LM or sequence classifier); "
-                             "default: the demo's MiniLM classifier")
-    parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
-                        help="the paper's configuration (router, targets, blocks x rank, batch size, radius, lr)")
-    add_common_arguments(parser, batch_size_default=None)
-    parser.set_defaults(run=run_eval)
-
-
-def run_eval(args) -> dict:
-    """``python -m melo_fast eval``: all methods on a local model (or the demo classifier)."""
-    from melo_fast.eval import demo
-    from melo_fast.eval.tasks import task_for
-
-    if args.model is None:  # the demo's MiniLM classifier, with the demo's defaults
-        if args.preset:
-            raise SystemExit(f"--preset {args.preset} configures a paper checkpoint: give its folder with --model")
-        if args.init_radius is None:
-            args.init_radius = "auto"
-        return demo.run(args)
-    apply_threads(args)
-    torch.manual_seed(args.seed)
-    records = load_or_exit(args.data, args.limit)
-    config, batch_size = preset(args.preset) if args.preset else (MeloConfig(), 10)
-    config = config.replace(**config_overrides(args))
-    model, tokenizer = load_local_model(args.model)
-    task = task_for(model, tokenizer)
-    settings = Settings(batch_size=args.batch_size or batch_size, holdout=args.holdout,
-                        progress=not args.no_progress)
-    harness = SequentialEval(task, records, settings)
-    config = resolve_radius(harness, config, args.init_radius)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    print(f"melo_fast eval: {args.model} ({task.kind}), {harness.describe()}, init_radius {config.init_radius}")
-    results = harness.run(config, methods)
-    print(format_table(results))
-    out = Path(args.out)
-    report = {
-        "command": "eval",
-        "model": args.model,
-        "task": task.kind,
-        "primary_score": task.primary,
-        "data": args.data or "demo_facts.json",
-        **harness.describe(),
-        "melo_config": config.to_dict(),
-        "methods": {name: r.to_dict() for name, r in results.items()},
-    }
-    write_json(out / "eval_report.json", report)
-    plot_curves(results, out / "eval_curves.png", f"{Path(args.model).name}: metrics vs number of edits")
-    print(f"wrote {out / 'eval_report.json'} and {out / 'eval_curves.png'}")
-    return report

@@ -2,7 +2,7 @@
 
 Every backend implements the same two functions with the same semantics:
 
-- ``reference``: the official code's loops (``reference.py``); the test oracle.
+- ``reference``: plain loops over the rules of DESIGN §1 (``reference.py``); the test oracle.
 - ``torch``: vectorized torch (``vectorized.py``); runs anywhere.
 - ``cpp``: the C++ CPU extension (``cpu.py``), when it was built.
 - ``triton``: fused Triton kernels (``triton/``), for CUDA tensors.

@@ -1,8 +1,10 @@
-"""Pure-torch specification of every op, written the way MELO's official code does it.
+"""Pure-torch specification of every op: the rules of DESIGN §1, as plain loops.
 
-This is the parity oracle for every other backend and the "official code" baseline in the
-benchmarks. Keep it plain: Python loops over queries, clusters, points and samples, exactly as
-the algorithm reads. Never optimize it.
+This is the parity oracle for every other backend and the slow baseline in the benchmarks. There
+is no official MELO code in the repository to compare it with: what backs it is DESIGN §1 and
+hand-derived tests in tests/test_ops.py (each rule of the search, and the block LoRA formula, on
+hand-made values; ties, empty and all-miss databases). Keep it plain: Python loops over queries,
+clusters, points and samples, as the algorithm reads. Never optimize it.
 """
 
 from __future__ import annotations

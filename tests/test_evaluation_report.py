@@ -1,0 +1,59 @@
+"""EVALUATION.md's generator (evaluation/report.py): figures come from the reports, or are declared missing."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+COMMITTED_DEMO = ROOT / "evaluation" / "runs" / "demo" / "demo_report.json"
+
+
+@pytest.fixture(scope="module")
+def generator():
+    spec = importlib.util.spec_from_file_location("evaluation_report", ROOT / "evaluation" / "report.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    del sys.modules[spec.name]
+
+
+def generate(generator, tmp_path) -> str:
+    generator.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "EVALUATION.md"),
+                    "--plots", str(tmp_path / "docs")])
+    return (tmp_path / "EVALUATION.md").read_text()
+
+
+def test_missing_reports_render_their_commands_and_no_figures(generator, tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "dev_sweep.png").write_bytes(b"an old picture")
+    text = generate(generator, tmp_path)
+    for run in generator.RUNS.values():
+        assert f"not yet run: `{run.command}`" in text
+    assert "| MELO |" not in text and "![" not in text and "Database after" not in text
+    assert not (tmp_path / "docs" / "dev_sweep.png").exists()  # a picture of a report that is not there
+    assert "python -m melo_fast demo --threads 1 --out evaluation/runs/demo" in text
+
+
+def test_present_report_gives_the_figures_and_a_stale_one_none(generator, tmp_path):
+    report = json.loads(COMMITTED_DEMO.read_text())
+    for name in ("demo", "demo_scale_20"):  # the same report under a run whose command differs
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        shutil.copy(COMMITTED_DEMO, tmp_path / "runs" / name / "demo_report.json")
+    text = generate(generator, tmp_path)
+    melo = report["methods"]["melo"]["metrics"]
+    row = "| MELO | " + " | ".join(f"{melo[key]:.3f}" for key, _ in generator.TABLE_COLUMNS) + " |"
+    assert row in text
+    assert f"{report['total_seconds']:.0f} s" in text
+    assert (tmp_path / "docs" / "demo_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](docs/demo_curves.png)" in text
+    # demo_scale_20's command sets --scale 20 and MELO only: the demo's report must not pass for it.
+    assert "stale (runs/demo_scale_20/demo_report.json was made with methods 'unedited,melo,lora' instead of " \
+           "'unedited,melo', scale None instead of 20.0); rerun" in text
+    assert "scale 20: ES" not in text
