@@ -24,8 +24,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: import this checkout's melo_fast
 
+from melo_fast.calibration import NEUTRAL_PROMPTS  # noqa: E402
 from melo_fast.eval import report as plots  # noqa: E402
-from melo_fast.eval.arguments import AUTO_RADIUS, PRESETS  # noqa: E402
+from melo_fast.eval.arguments import PRESETS  # noqa: E402
 from melo_fast.eval.demo import DEMO_CONFIG, SWEEP_RADIUS_FACTORS  # noqa: E402
 from melo_fast.eval.report import TABLE_COLUMNS  # noqa: E402
 
@@ -481,10 +482,16 @@ def router_comparison(reports: Reports) -> list[str]:
 
 def radius_and_optimizer(reports: Reports) -> list[str]:
     paper_radii = ", ".join(f"{fields['init_radius']:g}" for fields, _ in PRESETS.values())
-    lines = [f"**init_radius.** `--init-radius auto` (the demo's default) = {AUTO_RADIUS} × the median distance "
-             "from an edited question's key to the nearest other edited question's key, measured on the edit "
-             f"questions only, before editing; a number is used as is. The paper's radii ({paper_radii}) belong to "
-             "other models' key spaces and are kept only in the presets."]
+    lines = [f"**init_radius.** The demo uses melo_fast's default, `init_radius=\"auto\"`: `relative_radius` "
+             f"({DEMO_CONFIG.relative_radius:g}) × the model's key scale, the median distance between the keys of the "
+             f"{len(NEUTRAL_PROMPTS)} built-in neutral prompts (`melo_fast/calibration.py`), measured once before the "
+             "first edit; nothing in it is fitted to the edit data. `--init-radius` with a number sets an absolute "
+             f"radius. The paper's radii ({paper_radii}) belong to other models' key spaces and are kept only in "
+             "the presets."]
+    for name in ("demo", "dev"):
+        radius = reports[name].get("radius") if reports.has(name) else None
+        if radius:
+            lines.append(f"Run `{name}`: key scale {radius['key_scale']:.4g}, init_radius {radius['init_radius']:.4g}.")
     if reports.has("demo", "dev"):
         demo, dev = reports["demo"]["key_scale"]["last"], reports["dev"]["key_scale"]["last"]
         lines.append(

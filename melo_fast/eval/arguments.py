@@ -1,8 +1,7 @@
 """Command-line arguments shared by ``python -m melo_fast demo`` and ``eval``, and the paper's presets.
 
 Turns parsed arguments into what the protocol takes: records (:func:`load_or_exit`), MeloConfig
-fields (:func:`config_overrides`, :func:`preset`) and the ``--init-radius auto`` rule
-(:func:`resolve_radius`).
+fields (:func:`config_overrides`, :func:`preset`).
 """
 
 from __future__ import annotations
@@ -11,7 +10,7 @@ import torch
 
 from melo_fast.config import MeloConfig
 from melo_fast.eval.data import DataError, EditRecord, load_records
-from melo_fast.eval.harness import METHODS, SequentialEval
+from melo_fast.eval.harness import METHODS
 
 PRESETS: dict[str, tuple[dict, int]] = {
     # DESIGN §1 "Paper settings": router → targets, blocks × rank, edits per batch, init_radius, lr.
@@ -71,8 +70,8 @@ def add_common_arguments(parser, batch_size_default: int | None = 10) -> None:
     parser.add_argument("--batch-size", type=int, default=batch_size_default, help="edits per batch")
     parser.add_argument("--num-iter", type=int, default=None, help="optimization steps per batch (MeloConfig)")
     parser.add_argument("--init-radius", default=None,
-                        help="MeloConfig.init_radius: a number, or 'auto' (0.18 x the median distance "
-                             "between an edited question's key and the nearest other one; the demo's default)")
+                        help="MeloConfig.init_radius: 'auto' (melo_fast's scale-free default: relative_radius "
+                             "x the model's key scale on built-in neutral prompts) or an absolute number")
     parser.add_argument("--key-position", default=None, help="'last', 'mean' or an int token index (-1: official)")
     parser.add_argument("--router", default=None, help="MeloConfig.router (module name or unique suffix)")
     parser.add_argument("--targets", default=None, help="MeloConfig.targets, comma-separated module names")
@@ -93,12 +92,9 @@ def apply_threads(args) -> None:
 
 
 def config_overrides(args) -> dict:
-    """The MeloConfig fields given on the command line (None: keep the preset's / demo's value).
-
-    ``--init-radius auto`` is not a MeloConfig value: see :func:`resolve_radius`.
-    """
+    """The MeloConfig fields given on the command line (None: keep the preset's / demo's value)."""
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
-    radius = None
+    radius = args.init_radius
     if args.init_radius not in (None, "auto"):
         try:
             radius = float(args.init_radius)
@@ -107,20 +103,6 @@ def config_overrides(args) -> dict:
     changes = {"num_iter": args.num_iter, "init_radius": radius, "router": args.router,
                "targets": targets, "scale": args.scale, "key_position": parse_key_position(args.key_position)}
     return {k: v for k, v in changes.items() if v is not None}
-
-
-# init_radius "auto" = AUTO_RADIUS x the median nearest-other-question key distance of the edit set.
-# Chosen on the zsRE dev sweep with the demo's router: about the largest radius that keeps ES >= 0.99,
-# ERR >= 0.98 and locality >= 0.98 there (EVALUATION.md recomputes that radius from the sweep).
-AUTO_RADIUS = 0.18
-
-
-def resolve_radius(harness: SequentialEval, config: MeloConfig, value) -> MeloConfig:
-    """``config`` with ``init_radius`` resolved: ``"auto"`` is measured on the edit questions' keys."""
-    if value != "auto":
-        return config
-    spread = harness.question_spread(config)
-    return config.replace(init_radius=round(AUTO_RADIUS * spread, 4))
 
 
 def parse_key_position(value):

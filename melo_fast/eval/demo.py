@@ -25,10 +25,9 @@ regenerated from the JSON report of the command it names; none is copied here):
   The official position -1 is a pad token for every row shorter than the longest of its batch, so
   a question's key depends on what it is batched with and the edit's own question can miss its
   edit; "mean" is the other candidate. The sweep in EVALUATION.md measures all three.
-- ``init_radius`` "auto": ``AUTO_RADIUS`` x the median distance from an edited question's key to
-  the nearest other edited question's key, measured on the edit questions before editing. A
-  relative radius because key distances depend on the data (the shipped hand-written questions
-  are farther apart than zsRE's templated ones; EVALUATION.md gives both). The paper's radii
+- ``init_radius`` "auto": melo_fast's scale-free default, ``relative_radius`` (0.1) x the model's
+  key scale, the median distance between the keys of built-in neutral prompts, measured before the
+  first edit (``melo_fast.calibration``). Nothing in it is fitted to the edit data. The paper's radii
   belong to other models' key spaces. A number given with ``--init-radius`` is used as is.
 - Optimizer: MELO's (Adam 1e-2, StepLR, 50 steps) with block scale 5 instead of MELO's 20 for
   zsRE; EVALUATION.md compares the two on the shipped set.
@@ -44,13 +43,11 @@ import torch
 from melo_fast.config import MeloConfig
 from melo_fast.eval import report as reporting
 from melo_fast.eval.arguments import (
-    AUTO_RADIUS,
     add_common_arguments,
     apply_threads,
     config_overrides,
     load_or_exit,
     recorded_arguments,
-    resolve_radius,
 )
 from melo_fast.eval.classifier import build_deployed_model
 from melo_fast.eval.harness import METHODS, SequentialEval, Settings
@@ -61,7 +58,7 @@ DEMO_CONFIG = MeloConfig(
     router="encoder.layer.5.attention.output.dense",
     targets=["encoder.layer.5.intermediate.dense", "encoder.layer.5.output.dense"],
     rank_per_block=4,
-    init_radius=0.8,  # only when --init-radius is a number: the demo resolves "auto" per data set (see above)
+    init_radius="auto",
     key_position="last",
     edit_lr=1e-2,
     num_iter=50,
@@ -118,10 +115,9 @@ def run(args) -> dict:
     task = ClassifierTask(model, tokenizer, model.answers)
     settings = Settings(batch_size=args.batch_size, holdout=args.holdout, progress=not args.no_progress)
     harness = SequentialEval(task, records, settings)
-    config = resolve_radius(harness, config, args.init_radius)
-    radius_note = f" (auto: {AUTO_RADIUS} x the questions' key spread)" if args.init_radius == "auto" else ""
+    radius_note = f" ({config.relative_radius} x the key scale)" if config.init_radius == "auto" else ""
     print(f"MELO: router {config.router} (key '{config.key_position}'), LoRA on {', '.join(config.targets)}, "
-          f"rank {config.rank_per_block}/batch, init_radius {config.init_radius}{radius_note}, "
+          f"rank {config.rank_per_block}/batch, init_radius {config.init_radius!r}{radius_note}, "
           f"{config.num_iter} steps/batch")
     shape = harness.describe()
     print(f"editing {shape['edited']} questions in {shape['batches']} batches of {shape['batch_size']}; "
@@ -141,6 +137,10 @@ def run(args) -> dict:
     if "melo" in methods:
         torch.manual_seed(args.seed)
         results["melo"] = harness.run_melo(config, keep=True)
+        measured = results["melo"].extra
+        report["radius"] = {"setting": config.init_radius, "relative_radius": config.relative_radius,
+                            "key_scale": measured["key_scale"], "init_radius": measured["init_radius"]}
+        config = config.replace(init_radius=measured["init_radius"])  # what the run used (the sweep's main point)
         report["examples"] = examples(harness, getattr(args, "examples", 5))
         reporting.print_examples(report["examples"])
         report["key_scale"] = {str(p): harness.key_scale(p) for p in SWEEP_KEY_POSITIONS}

@@ -19,7 +19,6 @@ from melo_fast.eval.arguments import (
     load_or_exit,
     preset,
     recorded_arguments,
-    resolve_radius,
 )
 from melo_fast.eval.harness import SequentialEval, Settings
 from melo_fast.eval.local_model import load_local_model
@@ -46,8 +45,6 @@ def run_eval(args) -> dict:
     if args.model is None:  # the demo's MiniLM classifier, with the demo's defaults
         if args.preset:
             raise SystemExit(f"--preset {args.preset} configures a paper checkpoint: give its folder with --model")
-        if args.init_radius is None:
-            args.init_radius = "auto"
         return demo.run(args)
     apply_threads(args)
     report.check_plotting("eval")
@@ -60,9 +57,8 @@ def run_eval(args) -> dict:
     settings = Settings(batch_size=args.batch_size or batch_size, holdout=args.holdout,
                         progress=not args.no_progress)
     harness = SequentialEval(task, records, settings)
-    config = resolve_radius(harness, config, args.init_radius)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    print(f"melo_fast eval: {args.model} ({task.kind}), {harness.describe()}, init_radius {config.init_radius}")
+    print(f"melo_fast eval: {args.model} ({task.kind}), {harness.describe()}, init_radius {config.init_radius!r}")
     results = {name: result.to_dict() for name, result in harness.run(config, methods).items()}
     print(report.format_table(results))
     out = Path(args.out)

@@ -249,7 +249,7 @@ class SequentialEval:
         if not self.answerer.unedited:
             self.run_unedited()
         start_all = time.perf_counter()
-        editor = melo_fast.patch(self.task.model, config)
+        editor = melo_fast.patch(self.task.model, config, tokenizer=self.task.tokenizer)
         result = MethodResult("melo")
         es_values: list[float] = []
         es_totals: dict[str, list[float]] = {}
@@ -277,6 +277,9 @@ class SequentialEval:
             result.db = editor.db.stats()
             result.db["blocks"] = editor.num_blocks
             result.extra["config"] = editor.config.to_dict()
+            # With init_radius="auto" the radius is measured at the first edit: record what was used.
+            result.extra["init_radius"] = editor.db.init_radius
+            result.extra["key_scale"] = editor.db.key_scale
             result.extra["routed_questions_forwarded"] = self.answerer.forwarded
             if self.task.kind != "classifier":
                 result.extra["perplexity_target_new"] = metrics.mean(self.task.perplexity(self.edited))
@@ -332,25 +335,6 @@ class SequentialEval:
             editor.replace_state(saved_db, saved_blocks)
             editor.router.key_position = saved_position
         return result
-
-    def question_spread(self, config: MeloConfig) -> float:
-        """Median distance from each edited question's key to the nearest other edited question's key.
-
-        Uses the edit questions only (no paraphrase or locality question), so it can set
-        ``init_radius`` before editing: the key scale differs between routers and between data sets
-        (hand-written questions are farther apart than zsRE's templates), a radius relative to it
-        transfers. Patches the model for the key pass and unpatches it; the keys stay cached.
-        """
-        editor = melo_fast.patch(self.task.model, config)
-        try:
-            keys = self.answerer.keys("edit", editor)
-        finally:
-            melo_fast.unpatch(self.task.model)
-        if keys.shape[0] < 2:
-            raise ValueError("init_radius 'auto' needs at least two edited questions")
-        distances = torch.cdist(keys, keys)
-        distances.fill_diagonal_(float("inf"))
-        return distances.min(1).values.median().item()
 
     def key_scale(self, key_position=None) -> dict[str, float]:
         """Distances between keys, to choose ``init_radius`` for a router (needs a kept editor).
