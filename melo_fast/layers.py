@@ -146,11 +146,11 @@ class BlockLoRALinear(nn.Module):
 
     # --- training one block -------------------------------------------------------------------
     def open_block(self, earlier: tuple[BlockChunk, ...]) -> list[nn.Parameter]:
-        """Create the new block's parameters: A as the official code (kaiming, a=sqrt(5)), B = 0.
+        """Create the new block's parameters: A as MELO initializes it (kaiming, a=sqrt(5); DESIGN §1), B = 0.
 
         The parameters are bank-shaped (``[n, k, d]``) with the new block at ``active_block``: just
         the new block (n = 1) normally, or, with the ``reference`` backend, the ``earlier`` blocks
-        (those of the published state) plus the new one, because MELO's official code trains its
+        (those of the published state) plus the new one, because MELO (DESIGN §1) trains its
         full-rank LoRA matrices (the other blocks get zero gradient; it is the baseline that
         block-only training is measured against).
         """

@@ -24,7 +24,7 @@ import torch
 from melo_fast import ops
 from melo_fast.ops.vectorized import nearest
 
-# The official code splits a conflicting cluster at half the distance, 1e-5 to each side.
+# MELO splits a conflicting cluster at half the distance, 1e-5 to each side (DESIGN §1).
 SPLIT_MARGIN = 1e-5
 # Two keys "coincide" (are the same input, up to numerical noise) within this fraction of init_radius.
 # Why a fraction of the radius: routing already needs the radius to exceed the keys' numerical noise
@@ -229,7 +229,7 @@ class VectorDatabase:
         # 2. MELO's rules against the clusters left after step 1.
         candidates = [c for c in range(len(centers)) if alive[c]]
         if candidates:
-            # Nearest old cluster of every key, computed once before any insert (official behaviour).
+            # Nearest old cluster of every key, computed once before any insert (DESIGN §1).
             index, distance = nearest(keys, torch.stack([centers[c] for c in candidates]))
             nearest_cluster = [candidates[i] for i in index.tolist()]
             nearest_dist = distance.tolist()
