@@ -3,8 +3,8 @@
 A MELO block is an ordinary rank-k LoRA: block ``b`` adds ``s * (x @ A[b].T) @ B[b]`` to each target
 (``A [k, d_in]``, ``B [k, d_out]``), and PEFT's LoRA adds ``(lora_alpha / r) * lora_B(lora_A(x))``
 (``lora_A.weight [r, d_in]``, ``lora_B.weight [d_out, r]``). So block ``b`` is the PEFT adapter with
-``r = k``, ``lora_A.weight = A[b]``, ``lora_B.weight = B[b].T`` and a ``lora_alpha`` whose
-``lora_alpha / r`` is exactly ``s`` (:func:`lora_alpha`). HF ``Conv1D`` targets (GPT-2) get
+``r = k``, ``lora_A.weight = A[b]``, ``lora_B.weight = B[b].T`` and ``lora_alpha = s * k``, whose
+``lora_alpha / r`` is ``s`` (exactly for MELO's integer scales; :func:`lora_alpha`). HF ``Conv1D`` targets (GPT-2) get
 ``fan_in_fan_out: true``, which only matters to PEFT's weight merging; the LoRA weights keep the shapes
 above. Any engine that serves PEFT adapters can then serve the edits: PEFT's own mixed-batch forward
 (``model(**inputs, adapter_names=editor.adapter_names(inputs))``), vLLM, SGLang, LoRAX. What MELO adds
@@ -29,13 +29,14 @@ Guarantees of :func:`export_peft` (the rules of ``melo_fast.checkpoint.write``, 
 - all or nothing: the new export is written and fsynced in full in a hidden sibling folder
   (``.NAME.melo-export-XXXX``) and published by one rename: onto a new or empty ``path`` with
   ``rename(2)``, and onto an earlier export with Linux ``renameat2(RENAME_EXCHANGE)``, which swaps the two
-  folders in one atomic step. At every instant ``path`` holds a complete export, the old one or the new
-  one; a failure or a crash at any step leaves it so, plus at worst a hidden sibling folder to delete.
-  Where the OS or file system cannot exchange (not Linux, or e.g. some network file systems) the old
-  export is renamed aside and the new one renamed in: a failure between the two renames puts the old one
-  back, but a crash (power loss) exactly between them leaves ``path`` absent with both exports complete
-  beside it (``.NAME.melo-export-old-XXXX`` and ``.NAME.melo-export-XXXX``): nothing lost, one rename to
-  undo by hand;
+  folders in one atomic step. At every instant ``path`` holds what it held before (nothing, an empty
+  folder, the old export) or the complete new export; a failure or a crash at any step leaves it so,
+  plus at worst a hidden sibling folder to delete. Where the OS or file system cannot exchange (not
+  Linux, or e.g. some network file systems) the old export is renamed aside and the new one renamed in:
+  a failure between the two renames puts the old one back (and if even that fails, both stay complete
+  beside ``path``), but a crash (power loss) exactly between them leaves ``path`` absent with both
+  exports complete beside it (``.NAME.melo-export-old-XXXX`` and ``.NAME.melo-export-XXXX``): nothing
+  lost, one rename to undo by hand;
 - files get the usual permissions (0644 under the usual umask; folders 0755), like ``save_pretrained``.
 
 Not guaranteed: a reader that loads an adapter *while* an export replaces the folder may read one file
