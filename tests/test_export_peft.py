@@ -154,7 +154,8 @@ def test_a_target_peft_cannot_name_alone_and_a_peft_model_are_refused(gpt2_edito
         editor.export_peft(tmp_path / "export")
     assert not (tmp_path / "export").exists()
 
-    wrapped = peft.get_peft_model(build("gpt2").model, peft.LoraConfig(r=2, target_modules=["c_attn"]))
+    lora = peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    wrapped = peft.get_peft_model(build("gpt2").model, lora)
     with pytest.raises(ValueError, match="patched a PEFT model"):
         melo_fast.patch(wrapped).export_peft(tmp_path / "export")
 
