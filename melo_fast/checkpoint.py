@@ -110,34 +110,48 @@ def write(
         config_tmp.unlink(missing_ok=True)
         weights_path.unlink(missing_ok=True)
         raise
-    _fsync_folder(path)
+    fsync_folder(path)
     if previous_weights is not None and previous_weights != weights_name:
         (path / previous_weights).unlink(missing_ok=True)
 
 
 def _check_destination(path: Path) -> str | None:
     """Refuse anything :func:`write` must not overwrite; return the weights file of an earlier save."""
+    if not refuse_foreign_destination(path, CONFIG_FILE, "melo_fast save", "save"):
+        return None
+    try:
+        meta = json.loads((path / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged earlier save: replace its config, leave its other files alone
+    return meta.get("weights_file", VERSION_1_WEIGHTS) if isinstance(meta, dict) else None
+
+
+def refuse_foreign_destination(path: Path, marker: str, kind: str, verb: str) -> bool:
+    """Refuse a destination where writing a ``kind`` folder could destroy someone else's data.
+
+    Shared by every writer that must never be destructive (a save here, a PEFT export in
+    ``melo_fast.export``). ``path`` may be new, an empty folder, or a folder holding the file
+    ``marker`` (an earlier ``kind``, which the caller may replace). Anything else (a file, a non-empty
+    folder without ``marker``) raises FileExistsError, naming ``verb`` and the folder's entries;
+    nothing is changed. Returns whether ``path`` holds ``marker``.
+    """
     if path.exists() and not path.is_dir():
         raise FileExistsError(
-            f"melo_fast: cannot save to {path}: it is a file. A save is a folder; choose a new or empty "
-            "folder, or an earlier melo_fast save folder to replace it"
+            f"melo_fast: cannot {verb} to {path}: it is a file. A {kind} is a folder; choose a new or empty "
+            f"folder, or an earlier {kind} folder to replace it"
         )
     if not path.is_dir():
-        return None
-    if (path / CONFIG_FILE).is_file():
-        try:
-            meta = json.loads((path / CONFIG_FILE).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None  # a damaged earlier save: replace its config, leave its other files alone
-        return meta.get("weights_file", VERSION_1_WEIGHTS) if isinstance(meta, dict) else None
+        return False
+    if (path / marker).is_file():
+        return True
     entries = sorted(p.name for p in path.iterdir())
     if entries:
         shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
         raise FileExistsError(
-            f"melo_fast: cannot save to {path}: the folder is not empty ({shown}) and is not a melo_fast save "
-            f"(no {CONFIG_FILE}). Choose a new or empty folder; nothing was changed"
+            f"melo_fast: cannot {verb} to {path}: the folder is not empty ({shown}) and is not a {kind} "
+            f"(no {marker}). Choose a new or empty folder; nothing was changed"
         )
-    return None
+    return False
 
 
 def _fsync(path: Path) -> None:
@@ -145,7 +159,8 @@ def _fsync(path: Path) -> None:
         os.fsync(f.fileno())
 
 
-def _fsync_folder(path: Path) -> None:
+def fsync_folder(path: Path) -> None:
+    """Make a folder's entries (new, renamed, removed files) durable; a no-op where folders cannot be opened."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:  # some platforms cannot open folders; the data files are already synced

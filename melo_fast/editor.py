@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from melo_fast import calibration, checkpoint
+from melo_fast import calibration, checkpoint, export
 from melo_fast.config import MeloConfig
 from melo_fast.layers import BlockLoRALinear, RouterLayer
 from melo_fast.routing import KeysCaptured, Routing
@@ -496,6 +496,20 @@ class MeloEditor:
                 self.lora_layers[name].bank = bank
             chunks = {name: bank.chunks() for name, bank in banks.items()}
             self.routing.state = EditState(database, chunks, num_blocks)
+
+    # --- serving with other engines (melo_fast.export) --------------------------------------------
+    def export_peft(self, path, blocks=None) -> dict[int, str]:
+        """Write the committed blocks (or ``blocks``) as PEFT LoRA adapters plus the routing to folder ``path``.
+
+        Atomic and never destructive, like :meth:`save`; see ``melo_fast.export``. Returns
+        ``{block_id: adapter_name}``.
+        """
+        return export.export_peft(self, path, blocks)
+
+    def adapter_names(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
+        """One exported adapter name per row of ``inputs`` (``"__base__"``: no edit applies), for PEFT's
+        ``model(**inputs, adapter_names=...)`` or an engine's per-request adapter."""
+        return export.adapter_names(self, inputs)
 
     def __repr__(self) -> str:
         return (
