@@ -583,33 +583,17 @@ def test_tile_buckets_and_warmup_cover_them():
 _VARIANTS_SCRIPT = """
 import torch
 from melo_fast.ops.triton import _launch, compile_report
-from melo_fast.ops.triton.block_lora import block_lora_bwd, block_lora_fwd
-from melo_fast.ops.triton.vecdb_search import vecdb_search_fwd
 from melo_fast.ops.triton.warmup import warmup
 
-def keys(launches):
-    return {compile_report.variant_key(launch) for launch in launches}
-
+dtypes = (torch.bfloat16, torch.float32)
 with _launch.record_launches(execute=False, as_gpu=True) as warm:
-    for dtype in (torch.bfloat16, torch.float32):
+    for dtype in dtypes:
         warmup(torch.device("cpu"), [(64, 48, 4)], key_dim=32, dtype=dtype)
 with _launch.record_launches(execute=False, as_gpu=True) as serving:
-    for dtype in (torch.bfloat16, torch.float32):
-        for n_blocks in (1, 2, 15, 16, 17, 100):
-            A, B = torch.randn(n_blocks, 4, 64).to(dtype), torch.randn(n_blocks, 4, 48).to(dtype)
-            for n, t in ((1, 1), (3, 1), (32, 1), (1, 7), (2, 16), (4, 17), (1, 64), (3, 100), (1, 513)):
-                x, base = torch.randn(n, t, 64).to(dtype), torch.randn(n, t, 48).to(dtype)
-                ids = torch.randint(-1, n_blocks, (n,))
-                block_lora_fwd(x, A, B, ids, 2.0, base, inplace=True)
-                out, h = block_lora_fwd(x, A, B, ids, 2.0, base, store_h=True)
-                block_lora_bwd(torch.randn_like(out), x, A, B, ids, 2.0, h)
-    for n_centers in (1, 2, 15, 16, 17, 1000, 5000):
-        centers = torch.randn(n_centers, 32)
-        db = (torch.ones(n_centers), torch.arange(n_centers + 1), centers, torch.arange(n_centers))
-        for n_queries in (1, 2, 16, 17, 32, 33, 64):
-            vecdb_search_fwd(torch.randn(n_queries, 32), centers, *db)
-extra = keys(serving) - keys(warm)
-print("warm-up variants:", len(keys(warm)), "serving launches:", len(serving), "not warmed up:", len(extra))
+    compile_report.serving_sweep((64, 48, 4), 32, dtypes, torch.device("cpu"))
+warm_keys = {compile_report.variant_key(launch) for launch in warm}
+extra = {compile_report.variant_key(launch) for launch in serving} - warm_keys
+print("warm-up variants:", len(warm_keys), "serving launches:", len(serving), "not warmed up:", len(extra))
 for key in sorted(extra):
     print("EXTRA", key)
 """

@@ -107,6 +107,47 @@ def _ptxas_version(path: str) -> str:
     return f"ptxas {found.group(1)}" if found else "ptxas (unknown version)"
 
 
+def serving_sweep(lora_shape: tuple[int, int, int], key_dim: int, dtypes, device) -> int:
+    """Make the calls a serving and editing process makes as its bank and database grow.
+
+    Block LoRA (forward in place and out of place, backward) over growing banks (1 → 100 blocks),
+    decode steps (T = 1) and prompts (T = 7 … 513), batches of 1 to 32 samples; lookups with 1 to 64
+    queries against databases of 1 to 5000 keys. Every call uses the same layer shape
+    ``(d_in, d_out, k)`` and key size, as one model would. Run it inside
+    :func:`~melo_fast.ops.triton._launch.record_launches` to see the variants it needs (compare with
+    :func:`melo_fast.ops.triton.warmup.warmup` for the same shapes), or on a GPU to count compilations.
+
+    Returns:
+        The number of calls made.
+    """
+    from melo_fast.ops.triton.block_lora import block_lora_bwd, block_lora_fwd
+    from melo_fast.ops.triton.vecdb_search import vecdb_search_fwd
+
+    d_in, d_out, k = lora_shape
+    g = torch.Generator().manual_seed(0)
+    calls = 0
+    for dtype in dtypes:
+        for n_blocks in (1, 2, 15, 16, 17, 100):
+            A = torch.randn(n_blocks, k, d_in, generator=g).to(device, dtype)
+            B = torch.randn(n_blocks, k, d_out, generator=g).to(device, dtype)
+            for n, t in ((1, 1), (3, 1), (32, 1), (1, 7), (2, 16), (4, 17), (1, 64), (3, 100), (1, 513)):
+                x = torch.randn(n, t, d_in, generator=g).to(device, dtype)
+                base = torch.randn(n, t, d_out, generator=g).to(device, dtype)
+                ids = torch.randint(-1, n_blocks, (n,), generator=g).to(device)
+                block_lora_fwd(x, A, B, ids, 2.0, base, inplace=True)
+                out, h = block_lora_fwd(x, A, B, ids, 2.0, base, store_h=True)
+                block_lora_bwd(torch.randn_like(out), x, A, B, ids, 2.0, h)
+                calls += 3
+    for n_centers in (1, 2, 15, 16, 17, 1000, 5000):
+        centers = torch.randn(n_centers, key_dim, generator=g).to(device)
+        db = (torch.ones(n_centers, device=device), torch.arange(n_centers + 1, device=device), centers,
+              torch.arange(n_centers, device=device))  # fmt: skip
+        for n_queries in (1, 2, 16, 17, 32, 33, 64):
+            vecdb_search_fwd(torch.randn(n_queries, key_dim, generator=g).to(device), centers, *db)
+            calls += 1
+    return calls
+
+
 def describe(launch: Launch) -> str:
     """A short readable name of the variant: kernel, tensor dtypes, constexprs, warps."""
     dtypes = sorted({str(a.dtype).replace("torch.", "") for a in launch.args if isinstance(a, torch.Tensor)})
