@@ -251,11 +251,13 @@ def _feature_tile(d: int, cap: int) -> int:
     return min(cap, max(16, triton.next_power_of_2(d)))
 
 
-# GPU tile sizes, per kernel and dtype: every variant fits in registers without spilling on sm_90, by
-# the ptxas reports of CUDA 12.8 (Triton 3.6) and 13.4 (Triton 3.9); `benchmarks/gpu_check.py --only
-# compile` prints them. fp32 dots are IEEE FMA loops, which hold more in registers than tensor-core
-# dots, hence the smaller tiles. The interpreter instead prefers few, large tiles: its cost is per
-# operation, not per element.
+# GPU tile sizes, per kernel and dtype: no variant spills registers on sm_90, by the ptxas reports of
+# CUDA 12.8 (Triton 3.6) and 13.4 (Triton 3.9) for fp32/bf16/fp16, d in {16, 32, 64, 128, 4096} and
+# k in {1, 8, 32} (compile_report.py; `benchmarks/gpu_check.py --only compile` prints the report).
+# fp32 dots are IEEE FMA loops, which hold more in registers than tensor-core dots, hence the
+# smaller tiles; ptxas's spill decisions move erratically with the tile shape and its version, so
+# each exception below is one a report showed. The interpreter instead prefers few, large tiles:
+# its cost is per operation, not per element.
 
 
 def project_config(d: int, dtype: torch.dtype, on_gpu: bool) -> dict:
@@ -275,10 +277,13 @@ def expand_config(t: int, d: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     return dict(BLOCK_T=block_t, BLOCK_D=_feature_tile(d, 256))
 
 
-def dw_config(d: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+def dw_config(d: int, k: int, dtype: torch.dtype, on_gpu: bool) -> dict:
     """Constexprs and launch options of ``_block_lora_bwd_dw_kernel`` over column dim ``d``."""
     if on_gpu:
-        return dict(BLOCK_T=64, BLOCK_D=_feature_tile(d, 128), BLOCK_N=64, num_warps=8)
+        block_d = _feature_tile(d, 128)
+        if dtype == torch.float32 and rank_tile(k) > 16:  # FMA dots with a wide rank: ptxas spills otherwise
+            return dict(BLOCK_T=32, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
+        return dict(BLOCK_T=64, BLOCK_D=block_d, BLOCK_N=64, num_warps=8 if block_d >= 128 else 4)
     return dict(BLOCK_T=64, BLOCK_D=_feature_tile(d, 256), BLOCK_N=64)
 
 
@@ -337,7 +342,7 @@ def _weight_grad(lhs, rhs, block_ids, dw, factor):
     """Launch ``dw[b] = factor * Σ_{n: ids[n] == b} lhs[n].T @ rhs[n]`` for every block b."""
     n, t, d = rhs.shape
     n_blocks, k, _ = dw.shape
-    config = dw_config(d, rhs.dtype, gpu_tiles(rhs.device))
+    config = dw_config(d, k, rhs.dtype, gpu_tiles(rhs.device))
     launch(
         _block_lora_bwd_dw_kernel,
         (n_blocks, triton.cdiv(d, config["BLOCK_D"])),

@@ -285,14 +285,13 @@ def _target_programs(device: torch.device) -> int:
     return 2  # interpreter: every program instance costs milliseconds
 
 
-# GPU tile sizes: every variant below fits in registers without spilling on sm_90, by the ptxas
-# reports of CUDA 12.8 (Triton 3.6) and 13.4 (Triton 3.9); `benchmarks/gpu_check.py --only compile`
-# prints them. fp32 keys use IEEE FMA dots, which hold more in registers than tensor-core dots.
-# The interpreter prefers few, large tiles (its cost is per operation, not per element).
-#
-# ptxas's spill decisions move erratically with the tile shape and its version (by its reports, fp32
-# keys spill 4–28 bytes with 64-center tiles in a 3-stage pipeline, or 128 x 32 tiles); the shapes
-# below are the large ones that neither version spills.
+# GPU tile sizes: no variant below spills registers on sm_90, by the ptxas reports of CUDA 12.8
+# (Triton 3.6) and 13.4 (Triton 3.9) for fp32/bf16/fp16 keys of 16 to 768 dims (compile_report.py;
+# `benchmarks/gpu_check.py --only compile` prints the report). fp32 keys use IEEE FMA dots, which
+# hold more in registers than tensor-core dots. ptxas's spill decisions move erratically with the
+# tile shape and its version (by its reports, fp32 keys spill 4-28 bytes with 64-center tiles in a
+# 3-stage pipeline, or with 128 x 32 tiles); the shapes below are large ones that neither version
+# spills. The interpreter prefers few, large tiles (its cost is per operation, not per element).
 
 
 def scan_config(n_queries: int, n_centers: int, dim: int, dot_fp32: bool, on_gpu: bool) -> dict:
