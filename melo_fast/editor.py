@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from melo_fast import calibration, checkpoint, export
+from melo_fast import calibration, checkpoint, export, ops
 from melo_fast.config import MeloConfig
 from melo_fast.layers import BlockLoRALinear, RouterLayer
 from melo_fast.routing import KeysCaptured, Routing
@@ -279,6 +279,26 @@ class MeloEditor:
         if self.tokenizer is None:
             self.tokenizer = tokenizer
         return self.edit(batch)
+
+    def warmup(self, training: bool = True) -> int:
+        """Compile the Triton kernels this model will launch, now rather than on a serving request.
+
+        On CUDA each kernel variant compiles on its first launch (about half a second); the variants
+        depend only on the targets' shapes and dtypes, so one call covers every later batch size,
+        bank size and database size. :func:`melo_fast.patch` calls it for models on CUDA. A no-op
+        (returns 0) on CPU, without Triton, or with a non-Triton ``backend``.
+
+        Args:
+            training: also compile the backward kernels (editing).
+
+        Returns:
+            The number of warm-up calls made.
+        """
+        if self.config.backend not in (None, "triton"):
+            return 0
+        bank = next(iter(self.lora_layers.values())).bank
+        shapes = [(layer.d_in, layer.d_out, layer.rank) for layer in self.lora_layers.values()]
+        return ops.warmup(shapes, self.db.dim, dtype=bank.dtype, device=bank.device, training=training)
 
     # --- the radius ---------------------------------------------------------------------------
     def calibrate(self, tokenizer=None) -> float:

@@ -224,6 +224,8 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
         tokenizer=tokenizer,
     )
     setattr(model, EDITOR_ATTRIBUTE, editor)
+    if router_module.weight.device.type == "cuda":
+        editor.warmup()  # compile the Triton kernels now, not on the first request
     return editor
 
 

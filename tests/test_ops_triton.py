@@ -8,6 +8,7 @@ use the compiled kernels and larger shapes; they skip without CUDA.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -28,8 +29,17 @@ try:
 except ImportError as err:  # triton present but unusable here (e.g. interpreter not enabled)
     pytest.skip(f"triton backend unavailable: {err}", allow_module_level=True)
 
-from melo_fast.ops.triton.block_lora import block_lora_bwd, block_lora_fwd  # noqa: E402
-from melo_fast.ops.triton.vecdb_search import vecdb_search_fwd  # noqa: E402
+from melo_fast.ops.triton import _launch  # noqa: E402
+from melo_fast.ops.triton import block_lora as block_lora_module  # noqa: E402
+from melo_fast.ops.triton import vecdb_search as vecdb_search_module  # noqa: E402
+from melo_fast.ops.triton import warmup as triton_warmup  # noqa: E402
+from melo_fast.ops.triton.block_lora import (  # noqa: E402
+    block_lora_fwd,
+    expand_config,
+    project_config,
+    token_tile,
+)
+from melo_fast.ops.triton.vecdb_search import scan_config, vecdb_search_fwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -119,8 +129,12 @@ def test_load_without_cuda_or_interpreter_says_why():
 SEARCH_SHAPES = [(1, 1, 16), (7, 33, 40), (33, 7, 300), (123, 5, 16), (20, 123, 33)]
 
 
+# Every dtype on a GPU; the interpreter skips fp16 here (test_search_split_scan_and_tiles covers it).
+SEARCH_DTYPES = [torch.float32, torch.bfloat16] + ([torch.float16] if torch.cuda.is_available() else [])
+
+
 @pytest.mark.parametrize("n_queries,n_centers,dim", SEARCH_SHAPES, ids=[f"Q{q}-C{c}-d{d}" for q, c, d in SEARCH_SHAPES])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", SEARCH_DTYPES, ids=lambda dtype: str(dtype).replace("torch.", ""))
 def test_search_matches_reference(n_queries, n_centers, dim, dtype):
     db = make_db(n_centers, dim, radius=0.1 * dim**0.5 + 0.5, dtype=dtype)
     queries = make_queries(db[0], n_queries)
@@ -318,13 +332,38 @@ def test_block_lora_backward_is_deterministic():
     assert all(torch.equal(a, b) for a, b in zip(first, second, strict=True))
 
 
-def test_block_lora_launchers_without_grad_b():
-    """grad_x / grad_A only (frozen B): the forward need not keep h."""
+# Which of (x, A, B, base) require grad: frozen B (training A only, or upstream x), frozen A, etc.
+FROZEN_CASES = [("x", "A"), ("A",), ("x",), ("B",), ("A", "B"), ("x", "B", "base")]
+
+
+@pytest.mark.parametrize("trainable", FROZEN_CASES, ids=["+".join(c) for c in FROZEN_CASES])
+def test_block_lora_partial_grads_match_reference(trainable):
+    """Backward with some inputs frozen (e.g. B: the forward then keeps no h) against the reference."""
+    x, A, B, base, block_ids = make_lora(4, 9, 40, 24, 3, 2, [2, -1, 0, 2])
+    grad_out = torch.randn(4, 9, 24, device=DEVICE)
+    names = ("x", "A", "B", "base")
+    results = {}
+    for backend in ("triton", "reference"):
+        leaves = {
+            n: v.detach().clone().requires_grad_(n in trainable) for n, v in zip(names, (x, A, B, base), strict=True)
+        }
+        out = ops.block_lora(leaves["x"], leaves["A"], leaves["B"], block_ids, 1.5, leaves["base"], backend=backend)
+        out.backward(grad_out)
+        results[backend] = (out.detach(), {n: leaves[n].grad for n in names})
+    rel_close(results["triton"][0], results["reference"][0], 1e-5)
+    for name in names:
+        grad, grad_ref = results["triton"][1][name], results["reference"][1][name]
+        if name not in trainable:
+            assert grad is None, f"{name} is frozen but got a gradient"
+            continue
+        rel_close(grad, grad_ref, 1e-5, what=f"grad {name}")
+        assert grad.abs().max() > 0, f"grad {name} should not be all zeros here"
+
+
+def test_block_lora_frozen_b_keeps_no_h():
     x, A, B, base, block_ids = make_lora(2, 3, 16, 16, 2, 1, [1, 0])
-    out, h = block_lora_fwd(x, A, B, block_ids, 1.0, base)
-    assert h is None
-    grad_x, grad_a, grad_b = block_lora_bwd(torch.ones_like(out), x, A, B, block_ids, 1.0, None, need_b=False)
-    assert grad_b is None and grad_x.shape == x.shape and grad_a.shape == A.shape
+    assert block_lora_fwd(x, A, B, block_ids, 1.0, base)[1] is None
+    assert block_lora_fwd(x, A, B, block_ids, 1.0, base, store_h=True)[1].shape == (2, 3, 16)
 
 
 def test_block_lora_noncontiguous_inputs():
@@ -380,6 +419,205 @@ def test_block_lora_inplace_noncontiguous_base_and_grad_errors():
 
 
 # ---------------------------------------------------------------------------------------------
+# fp64, aliasing
+# ---------------------------------------------------------------------------------------------
+
+
+def test_block_lora_fp64_uses_torch_backend_at_full_precision(caplog):
+    """tl.dot accumulates in fp32: fp64 must not silently come back at fp32 accuracy."""
+    x, A, B, base, block_ids = make_lora(3, 7, 33, 17, 4, 2, [0, -1, 3], dtype=torch.float64)
+    grad_out = torch.randn(3, 7, 17, device=DEVICE, dtype=torch.float64)
+    with caplog.at_level("WARNING", logger="melo_fast.ops.triton"):
+        out, grads = lora_with_grads("triton", x, A, B, base, block_ids, 2.5, grad_out)
+        lora_with_grads("triton", x, A, B, base, block_ids, 2.5, grad_out)
+    ref_out, ref_grads = lora_with_grads("reference", x, A, B, base, block_ids, 2.5, grad_out)
+    assert out.dtype == torch.float64
+    rel_close(out, ref_out, 1e-12)
+    for name, g, g_ref in zip(["x", "A", "B", "base"], grads, ref_grads, strict=True):
+        rel_close(g, g_ref, 1e-12, what=f"grad {name}")
+    target = base.clone()
+    assert ops.block_lora(x, A, B, block_ids, 2.5, target, backend="triton", inplace=True) is target
+    rel_close(target, ref_out, 1e-12)
+    lines = [r.getMessage() for r in caplog.records if "float64" in r.getMessage() and "block_lora" in r.getMessage()]
+    assert len(lines) <= 1, "one log line per process, not one per call"  # 0 if an earlier test logged it
+
+
+def test_fp64_routing_logs_one_line():
+    code = (
+        "import logging, torch\n"
+        "logging.basicConfig(level=logging.WARNING, format='LOG %(message)s')\n"
+        "from melo_fast import ops\n"
+        "x = torch.randn(2, 3, 16, dtype=torch.float64); A = torch.randn(2, 1, 16, dtype=torch.float64)\n"
+        "B = torch.randn(2, 1, 16, dtype=torch.float64); ids = torch.tensor([1, -1])\n"
+        "for _ in range(3):\n    ops.block_lora(x, A, B, ids, 2.0, x.clone(), backend='triton')\n"
+        "q = torch.randn(3, 16, dtype=torch.float64)\n"
+        "for _ in range(3):\n"
+        "    ops.vecdb_search(q, q, torch.ones(3), torch.arange(4), q, torch.arange(3), backend='triton')\n"
+    )
+    done = _run_python(code, TRITON_INTERPRET="1")
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("LOG")]
+    assert len(lines) == 2 and "block_lora" in lines[0] and "vecdb_search" in lines[1], lines
+    assert all("float64" in line and "torch backend" in line for line in lines)
+
+
+def test_search_fp64_matches_reference():
+    db = make_db(20, 24, radius=1.0, dtype=torch.float64)
+    queries = make_queries(db[0], 9)
+    assert_same_ids(queries, db)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "reference"])
+@pytest.mark.parametrize("alias", ["x", "A", "B"])
+def test_block_lora_inplace_refuses_base_sharing_memory_with_inputs(alias, backend):
+    """In place, a base overlapping an input is a race on a GPU (and silently sequential on a CPU)."""
+    x, A, B, base, block_ids = make_lora(2, 4, 16, 16, 2, 1, [1, 0])
+    rows = base.numel()
+    if alias == "x":
+        base = x  # the layer's output written over its own input
+    elif alias == "A":  # the last 16 floats of A are the first 16 of base
+        storage = torch.randn(A.numel() + rows, device=DEVICE)
+        A, base = storage[: A.numel()].view_as(A), storage[A.numel() - 16 : A.numel() - 16 + rows].view_as(base)
+    else:  # B starts on the last float of base
+        storage = torch.randn(rows + B.numel(), device=DEVICE)
+        base, B = storage[:rows].view_as(base), storage[rows - 1 : rows - 1 + B.numel()].view_as(B)
+    before = base.clone()
+    with pytest.raises(ValueError, match=f"base shares memory with {alias}"):
+        ops.block_lora(x, A, B, block_ids, 2.0, base, backend=backend, inplace=True)
+    assert torch.equal(base, before), "a refused call must not write anything"
+
+
+def test_block_lora_inplace_accepts_adjacent_memory():
+    x, A, B, _, block_ids = make_lora(2, 4, 16, 16, 2, 1, [1, 0])
+    storage = torch.randn(2 * 4 * 16 + B.numel(), device=DEVICE)
+    base, B = storage[: 2 * 4 * 16].view(2, 4, 16), storage[2 * 4 * 16 :].view_as(B)
+    expected = ops.block_lora(x, A, B, block_ids, 2.0, base, backend="reference")
+    rel_close(ops.block_lora(x, A, B, block_ids, 2.0, base, backend="triton", inplace=True), expected, 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launching: device, work per launch, compiled variants
+# ---------------------------------------------------------------------------------------------
+
+
+def _kernels():
+    """Every Triton kernel of the backend, by module attribute."""
+    return [(module, name) for module in (block_lora_module, vecdb_search_module) for name in dir(module)
+            if name.startswith("_") and name.endswith("_kernel")]  # fmt: skip
+
+
+def test_every_launch_runs_under_the_tensors_device(monkeypatch):
+    """Triton launches on the *current* CUDA device: each launch must first make the tensors' device current."""
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_guard(device):
+        entered.append(device)
+        try:
+            yield
+        finally:
+            entered.pop()
+
+    seen = []
+
+    class Spy:
+        def __init__(self, kernel):
+            self.kernel = kernel
+
+        def __getitem__(self, grid):
+            def run(*args, **kwargs):
+                tensors = {a.device for a in args if isinstance(a, torch.Tensor)}
+                seen.append((self.kernel, list(entered), tensors))
+                return self.kernel[grid](*args, **kwargs)
+
+            return run
+
+    monkeypatch.setattr(_launch, "device_guard", fake_guard)
+    for module, name in _kernels():
+        monkeypatch.setattr(module, name, Spy(getattr(module, name)))
+    x, A, B, base, block_ids = make_lora(3, 5, 16, 20, 2, 2, [1, -1, 0])
+    lora_with_grads("triton", x, A, B, base, block_ids, 2.0, torch.ones_like(base))
+    with torch.no_grad():
+        ops.block_lora(x, A, B, block_ids, 2.0, base.clone(), backend="triton", inplace=True)
+    db = make_db(9, 16)
+    search("triton", make_queries(db[0], 4), db)
+    assert len({id(kernel) for kernel, _, _ in seen}) == len(_kernels()), "every kernel should have run"
+    for kernel, guards, devices in seen:
+        assert guards == [next(iter(devices))] and len(devices) == 1, f"{kernel} launched under {guards}"
+
+
+def test_device_guard_makes_the_tensors_cuda_device_current():
+    guard = _launch.device_guard(torch.device("cuda", 1))
+    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
+    assert isinstance(_launch.device_guard(torch.device("cpu")), contextlib.nullcontext)
+
+
+def test_forward_reads_x_once_per_token_tile():
+    """h = x A_b^T once per (sample, token tile), not once per output tile (x re-read d_out/BLOCK_D times)."""
+    n, t, d_in, d_out = 2, 20, 16, 300  # 3 output tiles of 128 with the GPU configuration
+    x, A, B, base, block_ids = make_lora(n, t, d_in, d_out, 2, 2, [1, 0])
+    with _launch.record_launches(as_gpu=True) as launches:
+        out, _ = block_lora_fwd(x, A, B, block_ids, 2.0, base)
+    rel_close(out, ops.block_lora(x, A, B, block_ids, 2.0, base, backend="reference"), 1e-5)
+    readers = [launch for launch in launches if any(arg is x for arg in launch.args)]
+    assert len(readers) == 1, [launch.name for launch in readers]
+    block_t = readers[0].kwargs["BLOCK_T"]
+    assert readers[0].grid == (n, -(-t // block_t)), f"x is read by {readers[0].programs} programs"
+    writers = [launch for launch in launches if any(arg is out for arg in launch.args)]
+    assert writers and writers[0].grid[2] == 3, "the output tiles are spread over programs"
+
+
+def test_tile_buckets_and_warmup_cover_them():
+    assert {token_tile(t) for t in range(1, 5000)} == {16, 64}
+    assert {token_tile(t) for t in triton_warmup.TOKEN_COUNTS} == {16, 64}
+    for dot_fp32 in (True, False):
+        query_tiles = {scan_config(q, 1000, 768, dot_fp32, True)["BLOCK_Q"] for q in range(1, 600)}
+        assert query_tiles == {scan_config(q, 1000, 768, dot_fp32, True)["BLOCK_Q"] for q in triton_warmup.QUERY_COUNTS}
+        configs = {tuple(sorted(scan_config(32, c, 768, dot_fp32, True).items())) for c in (1, 17, 10**3, 10**6)}
+        assert len(configs) == 1, "the scan configuration must not depend on the database size"
+    for dtype in (torch.float32, torch.bfloat16):
+        assert len({tuple(sorted(expand_config(t, 4096, dtype, True).items())) for t in range(1, 3000)}) == 2
+        assert len({tuple(sorted(project_config(4096, dtype, True).items()))}) == 1
+
+
+_VARIANTS_SCRIPT = """
+import torch
+from melo_fast.ops.triton import _launch, compile_report
+from melo_fast.ops.triton.warmup import warmup
+
+dtypes = (torch.bfloat16, torch.float32)
+with _launch.record_launches(execute=False, as_gpu=True) as warm:
+    for dtype in dtypes:
+        warmup(torch.device("cpu"), [(64, 48, 4)], key_dim=32, dtype=dtype)
+with _launch.record_launches(execute=False, as_gpu=True) as serving:
+    compile_report.serving_sweep((64, 48, 4), 32, dtypes, torch.device("cpu"))
+warm_keys = {compile_report.variant_key(launch) for launch in warm}
+extra = {compile_report.variant_key(launch) for launch in serving} - warm_keys
+print("warm-up variants:", len(warm_keys), "serving launches:", len(serving), "not warmed up:", len(extra))
+for key in sorted(extra):
+    print("EXTRA", key)
+"""
+
+
+def test_serving_shapes_compile_nothing_after_warmup():
+    """Growing banks and databases, decode steps and new batch sizes reuse the warmed-up variants.
+
+    Checked with Triton's own argument binder for an sm_90 target (integer and alignment
+    specialization included), in a process where the kernels are compiled @triton.jit functions.
+    """
+    pytest.importorskip("triton.runtime.jit")
+    done = _run_python(_VARIANTS_SCRIPT, TRITON_INTERPRET="0")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "not warmed up: 0" in done.stdout, done.stdout
+
+
+def test_public_warmup_is_a_no_op_without_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: warm-up really compiles (tests/test_gpu_check.py runs it on a GPU)")
+    assert ops.warmup([(16, 16, 2)], key_dim=8, dtype=torch.bfloat16) == 0
+
+
+# ---------------------------------------------------------------------------------------------
 # GPU: compiled kernels, larger shapes, host synchronization
 # ---------------------------------------------------------------------------------------------
 
@@ -427,6 +665,25 @@ def test_gpu_block_lora_large(dtype):
     assert torch.equal(out[unedited], base[unedited])
 
 
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.gpu
+def test_gpu_tensors_on_another_device_than_the_current_one():
+    """A model on cuda:1 (or split by device_map) while cuda:0 is current: kernels must follow the tensors."""
+    db = make_db(300, 64, radius=0.1 * 64**0.5 + 0.5, device="cuda:1")
+    queries = make_queries(db[0], 20)
+    x, A, B, base, block_ids = make_lora(4, 33, 64, 96, 3, 2, [2, -1, 0, 2], device="cuda:1")
+    grad_out = torch.randn_like(base)
+    with torch.cuda.device(0):
+        ids = search("triton", queries, db)
+        out, grads = lora_with_grads("triton", x, A, B, base, block_ids, 2.0, grad_out)
+        torch.cuda.synchronize(1)
+    assert ids.device == torch.device("cuda:1") and torch.equal(ids, search("torch", queries, db))
+    ref_out, ref_grads = lora_with_grads("torch", x, A, B, base, block_ids, 2.0, grad_out)
+    rel_close(out, ref_out, 1e-5)
+    for name, g, g_ref in zip(["x", "A", "B", "base"], grads, ref_grads, strict=True):
+        rel_close(g, g_ref, 1e-5, what=f"grad {name}")
+
+
 @requires_cuda
 @pytest.mark.gpu
 def test_gpu_no_host_sync():
@@ -448,3 +705,21 @@ def test_gpu_no_host_sync():
         torch.cuda.set_sync_debug_mode("default")
     assert ids.shape == (16,) and x.grad is not None and A.grad is not None
     assert torch.equal(target, out.detach())
+
+
+def test_editor_warmup_passes_the_model_shapes(monkeypatch):
+    """``editor.warmup()`` (called by ``patch()`` on CUDA) compiles exactly the targets' shapes and dtype."""
+    import melo_fast
+    from tests.tiny_models import build
+
+    calls = []
+    monkeypatch.setattr(ops, "warmup", lambda *args, **kwargs: calls.append((args, kwargs)) or 7)
+    family = build("gpt2")
+    family.model.to(torch.bfloat16)
+    editor = melo_fast.patch(family.model)
+    assert editor.warmup(training=False) == 7
+    (shapes, key_dim), kwargs = calls[0]
+    assert shapes == [(64, 256, 4), (64, 256, 4)] and key_dim == 256
+    assert kwargs == {"dtype": torch.bfloat16, "device": torch.device("cpu"), "training": False}
+    melo_fast.unpatch(family.model)
+    assert melo_fast.patch(family.model, melo_fast.MeloConfig(backend="cpp")).warmup() == 0

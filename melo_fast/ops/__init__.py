@@ -85,6 +85,22 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
+def _memory_span(tensor: torch.Tensor) -> tuple[int, int]:
+    """``[first byte, last byte + 1)`` of the memory ``tensor`` can address (torch strides are ≥ 0)."""
+    start = tensor.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return start, start + (last + 1) * tensor.element_size()
+
+
+def _shares_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the memory spans of ``a`` and ``b`` intersect (also for interleaved views, conservatively)."""
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+    a_start, a_end = _memory_span(a)
+    b_start, b_end = _memory_span(b)
+    return a_start < b_end and b_start < a_end
+
+
 def vecdb_search(
     queries: torch.Tensor,
     centers: torch.Tensor,
@@ -164,7 +180,8 @@ def block_lora(
             leave the rows of block -1 untouched and update the edited rows in place (no output
             allocation: the inference path of the patched layers); other backends (and a
             non-contiguous ``base``) compute out of place and copy into ``base``, same result.
-            ``base`` must not share memory with ``x``, ``A`` or ``B``.
+            ``base`` must not share memory with ``x``, ``A`` or ``B`` (ValueError: a kernel writing
+            it while others read the inputs would race).
 
     Returns:
         ``[N, T, d_out]`` in ``x``'s dtype (``base`` itself when ``inplace``). Differentiable in
@@ -207,6 +224,13 @@ def block_lora(
             f"block_lora: inplace=True is for inference only, but {', '.join(needs_grad)} requires grad "
             "and grad mode is on; use inplace=False (or run under torch.no_grad())",
         )
+    # A kernel writing base while other programs still read x, A or B from the same memory races.
+    aliased = [name for name, t in (("x", x), ("A", A), ("B", B)) if _shares_memory(base, t)]
+    _check(
+        not aliased,
+        f"block_lora: inplace=True writes into base, but base shares memory with {', '.join(aliased)}; "
+        "pass a base of its own (e.g. base.clone()) or use inplace=False",
+    )
     native = getattr(impl, "block_lora_inplace", None)  # cpp / triton: the kernel writes into base
     if native is not None:
         out = native(x, A, B, block_ids, float(scale), base)
@@ -219,4 +243,42 @@ def block_lora(
     return base
 
 
-__all__ = ["BACKENDS", "backend_status", "block_lora", "vecdb_search"]
+def warmup(
+    lora_shapes=(),
+    key_dim: int | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    key_dtype: torch.dtype = torch.float32,
+    device: torch.device | str | None = None,
+    training: bool = True,
+) -> int:
+    """Compile now the Triton kernel variants a patched model will launch (CUDA only; else a no-op).
+
+    The first launch of each variant compiles it (about half a second). The variants are few and
+    depend only on the layer shapes and dtypes (not on batch size, tokens, blocks or database size),
+    so one call after patching keeps compilation out of serving and editing.
+
+    Args:
+        lora_shapes: ``(d_in, d_out, k)`` of each target layer (duplicates are fine).
+        key_dim: the router's key size (None: skip the lookup kernels).
+        dtype: the target layers' activation dtype; ``key_dtype``: the database's (float32).
+        device: the CUDA device the model runs on (default: the current one).
+        training: also compile the backward kernels (editing).
+
+    Returns:
+        The number of warm-up calls made: 0 without CUDA, without a usable Triton backend, or for
+        fp64 (which the Triton backend hands to the torch backend).
+    """
+    device = torch.device(device) if device is not None else torch.device("cuda")
+    if device.type != "cuda" or not torch.cuda.is_available() or dtype == torch.float64:
+        return 0
+    try:
+        _load_backend("triton")
+    except ImportError:
+        return 0
+    from melo_fast.ops.triton.warmup import warmup as triton_warmup
+
+    return triton_warmup(device, lora_shapes, key_dim, dtype=dtype, key_dtype=key_dtype, training=training)
+
+
+__all__ = ["BACKENDS", "backend_status", "block_lora", "vecdb_search", "warmup"]

@@ -6,16 +6,30 @@ per-sample Python loop. A sample with block -1 gets ``base`` bit for bit (or zer
 (inference), ``out`` is ``base``: programs of block -1 exit without touching memory and the others
 read-modify-write their tile, so no output is allocated.
 
+Two kernels do all the work, forward and backward, and a third sums the weight gradients:
+- ``_block_lora_project_kernel``: ``h = factor * rows @ bank[b].T``, one program per (sample, token
+  tile), looping over the feature dimension. Forward: ``h = x @ A_b.T``; backward:
+  ``dh = scale * grad_out @ B_b.T``. Computed once per token tile and kept in fp32 ``[N, T, BLOCK_K]``
+  (a few bytes per token), so the wide input is read exactly once, however many output tiles follow.
+- ``_block_lora_expand_kernel``: ``out = base + scale * h @ bank[b]``, one program per (sample,
+  token tile, output tile). Forward: ``out = base + scale * h @ B_b``; backward: ``grad_x = dh @ A_b``.
+- ``_block_lora_bwd_dw_kernel``: one program per (block, column tile) walks the samples in order
+  and sums ``lhs_n.T @ rhs_n`` over the samples routed to that block: ``dA = Σ dh.T @ x``,
+  ``dB = scale * Σ h.T @ grad_out``. Deterministic (no atomics); blocks absent from the batch get
+  exact zeros.
+
 The rank ``k`` is tiny (1–8 in MELO's settings) but ``tl.dot`` needs every dimension ≥ 16 on a
 GPU, so ``k`` is padded to ``BLOCK_K = max(16, next_pow2(k))`` with masked (zero) loads; the padding
 contributes exact zeros.
 
-Backward (training one block), all deterministic (no atomics):
-- ``_block_lora_bwd_dh_kernel``: ``dh = scale * grad_out @ B[b].T`` per (sample, token tile).
-- ``_block_lora_bwd_dx_kernel``: ``grad_x = dh @ A[b]`` per (sample, token tile, d_in tile).
-- ``_block_lora_bwd_dw_kernel``: one program per (block, column tile) walks the samples in order
-  and sums ``lhs_n.T @ rhs_n`` over the samples routed to that block: ``dA = Σ dh.T @ x``,
-  ``dB = scale * Σ h.T @ grad_out``. Blocks absent from the batch get exact zeros.
+Compiled variants: every constexpr takes one of a few values fixed by the layer (dtype, ``k``,
+``d_in``, ``d_out``) and, for the token tile, by whether T ≤ 16 (decode) or not; T, the batch size
+and the number of blocks are kept out of Triton's integer specialization (``do_not_specialize``).
+So a serving process compiles a handful of variants per layer shape once (``warmup.py`` does it up
+front), not one more each time the bank grows or a decode step changes T.
+
+fp64 is not compiled here: ``tl.dot`` would accumulate in fp32 and silently lose precision, so
+:func:`block_lora` sends fp64 tensors to the ``torch`` backend (logged once; ``_launch.py``).
 """
 
 from __future__ import annotations
@@ -24,7 +38,9 @@ import torch
 import triton
 import triton.language as tl
 
+from melo_fast.ops import vectorized
 from melo_fast.ops.triton import _interpreting
+from melo_fast.ops.triton._launch import gpu_tiles, launch, use_torch_for_fp64
 
 # The Triton interpreter (3.9) multiplies the raw uint16 bits of bf16 operands in tl.dot; under the
 # interpreter the operands are therefore upcast to fp32 first, which is what the GPU computes anyway
@@ -47,184 +63,108 @@ def _mma(a, b, acc, DOT_PRECISION: tl.constexpr, UPCAST_DOT: tl.constexpr):
     return out
 
 
-@triton.jit
-def _block_lora_fwd_kernel(
-    x_ptr,  # [N, T, D_IN] contiguous
-    a_ptr,  # [N_BLOCKS, K, D_IN] contiguous
-    b_ptr,  # [N_BLOCKS, K, D_OUT] contiguous
+@triton.jit(do_not_specialize=["T", "N_BLOCKS"])
+def _block_lora_project_kernel(
+    rows_ptr,  # [N, T, D] contiguous: x (forward) or grad_out (backward)
+    bank_ptr,  # [N_BLOCKS, K, D] contiguous: A (forward) or B (backward)
     ids_ptr,  # [N] int64 block id per sample
-    base_ptr,  # [N, T, D_OUT] contiguous, read only when HAS_BASE
-    out_ptr,  # [N, T, D_OUT] contiguous; base_ptr itself when INPLACE
-    h_ptr,  # [N, T, BLOCK_K] fp32 out (x @ A[b].T for backward), written only when STORE_H
-    scale,
+    h_ptr,  # [N, T, BLOCK_K] fp32 out: factor * rows_n @ bank[b_n].T; rows of unedited samples untouched
+    factor,
     T,
-    D_IN,
-    D_OUT,
+    D,
     K,
     N_BLOCKS,
-    HAS_BASE: tl.constexpr,
-    INPLACE: tl.constexpr,
-    STORE_H: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     UPCAST_DOT: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-    BLOCK_O: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
-    pid_o = tl.program_id(2)
     block = tl.load(ids_ptr + pid_n)
     # Out-of-range ids are treated like -1 rather than reading outside the bank.
-    active = (block >= 0) & (block < N_BLOCKS)
+    if (block >= 0) & (block < N_BLOCKS):
+        rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+        row_mask = rows < T
+        ks = tl.arange(0, BLOCK_K)
+        sample = pid_n.to(tl.int64)
+        bank = block.to(tl.int64) * K
+        # Padded to BLOCK_K columns: the masked rows of the bank load as zeros.
+        h = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d_offs = d0 + tl.arange(0, BLOCK_D)
+            d_mask = d_offs < D
+            r = tl.load(
+                rows_ptr + (sample * T + rows[:, None]) * D + d_offs[None, :],
+                mask=row_mask[:, None] & d_mask[None, :],
+                other=0.0,
+            )
+            w_t = tl.load(  # bank[b].T tile, [BLOCK_D, BLOCK_K]
+                bank_ptr + (bank + ks[None, :]) * D + d_offs[:, None],
+                mask=d_mask[:, None] & (ks[None, :] < K),
+                other=0.0,
+            )
+            h = _mma(r.to(w_t.dtype), w_t, h, DOT_PRECISION, UPCAST_DOT)
+        tl.store(h_ptr + (sample * T + rows[:, None]) * BLOCK_K + ks[None, :], h * factor, mask=row_mask[:, None])
 
+
+@triton.jit(do_not_specialize=["T", "N_BLOCKS"])
+def _block_lora_expand_kernel(
+    h_ptr,  # [N, T, BLOCK_K] fp32 from the project kernel
+    bank_ptr,  # [N_BLOCKS, K, D] contiguous: B (forward) or A (backward, grad_x)
+    ids_ptr,  # [N] int64
+    base_ptr,  # [N, T, D] contiguous, read only when HAS_BASE
+    out_ptr,  # [N, T, D] contiguous; base_ptr itself when INPLACE
+    scale,
+    T,
+    D,
+    K,
+    N_BLOCKS,
+    HAS_BASE: tl.constexpr,
+    INPLACE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    pid_d = tl.program_id(2)
+    block = tl.load(ids_ptr + pid_n)
     rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < T
-    col_mask = cols < D_OUT
+    col_mask = cols < D
     tile_mask = row_mask[:, None] & col_mask[None, :]
     sample = pid_n.to(tl.int64)
-    out_offsets = (sample * T + rows[:, None]) * D_OUT + cols[None, :]
+    out_offsets = (sample * T + rows[:, None]) * D + cols[None, :]
 
-    if active:
+    if (block >= 0) & (block < N_BLOCKS):
         ks = tl.arange(0, BLOCK_K)
-        k_mask = ks < K
-        bank = block.to(tl.int64) * K
-        # h = x_tile @ A_b.T, padded to BLOCK_K columns (masked rows of A load as zeros).
-        h = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-        for i0 in range(0, D_IN, BLOCK_I):
-            i_offs = i0 + tl.arange(0, BLOCK_I)
-            i_mask = i_offs < D_IN
-            x = tl.load(
-                x_ptr + (sample * T + rows[:, None]) * D_IN + i_offs[None, :],
-                mask=row_mask[:, None] & i_mask[None, :],
-                other=0.0,
-            )
-            a_t = tl.load(  # A_b.T tile, [BLOCK_I, BLOCK_K]
-                a_ptr + (bank + ks[None, :]) * D_IN + i_offs[:, None],
-                mask=i_mask[:, None] & k_mask[None, :],
-                other=0.0,
-            )
-            h = _mma(x, a_t, h, DOT_PRECISION, UPCAST_DOT)
-        if STORE_H:
-            if pid_o == 0:  # one d_out tile per token tile saves h for the backward pass
-                tl.store(
-                    h_ptr + (sample * T + rows[:, None]) * BLOCK_K + ks[None, :],
-                    h,
-                    mask=row_mask[:, None],
-                )
-        b = tl.load(
-            b_ptr + (bank + ks[:, None]) * D_OUT + cols[None, :],
-            mask=k_mask[:, None] & col_mask[None, :],
+        h = tl.load(h_ptr + (sample * T + rows[:, None]) * BLOCK_K + ks[None, :], mask=row_mask[:, None], other=0.0)
+        w = tl.load(
+            bank_ptr + (block.to(tl.int64) * K + ks[:, None]) * D + cols[None, :],
+            mask=(ks[:, None] < K) & col_mask[None, :],
             other=0.0,
         )
         # 16-bit inputs: round h like the framework would and use the tensor cores; fp32 stays IEEE.
-        delta = _mma(h.to(b.dtype), b, tl.zeros([BLOCK_T, BLOCK_O], tl.float32), DOT_PRECISION, UPCAST_DOT)
+        delta = _mma(h.to(w.dtype), w, tl.zeros([BLOCK_T, BLOCK_D], tl.float32), DOT_PRECISION, UPCAST_DOT)
         y = scale * delta
         if HAS_BASE:  # in place, this program reads its own tile of base before writing it
             y += tl.load(base_ptr + out_offsets, mask=tile_mask, other=0.0).to(tl.float32)
         tl.store(out_ptr + out_offsets, y.to(out_ptr.dtype.element_ty), mask=tile_mask)
     elif not INPLACE:  # in place, an unedited sample's tile is already right: touch nothing
-        # Unedited sample: copy base untouched (bit for bit), no LoRA work at all.
+        # Unedited sample: copy base untouched (bit for bit), or zeros; no LoRA work at all.
         if HAS_BASE:
             base = tl.load(base_ptr + out_offsets, mask=tile_mask, other=0.0)
             tl.store(out_ptr + out_offsets, base.to(out_ptr.dtype.element_ty), mask=tile_mask)
         else:
-            tl.store(out_ptr + out_offsets, tl.zeros([BLOCK_T, BLOCK_O], out_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(out_ptr + out_offsets, tl.zeros([BLOCK_T, BLOCK_D], out_ptr.dtype.element_ty), mask=tile_mask)
 
 
-@triton.jit
-def _block_lora_bwd_dh_kernel(
-    g_ptr,  # [N, T, D_OUT] contiguous grad_out
-    b_ptr,  # [N_BLOCKS, K, D_OUT] contiguous
-    ids_ptr,  # [N] int64
-    dh_ptr,  # [N, T, BLOCK_K] fp32 out: scale * grad_out @ B_b.T (0 for unedited samples)
-    scale,
-    T,
-    D_OUT,
-    K,
-    N_BLOCKS,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_O: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    block = tl.load(ids_ptr + pid_n)
-    active = (block >= 0) & (block < N_BLOCKS)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    row_mask = rows < T
-    ks = tl.arange(0, BLOCK_K)
-    sample = pid_n.to(tl.int64)
-    dh = tl.zeros([BLOCK_T, BLOCK_K], dtype=tl.float32)
-    if active:
-        bank = block.to(tl.int64) * K
-        for o0 in range(0, D_OUT, BLOCK_O):
-            o_offs = o0 + tl.arange(0, BLOCK_O)
-            o_mask = o_offs < D_OUT
-            g = tl.load(
-                g_ptr + (sample * T + rows[:, None]) * D_OUT + o_offs[None, :],
-                mask=row_mask[:, None] & o_mask[None, :],
-                other=0.0,
-            )
-            b_t = tl.load(  # B_b.T tile, [BLOCK_O, BLOCK_K]
-                b_ptr + (bank + ks[None, :]) * D_OUT + o_offs[:, None],
-                mask=o_mask[:, None] & (ks[None, :] < K),
-                other=0.0,
-            )
-            dh = _mma(g.to(b_t.dtype), b_t, dh, DOT_PRECISION, UPCAST_DOT)
-        dh = dh * scale
-    tl.store(dh_ptr + (sample * T + rows[:, None]) * BLOCK_K + ks[None, :], dh, mask=row_mask[:, None])
-
-
-@triton.jit
-def _block_lora_bwd_dx_kernel(
-    dh_ptr,  # [N, T, BLOCK_K] fp32
-    a_ptr,  # [N_BLOCKS, K, D_IN] contiguous
-    ids_ptr,  # [N] int64
-    dx_ptr,  # [N, T, D_IN] out, x's dtype
-    T,
-    D_IN,
-    K,
-    N_BLOCKS,
-    DOT_PRECISION: tl.constexpr,
-    UPCAST_DOT: tl.constexpr,
-    BLOCK_T: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-    BLOCK_I: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_t = tl.program_id(1)
-    pid_i = tl.program_id(2)
-    block = tl.load(ids_ptr + pid_n)
-    active = (block >= 0) & (block < N_BLOCKS)
-    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = pid_i * BLOCK_I + tl.arange(0, BLOCK_I)
-    row_mask = rows < T
-    col_mask = cols < D_IN
-    sample = pid_n.to(tl.int64)
-    dx = tl.zeros([BLOCK_T, BLOCK_I], dtype=tl.float32)
-    if active:
-        ks = tl.arange(0, BLOCK_K)
-        dh = tl.load(dh_ptr + (sample * T + rows[:, None]) * BLOCK_K + ks[None, :], mask=row_mask[:, None], other=0.0)
-        a = tl.load(
-            a_ptr + (block.to(tl.int64) * K + ks[:, None]) * D_IN + cols[None, :],
-            mask=(ks[:, None] < K) & col_mask[None, :],
-            other=0.0,
-        )
-        dx = _mma(dh.to(a.dtype), a, dx, DOT_PRECISION, UPCAST_DOT)
-    # Unedited samples get exactly zero gradient from the LoRA path.
-    tl.store(
-        dx_ptr + (sample * T + rows[:, None]) * D_IN + cols[None, :],
-        dx.to(dx_ptr.dtype.element_ty),
-        mask=row_mask[:, None] & col_mask[None, :],
-    )
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["N", "T"])
 def _block_lora_bwd_dw_kernel(
     lhs_ptr,  # [N, T, BLOCK_K] fp32: dh (for dA) or h (for dB)
     rhs_ptr,  # [N, T, D] contiguous: x (for dA) or grad_out (for dB)
@@ -292,15 +232,135 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _block_sizes(x: torch.Tensor, k: int) -> tuple[int, int]:
-    """(BLOCK_T, BLOCK_K): token tile and the rank padded for tl.dot (every dim ≥ 16)."""
-    block_t = min(64, max(16, triton.next_power_of_2(x.shape[1])))
-    block_k = max(16, triton.next_power_of_2(max(k, 1)))
-    return block_t, block_k
+def rank_tile(k: int) -> int:
+    """``BLOCK_K``: the rank padded for ``tl.dot`` (every dim ≥ 16); also the row width of ``h``."""
+    return max(16, triton.next_power_of_2(max(k, 1)))
 
 
-def _tile(n: int, cap: int) -> int:
-    return min(cap, max(16, triton.next_power_of_2(n)))
+def token_tile(t: int) -> int:
+    """Token tile of the per-tile kernels: 16 for decode-sized inputs (T ≤ 16), else 64.
+
+    Two buckets only, so a new T never compiles a new variant. Also the representative T of each
+    bucket for warm-up: ``{token_tile(t) for t in range(1, 10**5)} == {16, 64}``.
+    """
+    return 16 if t <= 16 else 64
+
+
+def _feature_tile(d: int, cap: int) -> int:
+    """A power-of-two tile of a feature dimension (≥ 16 for tl.dot), at most ``cap``: fixed per layer."""
+    return min(cap, max(16, triton.next_power_of_2(d)))
+
+
+# GPU tile sizes, per kernel and dtype: no variant spills registers on sm_90, by the ptxas reports of
+# CUDA 12.8 (Triton 3.6) and 13.4 (Triton 3.9) for fp32/bf16/fp16, d in {16, 32, 64, 128, 4096} and
+# k in {1, 8, 32} (compile_report.py; `benchmarks/gpu_check.py --only compile` prints the report).
+# fp32 dots are IEEE FMA loops, which hold more in registers than tensor-core dots, hence the
+# smaller tiles; ptxas's spill decisions move erratically with the tile shape and its version, so
+# each exception below is one a report showed. The interpreter instead prefers few, large tiles:
+# its cost is per operation, not per element.
+
+
+def project_config(d: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+    """Constexprs and launch options of ``_block_lora_project_kernel`` over feature dim ``d``."""
+    if on_gpu:
+        return dict(BLOCK_T=16, BLOCK_D=_feature_tile(d, 64 if dtype == torch.float32 else 128), num_warps=4)
+    return dict(BLOCK_T=64, BLOCK_D=_feature_tile(d, 256))
+
+
+def expand_config(t: int, d: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+    """Constexprs and launch options of ``_block_lora_expand_kernel`` writing ``[*, t, d]``."""
+    block_t = token_tile(t)
+    if on_gpu:
+        if dtype == torch.float32:
+            block_t = min(block_t, 32)
+        return dict(BLOCK_T=block_t, BLOCK_D=_feature_tile(d, 128), num_warps=4 if block_t <= 16 else 8)
+    return dict(BLOCK_T=block_t, BLOCK_D=_feature_tile(d, 256))
+
+
+def dw_config(d: int, k: int, dtype: torch.dtype, on_gpu: bool) -> dict:
+    """Constexprs and launch options of ``_block_lora_bwd_dw_kernel`` over column dim ``d``."""
+    if on_gpu:
+        block_d = _feature_tile(d, 128)
+        if dtype == torch.float32 and rank_tile(k) > 16:  # FMA dots with a wide rank: ptxas spills otherwise
+            return dict(BLOCK_T=32, BLOCK_D=block_d, BLOCK_N=64, num_warps=4)
+        return dict(BLOCK_T=64, BLOCK_D=block_d, BLOCK_N=64, num_warps=8 if block_d >= 128 else 4)
+    return dict(BLOCK_T=64, BLOCK_D=_feature_tile(d, 256), BLOCK_N=64)
+
+
+def _project(rows, bank, block_ids, h, factor, block_k):
+    """Launch ``h[n] = factor * rows[n] @ bank[ids[n]].T`` (rows of unedited samples untouched)."""
+    n, t, d = rows.shape
+    config = project_config(d, rows.dtype, gpu_tiles(rows.device))
+    launch(
+        _block_lora_project_kernel,
+        (n, triton.cdiv(t, config["BLOCK_T"])),
+        rows.device,
+        rows,
+        bank,
+        block_ids,
+        h,
+        float(factor),
+        t,
+        d,
+        bank.shape[1],
+        bank.shape[0],
+        DOT_PRECISION=_dot_precision(rows.dtype),
+        UPCAST_DOT=_UPCAST_DOT,
+        BLOCK_K=block_k,
+        **config,
+    )
+
+
+def _expand(h, bank, block_ids, base, out, scale, inplace):
+    """Launch ``out[n] = base[n] + scale * h[n] @ bank[ids[n]]`` (base or zeros for unedited samples)."""
+    n, t, d = out.shape
+    config = expand_config(t, d, out.dtype, gpu_tiles(out.device))
+    launch(
+        _block_lora_expand_kernel,
+        (n, triton.cdiv(t, config["BLOCK_T"]), triton.cdiv(d, config["BLOCK_D"])),
+        out.device,
+        h,
+        bank,
+        block_ids,
+        base if base is not None else out,  # dummy pointer when unused
+        out,
+        float(scale),
+        t,
+        d,
+        bank.shape[1],
+        bank.shape[0],
+        HAS_BASE=base is not None,
+        INPLACE=inplace,
+        DOT_PRECISION=_dot_precision(out.dtype),
+        UPCAST_DOT=_UPCAST_DOT,
+        BLOCK_K=h.shape[2],
+        **config,
+    )
+
+
+def _weight_grad(lhs, rhs, block_ids, dw, factor):
+    """Launch ``dw[b] = factor * Σ_{n: ids[n] == b} lhs[n].T @ rhs[n]`` for every block b."""
+    n, t, d = rhs.shape
+    n_blocks, k, _ = dw.shape
+    config = dw_config(d, k, rhs.dtype, gpu_tiles(rhs.device))
+    launch(
+        _block_lora_bwd_dw_kernel,
+        (n_blocks, triton.cdiv(d, config["BLOCK_D"])),
+        rhs.device,
+        lhs,
+        rhs,
+        block_ids,
+        dw,
+        float(factor),
+        n,
+        t,
+        d,
+        k,
+        DOT_PRECISION=_dot_precision(rhs.dtype),
+        UPCAST_DOT=_UPCAST_DOT,
+        BLOCK_K=lhs.shape[2],
+        **config,
+    )
 
 
 def block_lora_fwd(
@@ -313,7 +373,7 @@ def block_lora_fwd(
     store_h: bool = False,
     inplace: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Forward pass: ``(out, h)``.
+    """Forward pass: ``(out, h)``; two launches (project, then expand).
 
     Args:
         x: ``[N, T, d_in]`` fp32/fp16/bf16.
@@ -329,55 +389,22 @@ def block_lora_fwd(
     Returns:
         ``out`` ``[N, T, d_out]`` in x's dtype, and ``h`` or None.
     """
-    n, t, d_in = x.shape
-    n_blocks, k, d_out = B.shape
+    n, t, _ = x.shape
+    _, k, d_out = B.shape
     if inplace:
         if base is None or not base.is_contiguous():
             raise ValueError("block_lora_fwd: inplace=True needs a contiguous base to write into")
         out = base
     else:
         out = torch.empty((n, t, d_out), dtype=x.dtype, device=x.device)
-    block_t, block_k = _block_sizes(x, k)
-    h = torch.empty((n, t, block_k), dtype=torch.float32, device=x.device) if store_h else None
+    h = torch.empty((n, t, rank_tile(k)), dtype=torch.float32, device=x.device)
     if out.numel() == 0:
-        return out, h
+        return out, (h if store_h else None)
     x, A, B, block_ids = x.contiguous(), A.contiguous(), B.contiguous(), block_ids.contiguous()
     base = base.contiguous() if base is not None else None
-    on_gpu = x.device.type == "cuda"
-    # GPU: [64 tokens] x [128 outputs] tiles over 32-wide d_in steps, 8 warps; fp32 (IEEE FMA dots)
-    # needs 32-token tiles. Neither spills registers on sm_90 (checked with ptxas for k ≤ 32).
-    # Interpreter: few large tiles (its cost is per operation, not per element).
-    if on_gpu and x.dtype == torch.float32:
-        block_t = min(block_t, 32)
-    block_o = _tile(d_out, 128 if on_gpu else 256)
-    block_i = _tile(d_in, 32 if on_gpu else 256)
-    grid = (n, triton.cdiv(t, block_t), triton.cdiv(d_out, block_o))
-    _block_lora_fwd_kernel[grid](
-        x,
-        A,
-        B,
-        block_ids,
-        base if base is not None else out,  # dummy pointer when unused
-        out,
-        h if h is not None else out,  # dummy pointer when unused
-        float(scale),
-        t,
-        d_in,
-        d_out,
-        k,
-        n_blocks,
-        HAS_BASE=base is not None,
-        INPLACE=inplace,
-        STORE_H=h is not None,
-        DOT_PRECISION=_dot_precision(x.dtype),
-        UPCAST_DOT=_UPCAST_DOT,
-        BLOCK_T=block_t,
-        BLOCK_K=block_k,
-        BLOCK_I=block_i,
-        BLOCK_O=block_o,
-        num_warps=8,
-    )
-    return out, h
+    _project(x, A, block_ids, h, 1.0, h.shape[2])
+    _expand(h, B, block_ids, base, out, scale, inplace)
+    return out, (h if store_h else None)
 
 
 def block_lora_bwd(
@@ -407,100 +434,27 @@ def block_lora_bwd(
     n, t, d_in = x.shape
     n_blocks, k, d_out = B.shape
     device = x.device
-    block_t, block_k = _block_sizes(x, k)
     grad_x = torch.empty_like(x, memory_format=torch.contiguous_format) if need_x else None
     grad_a = torch.empty((n_blocks, k, d_in), dtype=A.dtype, device=device) if need_a else None
     grad_b = torch.empty((n_blocks, k, d_out), dtype=B.dtype, device=device) if need_b else None
     if n * t == 0 or k == 0:
         # Nothing flows back: every gradient is zero (shape test only, no host sync).
         return tuple(g.zero_() if g is not None else None for g in (grad_x, grad_a, grad_b))
+    if need_b and h is None:
+        raise ValueError("block_lora_bwd: grad_B needs the h saved by block_lora_fwd(store_h=True)")
     grad_out = grad_out.contiguous()
     x, A, B, block_ids = x.contiguous(), A.contiguous(), B.contiguous(), block_ids.contiguous()
-    on_gpu = device.type == "cuda"
-    precision = _dot_precision(x.dtype)
-    n_t_tiles = triton.cdiv(t, block_t)
-    # GPU tile sizes keep every kernel free of register spills on sm_90 (checked with ptxas).
-    block_o = _tile(d_out, 128 if on_gpu else 256)
-    block_i = _tile(d_in, 128 if on_gpu else 256)
-    dh_block_o = _tile(d_out, (32 if x.dtype == torch.float32 else 64) if on_gpu else 256)
 
     if need_x or need_a:
-        dh = torch.empty((n, t, block_k), dtype=torch.float32, device=device)
-        _block_lora_bwd_dh_kernel[(n, n_t_tiles)](
-            grad_out,
-            B,
-            block_ids,
-            dh,
-            float(scale),
-            t,
-            d_out,
-            k,
-            n_blocks,
-            DOT_PRECISION=precision,
-            UPCAST_DOT=_UPCAST_DOT,
-            BLOCK_T=block_t,
-            BLOCK_K=block_k,
-            BLOCK_O=dh_block_o,
-            num_warps=4,
-        )
+        dh = torch.empty((n, t, rank_tile(k)), dtype=torch.float32, device=device)
+        _project(grad_out, B, block_ids, dh, scale, dh.shape[2])
     if need_x:
-        _block_lora_bwd_dx_kernel[(n, n_t_tiles, triton.cdiv(d_in, block_i))](
-            dh,
-            A,
-            block_ids,
-            grad_x,
-            t,
-            d_in,
-            k,
-            n_blocks,
-            DOT_PRECISION=precision,
-            UPCAST_DOT=_UPCAST_DOT,
-            BLOCK_T=block_t,
-            BLOCK_K=block_k,
-            BLOCK_I=block_i,
-            num_warps=8,
-        )
+        _expand(dh, A, block_ids, None, grad_x, 1.0, inplace=False)
     # dA and dB: grid (block, column tile); see _block_lora_bwd_dw_kernel for why this is deterministic.
     if need_a and n_blocks > 0:
-        _block_lora_bwd_dw_kernel[(n_blocks, triton.cdiv(d_in, block_i))](
-            dh,
-            x,
-            block_ids,
-            grad_a,
-            1.0,  # dh already carries the scale
-            n,
-            t,
-            d_in,
-            k,
-            DOT_PRECISION=precision,
-            UPCAST_DOT=_UPCAST_DOT,
-            BLOCK_T=block_t,
-            BLOCK_K=block_k,
-            BLOCK_D=block_i,
-            BLOCK_N=64,
-            num_warps=8,
-        )
+        _weight_grad(dh, x, block_ids, grad_a, 1.0)  # dh already carries the scale
     if need_b and n_blocks > 0:
-        if h is None:
-            raise ValueError("block_lora_bwd: grad_B needs the h saved by block_lora_fwd(store_h=True)")
-        _block_lora_bwd_dw_kernel[(n_blocks, triton.cdiv(d_out, block_o))](
-            h,
-            grad_out,
-            block_ids,
-            grad_b,
-            float(scale),
-            n,
-            t,
-            d_out,
-            k,
-            DOT_PRECISION=_dot_precision(grad_out.dtype),
-            UPCAST_DOT=_UPCAST_DOT,
-            BLOCK_T=block_t,
-            BLOCK_K=block_k,
-            BLOCK_D=block_o,
-            BLOCK_N=64,
-            num_warps=8,
-        )
+        _weight_grad(h, grad_out, block_ids, grad_b, scale)
     return grad_x, grad_a, grad_b
 
 
@@ -536,20 +490,25 @@ class BlockLoRAFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, None, None, grad_base
 
 
-def block_lora(x, A, B, block_ids, scale, base=None):
-    """The op, as :func:`melo_fast.ops.block_lora` calls it (shapes validated there)."""
+def _check_device(x: torch.Tensor) -> None:
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"triton backend: block_lora needs CUDA tensors, got {x.device} (or set TRITON_INTERPRET=1)")
+
+
+def block_lora(x, A, B, block_ids, scale, base=None):
+    """The op, as :func:`melo_fast.ops.block_lora` calls it (shapes validated there)."""
+    _check_device(x)
+    if use_torch_for_fp64("block_lora", x):
+        return vectorized.block_lora(x, A, B, block_ids, float(scale), base)
     return BlockLoRAFunction.apply(x, A, B, block_ids, float(scale), base)
 
 
 def block_lora_inplace(x, A, B, block_ids, scale, base):
     """The op written into ``base`` (as :func:`melo_fast.ops.block_lora` calls it with ``inplace=True``,
-    after checking that no gradient is needed), or None for a non-contiguous ``base`` (the dispatcher
-    then computes out of place and copies)."""
-    if x.device.type != "cuda" and not _INTERPRET:
-        raise ValueError(f"triton backend: block_lora needs CUDA tensors, got {x.device} (or set TRITON_INTERPRET=1)")
-    if not base.is_contiguous():
+    after checking that no gradient is needed and that ``base`` shares no memory with the inputs), or
+    None for a non-contiguous or fp64 ``base`` (the dispatcher then computes out of place and copies)."""
+    _check_device(x)
+    if not base.is_contiguous() or x.dtype == torch.float64:
         return None
     if base.is_inference() and not torch.is_inference_mode_enabled():  # what any in-place torch op refuses
         raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed.")

@@ -21,13 +21,13 @@ products, fp32 accumulation); fp32 keys use IEEE fp32 dots, since TF32 would reo
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
 
+from melo_fast.ops import vectorized
 from melo_fast.ops.triton import _interpreting
+from melo_fast.ops.triton._launch import gpu_tiles, launch, sm_count, use_torch_for_fp64
 
 # The Triton interpreter (3.9) multiplies the raw uint16 bits of bf16 operands in tl.dot, so under
 # the interpreter 16-bit keys take the fp32 dot path (numerically what the GPU's 16-bit dot does:
@@ -82,7 +82,9 @@ def _merge_top2(a1_score, a1_index, a2_score, a2_index, b1_score, b1_index, b2_s
     return first_score, first_index, second_score, second_index
 
 
-@triton.jit
+# Q, C and the split layout change with every batch and every insert: kept out of Triton's integer
+# specialization so that they never compile a new variant (see block_lora.py, "Compiled variants").
+@triton.jit(do_not_specialize=["Q", "C", "centers_per_split", "n_splits"])
 def _vecdb_search_scan_kernel(
     q_ptr,  # [Q, D] queries, row stride stride_q
     c_ptr,  # [C, D] centers, row stride stride_c
@@ -163,7 +165,7 @@ def _vecdb_search_scan_kernel(
     tl.store(part_index_ptr + part + 1, second_index, mask=q_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["C", "n_splits"])
 def _vecdb_search_resolve_kernel(
     q_ptr,  # [Q, D] queries
     c_ptr,  # [C, D] centers
@@ -276,16 +278,50 @@ def _vecdb_search_resolve_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-@functools.cache
-def _sm_count(device_index: int) -> int:
-    return torch.cuda.get_device_properties(device_index).multi_processor_count
-
-
 def _target_programs(device: torch.device) -> int:
     """How many scan programs to aim for: a few waves on a GPU; very few in the CPU interpreter."""
-    if device.type == "cuda":
-        return 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    if gpu_tiles(device):
+        return 4 * sm_count(device)
     return 2  # interpreter: every program instance costs milliseconds
+
+
+# GPU tile sizes: no variant below spills registers on sm_90, by the ptxas reports of CUDA 12.8
+# (Triton 3.6) and 13.4 (Triton 3.9) for fp32/bf16/fp16 keys of 16 to 768 dims (compile_report.py;
+# `benchmarks/gpu_check.py --only compile` prints the report). fp32 keys use IEEE FMA dots, which
+# hold more in registers than tensor-core dots. ptxas's spill decisions move erratically with the
+# tile shape and its version (by its reports, fp32 keys spill 4-28 bytes with 64-center tiles in a
+# 3-stage pipeline, or with 128 x 32 tiles); the shapes below are large ones that neither version
+# spills. The interpreter prefers few, large tiles (its cost is per operation, not per element).
+
+
+def scan_config(n_queries: int, n_centers: int, dim: int, dot_fp32: bool, on_gpu: bool) -> dict:
+    """Constexprs and launch options of ``_vecdb_search_scan_kernel``.
+
+    GPU: [16 or 32 queries] x [128 centers] x [32 dims] tiles in a 3-stage pipeline (fp32 dots:
+    64 dims, 2 stages), 8 warps: two variants per key dtype (Q ≤ 16 or not), whatever C and Q.
+    """
+    block_q = 16 if n_queries <= 16 else 32
+    if on_gpu:
+        if dot_fp32:
+            return dict(BLOCK_Q=block_q, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=2)
+        return dict(BLOCK_Q=block_q, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=3)
+    return dict(
+        BLOCK_Q=block_q,
+        BLOCK_C=min(64, max(16, triton.next_power_of_2(n_centers))),
+        BLOCK_D=min(128, max(16, triton.next_power_of_2(dim))),
+    )
+
+
+def resolve_config(dim: int, on_gpu: bool) -> dict:
+    """Constexprs and launch options of ``_vecdb_search_resolve_kernel``: fixed per key size.
+
+    ``BLOCK_S`` (split results reduced per loop step) is fixed rather than sized to the number of
+    splits, so a growing database never compiles a new variant.
+    """
+    config = dict(BLOCK_S=128, BLOCK_D=min(256, max(16, triton.next_power_of_2(dim))), BLOCK_P=8)
+    if on_gpu:
+        config["num_warps"] = 4
+    return config
 
 
 def vecdb_search_fwd(
@@ -330,15 +366,14 @@ def vecdb_search_fwd(
     point_offsets = point_offsets.contiguous()
     point_blocks = point_blocks.contiguous()
 
-    on_gpu = device.type == "cuda"
-    # GPU tiles were chosen so that no variant spills registers on sm_90 (checked with ptxas):
-    # [≤32 queries] x [128 centers] x [32 dims], 8 warps. Larger query tiles spill with fp32 keys.
-    # The interpreter prefers few, large tiles (its cost is per operation, not per element).
-    block_q = 16 if n_queries <= 16 else 32
-    if block_c is None:
-        block_c = 128 if on_gpu else min(64, max(16, triton.next_power_of_2(n_centers)))
-    if block_d is None:
-        block_d = 32 if on_gpu else min(128, max(16, triton.next_power_of_2(dim)))
+    same_16bit = queries.dtype == centers.dtype and queries.dtype in (torch.float16, torch.bfloat16)
+    dot_fp32 = _UPCAST_DOT or not same_16bit
+    config = scan_config(n_queries, n_centers, dim, dot_fp32, gpu_tiles(device))
+    if block_c is not None:
+        config["BLOCK_C"] = block_c
+    if block_d is not None:
+        config["BLOCK_D"] = block_d
+    block_q, block_c = config["BLOCK_Q"], config["BLOCK_C"]
     n_q_tiles = triton.cdiv(n_queries, block_q)
     n_c_tiles = triton.cdiv(n_centers, block_c)
     if num_splits is None:
@@ -348,15 +383,16 @@ def vecdb_search_fwd(
     num_splits = triton.cdiv(n_c_tiles, tiles_per_split)
     centers_per_split = tiles_per_split * block_c
 
-    same_16bit = queries.dtype == centers.dtype and queries.dtype in (torch.float16, torch.bfloat16)
-    dot_fp32 = _UPCAST_DOT or not same_16bit
     has_sqnorm = center_sqnorms is not None
     if has_sqnorm:
         center_sqnorms = center_sqnorms.to(torch.float32).contiguous()
 
     part_score = torch.empty((n_queries, num_splits, 2), dtype=torch.float32, device=device)
     part_index = torch.empty((n_queries, num_splits, 2), dtype=torch.int32, device=device)
-    _vecdb_search_scan_kernel[(n_q_tiles, num_splits)](
+    launch(
+        _vecdb_search_scan_kernel,
+        (n_q_tiles, num_splits),
+        device,
         queries,
         centers,
         center_sqnorms if has_sqnorm else part_score,  # dummy pointer when unused
@@ -372,16 +408,14 @@ def vecdb_search_fwd(
         HAS_SQNORM=has_sqnorm,
         DOT_FP32=dot_fp32,
         DOT_PRECISION="ieee",
-        BLOCK_Q=block_q,
-        BLOCK_C=block_c,
-        BLOCK_D=block_d,
-        num_warps=8,
-        num_stages=3,
+        **config,
     )
 
     out = torch.empty((n_queries,), dtype=torch.int64, device=device)
-    resolve_block_d = min(256, max(16, triton.next_power_of_2(dim)))
-    _vecdb_search_resolve_kernel[(n_queries,)](
+    launch(
+        _vecdb_search_resolve_kernel,
+        (n_queries,),
+        device,
         queries,
         centers,
         radii,
@@ -397,10 +431,7 @@ def vecdb_search_fwd(
         centers.stride(0),
         points.stride(0),
         num_splits,
-        BLOCK_S=min(1024, max(16, triton.next_power_of_2(2 * num_splits))),
-        BLOCK_D=resolve_block_d,
-        BLOCK_P=16,
-        num_warps=4,
+        **resolve_config(dim, gpu_tiles(device)),
     )
     return out
 
@@ -411,4 +442,6 @@ def vecdb_search(queries, centers, radii, point_offsets, points, point_blocks):
         raise ValueError(
             f"triton backend: vecdb_search needs CUDA tensors, got {queries.device} (or set TRITON_INTERPRET=1)"
         )
+    if use_torch_for_fp64("vecdb_search", queries, centers, points):
+        return vectorized.vecdb_search(queries, centers, radii, point_offsets, points, point_blocks)
     return vecdb_search_fwd(queries, centers, radii, point_offsets, points, point_blocks)
