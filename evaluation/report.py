@@ -155,7 +155,8 @@ def methods_table(report: dict) -> list[str]:
 def database_line(report: dict, when: str) -> str:
     db = report["methods"]["melo"]["db"]
     return (f"Database {when}: {db['clusters']} clusters, {db['points']} points, {db['conflicts']} conflicts, "
-            f"{db['forgotten_points']} forgotten points, {db['blocks']} blocks.")
+            f"{db['forgotten_points']} forgotten points, {db.get('superseded_points', 0)} superseded points "
+            f"(re-edits), {db['blocks']} blocks.")
 
 
 def made_at(report: dict) -> str:
@@ -253,8 +254,9 @@ def data_notes(reports: Reports) -> list[str]:
         pairs = ", ".join("/".join(str(i) for i in group) for group in groups)
         lines.append(f"{len(groups)} prompts are asked by edited records with different new targets (records "
                      f"{pairs}): one answer per prompt can hold after all edits, so ERR (accuracy) is at most "
-                     f"**{f3(dev['err_ceiling'])}**. MELO's official conflict rule drops both edits of such a pair "
-                     "(a split at distance 0, DESIGN §2 point 10).")
+                     f"**{f3(dev['err_ceiling'])}**. MELO's own conflict rule would drop both edits of such a pair "
+                     "(a split at distance 0); melo_fast's re-edit rule keeps the later one (DESIGN §2 point 10), "
+                     "which the database line below counts as superseded points.")
     return lines + [""]
 
 
@@ -301,7 +303,7 @@ def results(reports: Reports, plotted: dict[str, Path], out: Path) -> list[str]:
         lines += [f"### {title} ({report['records']} records: {report['edited']} edits in {report['batches']} "
                   f"batches of {report['batch_size']}, {report['held_out']} held out)", "",
                   f"`{name}` run, init_radius {report['arguments']['init_radius']} = "
-                  f"{report['melo_config']['init_radius']}.", ""]
+                  f"{report['melo_config']['init_radius']:.4g}.", ""]
         lines += methods_table(report) + ["", database_line(report, f"after {report['edited']} edits")]
         methods = report["methods"]
         for method in ("melo", "lora"):
@@ -350,7 +352,17 @@ def targets(reports: Reports) -> list[str]:
                      "locality", measured, "yes" if met else "**no**"])
     rows.append(["generality", f"rephrase {f3(melo['generality_rephrase'])}, generate "
                  f"{f3(melo['generality_generate'])}", "no target"])
-    return lines + table(["target", "measured", "met?"], rows) + [""]
+    return lines + table(["target", "measured", "met?"], rows) + ["", PREVIOUS_DEV_RESULT, ""]
+
+
+# Quoted, not regenerated: the JSON behind it was never committed. Kept so the change of default radius
+# can be judged against what was published before it.
+PREVIOUS_DEV_RESULT = (
+    "For comparison, the previous published dev result (EVALUATION.md at commit `012c121`, before the re-edit "
+    "rule and the scale-free default radius; the demo then used its own radius fitted on this sweep, 0.18 × the "
+    "edit questions' spread = 0.8055): ES 0.993, ERR 0.985, rephrase generality 0.264, generate 0.046, "
+    "locality 0.996. Its JSON report was not committed, so these figures are quoted from that document."
+)
 
 
 def sweep(reports: Reports, plotted: dict[str, Path], out: Path) -> list[str]:
@@ -431,7 +443,7 @@ def sweep_findings(dev: dict) -> list[str]:
             "it is closer to its question than half the distance between questions.")
         fitting = [p["init_radius"] for p in curves["last"] if meets(p)]
         config = dev["melo_config"]
-        lines.append(f"- **init_radius auto** = {config['init_radius']} on this data (key "
+        lines.append(f"- **init_radius auto** = {config['init_radius']:.4g} on this data (key "
                      f"`{key_name(config['key_position'])}`); the largest sweep radius of key `last` that meets "
                      f"{TARGETS_TEXT} is "
                      + (f"{max(fitting):.4g}." if fitting else "none (no sweep point meets all three)."))
@@ -500,8 +512,9 @@ def radius_and_optimizer(reports: Reports) -> list[str]:
             f"{f3(dev['question_to_nearest_question'])} on the dev data "
             f"({demo['question_to_nearest_question'] / dev['question_to_nearest_question']:.2f}×), question to "
             f"rephrase {f3(demo['question_to_rephrase'])} vs {f3(dev['question_to_rephrase'])} "
-            f"({demo['question_to_rephrase'] / dev['question_to_rephrase']:.2f}×); auto gives "
-            f"{reports['demo']['melo_config']['init_radius']} and {reports['dev']['melo_config']['init_radius']}.")
+            f"({demo['question_to_rephrase'] / dev['question_to_rephrase']:.2f}×). The auto radius is measured on the "
+            f"neutral prompts, not on the edit data: {reports['demo']['melo_config']['init_radius']:.4g} on the "
+            f"shipped set and {reports['dev']['melo_config']['init_radius']:.4g} on the dev data.")
     else:
         lines += [""] + reports.missing("demo", "dev")
     if reports.has("demo", "demo_radius_0.8"):
@@ -509,7 +522,7 @@ def radius_and_optimizer(reports: Reports) -> list[str]:
         lines.append(f"On the shipped set, `--init-radius 0.8`: rephrase generality "
                      f"{f3(fixed['generality_rephrase'])}, generate {f3(fixed['generality_generate'])}, locality "
                      f"{f3(fixed['locality'])}; auto "
-                     f"({reports['demo']['melo_config']['init_radius']}): {f3(auto['generality_rephrase'])}, "
+                     f"({reports['demo']['melo_config']['init_radius']:.4g}): {f3(auto['generality_rephrase'])}, "
                      f"{f3(auto['generality_generate'])}, {f3(auto['locality'])}.")
     else:
         lines += [""] + reports.missing("demo", "demo_radius_0.8")
