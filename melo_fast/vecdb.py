@@ -88,6 +88,7 @@ class VectorDatabase:
         self.point_blocks = torch.empty(0, dtype=torch.int64, device=self.device)
         self.labels = []
         self._geometry: tuple[torch.Tensor, ...] | None = None  # see _scan_geometry
+        self._center_rows = self._point_rows = None  # room to append centers/points (melo_fast.row_buffer)
         self.conflicts = 0
         self.forgotten = 0
         self.superseded = 0
@@ -231,6 +232,7 @@ class VectorDatabase:
         # Commit: nothing above touched self, so a failure leaves the database as it was.
         self.centers, self.radii, self.cluster_labels = placed.centers, placed.radii, placed.cluster_labels
         self.point_offsets, self.points, self.point_blocks = placed.point_offsets, placed.points, placed.point_blocks
+        self._center_rows, self._point_rows = placed.center_rows, placed.point_rows
         self._geometry = (self.centers, self.points, self.point_offsets, placed.center_sq_norms, placed.reach)
         self._add_labels(new_labels)
         counts = placed.counts

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from melo_fast.row_buffer import RowBuffer
 from melo_fast.vecdb_scan import exact_distances, relative_error, scan, squared_norms
 
 # The official code splits a conflicting cluster at half the distance, 1e-5 to each side.
@@ -112,11 +113,16 @@ class TouchedCluster:
     center: torch.Tensor  # [d] float32
     vectors: torch.Tensor  # [m, d] float32: its points, the old ones first, then the keys merged into it
     sources: list[int] = field(default_factory=list)  # per row: old point index, or -1 - i for key i
+    moved: bool = False  # the center was recomputed
 
     def recenter(self) -> float:
         """Center = mean of the points; returns the spread (largest point distance from it)."""
         self.center = self.vectors.mean(0)
+        self.moved = True
         return torch.linalg.vector_norm(self.vectors - self.center, dim=1).max().item()
+
+    def points_changed(self) -> bool:
+        return self.sources != list(range(self.segment.first, self.segment.end))
 
     def reach(self) -> float:
         if not self.sources:
@@ -129,10 +135,12 @@ class Placed:
     """The new tensors of the database (and its scan geometry) after one batch, plus the counts."""
 
     centers: torch.Tensor
+    center_rows: RowBuffer
     radii: torch.Tensor
     cluster_labels: torch.Tensor
     point_offsets: torch.Tensor
     points: torch.Tensor
+    point_rows: RowBuffer
     point_blocks: torch.Tensor
     center_sq_norms: torch.Tensor
     reach: torch.Tensor
@@ -328,7 +336,10 @@ def _nearest_after_reedits(db, keys, host_keys, center_sq_norms, hit: set[int], 
 
 def _rebuild(db, keys, key_labels, block_id, touched, dead, new_clusters, counts) -> Placed:
     """The database's tensors after the batch: untouched runs of the old ones, touched clusters' new
-    rows and points, then the new clusters. Fresh tensors only; ``db``'s are never written."""
+    rows and points, then the new clusters. ``db``'s tensors are never written: the small ones are
+    concatenated afresh; centers and points get the new rows appended past every view
+    (:class:`~melo_fast.row_buffer.RowBuffer`) unless a row or segment in the middle changes, and
+    are then concatenated into a new buffer."""
     device, n_clusters, n_points = db.device, db.num_clusters, len(db)
     center_sq_norms, reach = db._scan_geometry() if n_clusters else (db.radii, db.radii)
     gone = sorted(dead)
@@ -337,15 +348,13 @@ def _rebuild(db, keys, key_labels, block_id, touched, dead, new_clusters, counts
         if c > start:
             runs.append((start, c))
         start = c + 1
-
-    new_rows = _upload([i for i, _ in new_clusters], torch.int64, device)
-    new_keys = keys[new_rows]
+    order = sorted(touched)
     n_new = len(new_clusters)
+    new_keys = keys[_upload([i for i, _ in new_clusters], torch.int64, device)]
 
     def per_cluster(old: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
         return torch.cat([old[a:b] for a, b in runs] + [new])
 
-    centers = per_cluster(db.centers, new_keys)
     radii = per_cluster(db.radii, _upload([r for _, r in new_clusters], torch.float32, device))
     new_labels = _upload([key_labels[i] for i, _ in new_clusters], torch.int64, device)
     cluster_labels = per_cluster(db.cluster_labels, new_labels)
@@ -353,24 +362,34 @@ def _rebuild(db, keys, key_labels, block_id, touched, dead, new_clusters, counts
     sizes = per_cluster(db.point_offsets[1:] - db.point_offsets[:-1], ones)
     sq_norms = per_cluster(center_sq_norms, squared_norms(new_keys))
     reaches = per_cluster(reach, torch.zeros(n_new, device=device))  # a new cluster's point is its center
-
-    order = sorted(touched)
-    member_vectors = member_blocks = None
-    if order:
+    if gone or any(touched[c].moved for c in order):
+        center_rows, centers = RowBuffer.concatenated([db.centers[a:b] for a, b in runs] + [new_keys], db.centers)
+    else:
+        center_rows, centers = RowBuffer.appended(db._center_rows, db.centers, new_keys)
+    if order:  # the rows written here are fresh: no view of them was handed out yet
         position = _upload([c - bisect.bisect_left(gone, c) for c in order], torch.int64, device)
         new_centers = _upload(torch.stack([touched[c].center for c in order]), torch.float32, device)
-        centers.index_copy_(0, position, new_centers)
+        if any(touched[c].moved for c in order):
+            centers.index_copy_(0, position, new_centers)
+            sq_norms.index_copy_(0, position, squared_norms(new_centers))
         radii.index_copy_(0, position, _upload([touched[c].radius for c in order], torch.float32, device))
         sizes.index_copy_(0, position, _upload([len(touched[c].sources) for c in order], torch.int64, device))
-        sq_norms.index_copy_(0, position, squared_norms(new_centers))
         reaches.index_copy_(0, position, _upload([touched[c].reach() for c in order], torch.float32, device))
-        sources = _upload([s for c in order for s in touched[c].sources], torch.int64, device)
-        old_blocks = db.point_blocks[sources.clamp(min=0)] if n_points else torch.zeros_like(sources)
-        member_blocks = torch.where(sources >= 0, old_blocks, block_id)
-        member_vectors = _upload(torch.cat([touched[c].vectors for c in order]), torch.float32, device)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(sizes, 0)])
 
+    changed = sorted(set(gone) | {c for c in order if touched[c].points_changed()})
+    if not changed:
+        point_rows, points = RowBuffer.appended(db._point_rows, db.points, new_keys)
+        point_blocks = torch.cat([db.point_blocks, ones * block_id])
+        return Placed(centers, center_rows, radii, cluster_labels, offsets, points, point_rows, point_blocks,
+                      sq_norms, reaches, counts)
+    sources = _upload([s for c in changed if c in touched for s in touched[c].sources], torch.int64, device)
+    old_blocks = db.point_blocks[sources.clamp(min=0)] if n_points else torch.zeros_like(sources)
+    member_blocks = torch.where(sources >= 0, old_blocks, block_id)
+    members = [db.points.new_empty(0, db.dim).cpu()] + [touched[c].vectors for c in changed if c in touched]
+    member_vectors = _upload(torch.cat(members), torch.float32, device)
     point_pieces, block_pieces, previous, member = [], [], 0, 0
-    for c in sorted(set(order) | set(gone)):
+    for c in changed:
         segment = touched[c].segment if c in touched else dead[c]
         point_pieces.append(db.points[previous : segment.first])
         block_pieces.append(db.point_blocks[previous : segment.first])
@@ -382,6 +401,6 @@ def _rebuild(db, keys, key_labels, block_id, touched, dead, new_clusters, counts
         previous = segment.end
     point_pieces += [db.points[previous:n_points], new_keys]
     block_pieces += [db.point_blocks[previous:n_points], ones * block_id]
-    offsets = torch.cat([torch.zeros(1, dtype=torch.int64, device=device), torch.cumsum(sizes, 0)])
-    return Placed(centers, radii, cluster_labels, offsets, torch.cat(point_pieces), torch.cat(block_pieces),
+    point_rows, points = RowBuffer.concatenated(point_pieces, db.points)
+    return Placed(centers, center_rows, radii, cluster_labels, offsets, points, point_rows, torch.cat(block_pieces),
                   sq_norms, reaches, counts)

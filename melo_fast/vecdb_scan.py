@@ -14,9 +14,10 @@ proven rounding bound of the best (or of the reach) becomes a candidate pair, an
 then measured with the exact norm of the difference. The result is the exact answer, not a usual
 one: a near-tie costs a few more exact distances, never a different cluster.
 
-Host synchronization (CUDA): one per column block (``nonzero``); the block holds up to
-``2**25`` scores on CUDA (one block for 100 keys against up to 335k centers), ``2**20`` on CPU
-(where there is nothing to synchronize and a small block stays in cache).
+Host synchronization (CUDA): two per column block (``nonzero`` of the rows that select something,
+then of their selections); a block holds up to ``2**25`` scores on CUDA (one block for 100 keys
+against up to 335k centers), ``2**22`` on CPU (where there is nothing to synchronize and a smaller
+block stays in cache).
 """
 
 from __future__ import annotations
@@ -122,7 +123,7 @@ def scan(
     # Squared reach, widened by the rounding of a float32 distance (a pair measured at exactly
     # `within` may be a little farther apart in exact arithmetic).
     within_sq = None if within is None else torch.where(within >= 0, within.square() * (1 + relative), -inf)
-    budget = 1 << (25 if device.type == "cuda" else 20)
+    budget = 1 << (25 if device.type == "cuda" else 22)
     width = max(256, budget // n)
     best_upper = torch.full((n,), math.inf, device=device)  # running min over centers of (score + error)
     found_q, found_c, found_score = [], [], []
@@ -131,19 +132,30 @@ def scan(
         scores = torch.addmm(center_sq_norms[start:stop], queries, centers[start:stop].T, alpha=-2.0)
         if excluded is not None:
             scores.masked_fill_(excluded[start:stop][None, :], math.inf)
-        best_upper = torch.minimum(best_upper, scores.min(dim=1).values + error)
-        # A center can be the nearest only if its lowest possible score is below the best highest one.
-        selected = scores <= (best_upper + error)[:, None]
+        lowest = scores.amin(dim=1)
+        best_upper = torch.minimum(best_upper, lowest + error)
+        # A center can be the nearest only if its lowest possible score is below the best highest one;
+        # it can be in reach only below the block's largest reach. One comparison per score selects
+        # both (a superset, sorted out exactly below): most blocks select just each query's best.
+        threshold = best_upper + error
+        if within_sq is not None:
+            threshold = torch.maximum(threshold, within_sq[start:stop].max() - query_sq + error)
+        # Only the rows whose block minimum passes can select anything: in the later blocks, few.
+        rows = (lowest <= threshold).nonzero()[:, 0]  # host synchronization (CUDA)
+        if rows.numel() == 0:
+            continue
+        few = 4 * rows.numel() < n  # then comparing a copy of those rows beats comparing all
+        selected = scores[rows] <= threshold[rows, None] if few else scores <= threshold[:, None]
         if excluded is not None:
             selected &= ~excluded[None, start:stop]  # inf <= inf while no allowed center was seen yet
-        if within_sq is not None:
-            selected |= (scores - within_sq[None, start:stop]) <= (error - query_sq)[:, None]
-        q, c = selected.nonzero(as_tuple=True)  # the block's one host synchronization (CUDA)
+        r, c = selected.nonzero().unbind(1)  # host synchronization (CUDA)
+        q = rows[r] if few else r
         found_q.append(q)
         found_c.append(c + start)
         found_score.append(scores[q, c])
-    pair_q, pair_c = torch.cat(found_q), torch.cat(found_c)
-    score = torch.cat(found_score)
+    empty = torch.empty(0, dtype=torch.int64, device=device)
+    pair_q, pair_c = torch.cat([empty, *found_q]), torch.cat([empty, *found_c])
+    score = torch.cat([queries.new_empty(0), *found_score])
     distance = exact_distances(queries, pair_q, centers, pair_c)
     # Earlier blocks were selected against a higher running bound: filter with the final one.
     candidate = score <= best_upper[pair_q] + error[pair_q]
@@ -153,8 +165,5 @@ def scan(
     lowest = torch.full((n,), count, dtype=torch.int64, device=device)
     lowest = lowest.scatter_reduce(0, pair_q, torch.where(tied, pair_c, count), "amin")
     nearest = torch.where(lowest == count, -1, lowest)
-    if within is None:
-        pair_within = torch.zeros_like(candidate)
-    else:
-        pair_within = distance <= within[pair_c]
+    pair_within = torch.zeros_like(candidate) if within is None else distance <= within[pair_c]
     return ScanResult(nearest, best, pair_q, pair_c, pair_within)

@@ -22,7 +22,7 @@ from tests.vecdb_oracle import COINCIDE_FRACTION, OracleDatabase
 DIM = 8
 RADIUS = 1.0
 INPUTS = 500
-BATCHES = 360
+BATCHES = 300
 LABELS = [(1,), (2,), (3,), (1, 2), (2, 1)]  # (1, 2) and (2, 1): same token sum, different labels
 # Routes are compared with the torch backend, whose distances are the rules' (float32 vector_norm), and at
 # the end with the reference on a sample. The default CPU backend (cpp) measures distances more precisely
@@ -153,7 +153,10 @@ def test_insert_matches_the_plain_rules_over_thousands_of_keys(seed, one_thread)
             refused += 1
             continue
         expected = oracle.insert(keys, labels, batch)
+        published, frozen = db.copy(), {name: t.clone() for name, t in db.state_dict()[0].items()}
+        db = db.copy()  # as the editor does: insert into a copy, never into the published database
         counts = db.insert(keys, labels, batch)
+        assert all(torch.equal(t, frozen[name]) for name, t in published.state_dict()[0].items()), f"batch {batch}"
         inserted += len(keys)
         assert vars(counts) == expected, f"batch {batch}"
         for name in totals:
@@ -165,7 +168,7 @@ def test_insert_matches_the_plain_rules_over_thousands_of_keys(seed, one_thread)
     assert_same_routes(db, oracle, everything, BATCHES)
     assert_same_routes(db, oracle, everything[:: len(everything) // 150], BATCHES, backends=("reference",))
     # The stream exercised every rule, many times over (else the comparison above proves little).
-    assert inserted > 2500 and refused >= 2
+    assert inserted > 2000 and refused >= 2
     assert min(totals.values()) >= 100, totals
     emptied = sum(1 for cluster in oracle.clusters if not cluster.points)
     assert emptied >= 10, emptied
@@ -195,3 +198,27 @@ def test_cpp_search_on_a_merged_clusters_edge():
     keys = torch.tensor(EDGE_KEYS)
     assert db.search(keys, backend="torch").tolist() == oracle.search(keys) == [0, 1, 2]
     assert db.search(keys, backend="cpp").tolist() == [0, 1, 2]
+
+
+def test_copies_that_insert_never_change_each_other():
+    """Appending rows goes past every view handed out; a second copy of one database must not write there."""
+    g = torch.Generator().manual_seed(3)
+    base, oracle = VectorDatabase(DIM, RADIUS), OracleDatabase(RADIUS)
+    first = torch.randn(50, DIM, generator=g) * 30
+    base.insert(first, [(1,)] * 50, 0)
+    oracle.insert(first, [(1,)] * 50, 0)
+    snapshot = {name: t.clone() for name, t in base.state_dict()[0].items()}
+    far = [torch.randn(5, DIM, generator=g) * 30 for _ in range(3)]
+    a, b = base.copy(), base.copy()
+    a.insert(far[0], [(2,)] * 5, 1)  # appends in place of base's spare rows
+    a_snapshot = {name: t.clone() for name, t in a.state_dict()[0].items()}
+    b.insert(far[1], [(3,)] * 5, 2)  # a's rows sit where b would append: b must get its own buffer
+    base.insert(far[2], [(4,)] * 5, 3)  # base itself is no longer the last writer either
+    assert all(torch.equal(t, a_snapshot[name]) for name, t in a.state_dict()[0].items())
+    assert torch.equal(b.centers[50:], far[1]) and torch.equal(base.points[50:], far[2])
+    assert torch.equal(b.centers[:50], snapshot["centers"]) and torch.equal(base.centers[:50], snapshot["centers"])
+    for db, keys, label, block in ((a, far[0], (2,), 1), (b, far[1], (3,), 2), (base, far[2], (4,), 3)):
+        twin = OracleDatabase(RADIUS)
+        twin.insert(first, [(1,)] * 50, 0)
+        twin.insert(keys, [label] * 5, block)
+        assert_same_contents(db, twin, block)
