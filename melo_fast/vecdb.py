@@ -8,7 +8,8 @@ Insertion follows the rules of DESIGN §1 plus one deliberate fix, the re-edit r
 a new key that coincides with a stored point of another label takes that point over, so correcting
 an edit works (MELO's own conflict split at distance 0 would drop both edits). An insert costs one
 scan of the centers for the batch, Python work for the batch and the clusters it touches only, and
-one copy of each tensor (``melo_fast.vecdb_insert``), so editing does not slow down as edits pile up.
+memory copies of the small tensors (``melo_fast.vecdb_insert``), so editing does not slow down as
+edits pile up.
 
 Immutability: a database that routing can see is never modified. Its tensors are never written in
 place; :meth:`insert` builds new tensors and rebinds them only once the whole batch has been placed
@@ -206,8 +207,8 @@ class VectorDatabase:
            other label → conflict split at half the distance, forgetting points left outside.
 
         Distances are ``torch.linalg.vector_norm(a - b)`` in float32; ties go to the lowest index.
-        Cost: one scan of the centers, work for the batch and the clusters it touches, one copy of
-        each tensor; a few host synchronizations on CUDA, never one per key (``melo_fast.vecdb_insert``).
+        Cost: one scan of the centers, work for the batch and the clusters it touches, memory copies;
+        a few host synchronizations on CUDA, never one per key (``melo_fast.vecdb_insert``).
 
         Args:
             keys: ``[N, d]`` float keys of the batch.
