@@ -249,22 +249,19 @@ def fill_database(db, n_keys: int, num_blocks: int, hits: torch.Tensor | None = 
     db.labels = [(0,)]
 
 
-def fill_banks(editor, num_blocks: int, capacity: int | None = None, seed: int = 0) -> None:
+def fill_banks(editor, num_blocks: int, seed: int = 0) -> None:
     """Give every target layer ``num_blocks`` trained-looking blocks without running any edit.
 
-    ``layer.reserve``; random ``bank_A`` (kaiming-like scale) and small ``bank_B`` written into
-    the first ``num_blocks`` slots; ``num_blocks`` set on each layer and on the editor.
+    Random ``A`` (kaiming-like scale) and small ``B``, published with the editor's current database
+    through ``editor.replace_state`` (the public way to install an edit state).
     """
     g = torch.Generator().manual_seed(seed)
-    for layer in editor.lora_layers.values():
-        layer.reserve(max(num_blocks, capacity or 0))
-        with torch.no_grad():
-            a = torch.randn(num_blocks, layer.rank, layer.d_in, generator=g) / layer.d_in**0.5
-            b = torch.randn(num_blocks, layer.rank, layer.d_out, generator=g) * 1e-3
-            layer.bank_A[:num_blocks] = a.to(layer.bank_A)
-            layer.bank_B[:num_blocks] = b.to(layer.bank_B)
-        layer.num_blocks = num_blocks
-    editor.num_blocks = num_blocks
+    blocks = {}
+    for name, layer in editor.lora_layers.items():
+        a = torch.randn(num_blocks, layer.rank, layer.d_in, generator=g) / layer.d_in**0.5
+        b = torch.randn(num_blocks, layer.rank, layer.d_out, generator=g) * 1e-3
+        blocks[name] = (a, b)
+    editor.replace_state(editor.db, blocks)
 
 
 # ---- memory ----------------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ def test_edit(benchmark, built, setting, path):
     try:
         earlier = setting.blocks - 1
         n_edits = batch["labels"].shape[0]
-        fill_banks(editor, earlier, capacity=setting.blocks + 1)  # room for the new block: no growth mid-edit
+        fill_banks(editor, earlier)
         fill_database(editor.db, earlier * n_edits, earlier)
         saved_db = {k: getattr(editor.db, k) for k in ("centers", "radii", "cluster_labels", "point_offsets",
                                                         "points", "point_blocks", "labels")}
