@@ -105,7 +105,7 @@ def scan(
     n, dim = queries.shape
     count = centers.shape[0]
     device = queries.device
-    inf = torch.tensor(math.inf, device=device)
+    inf = torch.full((), math.inf, device=device)  # made on the device: no host-to-device copy
     if n == 0 or count == 0:
         empty = torch.empty(0, dtype=torch.int64, device=device)
         return ScanResult(

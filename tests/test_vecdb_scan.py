@@ -5,6 +5,7 @@ import torch
 
 from melo_fast.vecdb import VectorDatabase
 from melo_fast.vecdb_scan import scan, squared_norms
+from tests.conftest import requires_cuda
 
 
 def brute_force(queries, centers, excluded=None):
@@ -67,3 +68,30 @@ def test_identical_keys_of_large_norm_with_two_targets_are_refused():
     with pytest.raises(ValueError, match=r"rows \[\(3, 30\)\]"):
         db.insert(keys, labels, 0)
     assert len(db) == 0
+
+
+@requires_cuda
+@pytest.mark.parametrize(("kind", "expected"), [("new", 6), ("merges", 7)])
+def test_an_insert_synchronizes_the_host_a_fixed_number_of_times(kind, expected):
+    """The count documented in melo_fast/vecdb_insert.py (not run where this was written: no GPU there)."""
+    import warnings
+
+    g = torch.Generator().manual_seed(0)
+    stored = torch.randn(1000, 64, generator=g) * 10
+    db = VectorDatabase(64, init_radius=1.0, device="cuda")
+    db.insert(stored.cuda(), [(1,)] * 1000, 0)
+    keys = torch.randn(100, 64, generator=g) * 10  # far from every stored key: new clusters
+    if kind == "merges":
+        keys[:10] = stored[:10] + 0.1  # 0.8 from stored keys of the same label: merges
+    keys = keys.cuda()
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            counts = db.copy().insert(keys, [(1,)] * 100, 1)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert counts.merged == (10 if kind == "merges" else 0)
+    assert len(syncs) == expected, [str(w.message)[:80] for w in syncs]
