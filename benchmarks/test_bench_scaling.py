@@ -307,8 +307,11 @@ def saved_editors(bert, tmp_path_factory):
             editor = melo_fast.patch(model, MeloConfig(init_radius=DB_RADIUS))
             blocks = min(MAX_BLOCKS, max(1, n_keys // EDITS_PER_BLOCK))
             fill_banks(editor, blocks)
-            stream = Stream(n_keys, num_blocks=blocks)  # separate points and centers, as edits leave them
-            editor.replace_state(stream.db, editor.blocks())
+            database = Stream(n_keys, num_blocks=blocks).db  # separate points and centers, as edits leave them
+            # A label per cluster, as after real edits (a 4-token target each): the JSON holds them all.
+            database.cluster_labels = torch.arange(database.num_clusters, device=DEVICE)
+            database.labels = [(1000 + i % 30_000, 17, i // 30_000, 42) for i in range(database.num_clusters)]
+            editor.replace_state(database, editor.blocks())
             path, plain = root / f"save{n_keys}", root / f"plain{n_keys}.pt"
             editor.save(path)
             torch.save(plain_tensors(editor), plain)

@@ -221,7 +221,7 @@ def place(db, keys: torch.Tensor, key_labels: list[int], block_id: int) -> Place
     facts: dict[int, Segment] = {}
     host_keys = None
     if db.num_clusters == 0:
-        _refuse_if(bool(clash), keys, key_labels, tolerance)  # the empty database's one synchronization
+        _refuse_if(bool(clash), keys, key_labels, tolerance)  # a synchronization (the scan above made two)
     else:
         center_sq_norms, reach = db._scan_geometry()
         within = torch.where(reach >= 0, (tolerance + reach) * (1 + relative_error(db.dim)), -math.inf)
