@@ -20,8 +20,9 @@ Per batch (the JSON's ``batches``): wall seconds of ``editor.edit`` and of the d
 it, keys stored, and ES = token accuracy of the batch's targets under teacher forcing right after
 its edit. Every ``--every`` edits (``checkpoints``): ERR = the same accuracy over every edit made so
 far, and each earlier edit's fate: kept (routes to its own block), re-edited (a later edit of the
-same question), its stored key removed (forgotten by a conflict split, or superseded by a
-coinciding input), outside its own cluster (a conflict shrank the radius), or taken by a nearer
+same question), its stored key superseded by a later input whose key coincides with it (the re-edit
+rule; a tiny random model maps some different questions alike), its stored key forgotten by a
+conflict split, outside its own cluster (a conflict shrank the radius), or taken by a nearer
 cluster. A kept edit scores exactly its ES again (its block never changes), so ERR moves only with
 those fates.
 """
@@ -108,7 +109,19 @@ def keys_and_scores(editor, model, tokenizer, pairs):
     return torch.cat(keys), scores
 
 
-def fates(editor, keys: torch.Tensor, blocks: list[int], reedited: list[bool]) -> dict:
+def taken_over(keys: torch.Tensor, targets: list[str], tolerance: float) -> list[bool]:
+    """Per edit: a later edit with another target has a key within ``tolerance`` of its key (the re-edit
+    rule then takes its stored point over, even for another question when the model maps both alike)."""
+    result = []
+    for start in range(0, len(keys), 1000):
+        close = torch.cdist(keys[start : start + 1000].double(), keys.double()) <= tolerance
+        for row, i in enumerate(range(start, min(start + 1000, len(keys)))):
+            later = close[row, i + 1 :].nonzero()[:, 0].tolist()
+            result.append(any(targets[i + 1 + j] != targets[i] for j in later))
+    return result
+
+
+def fates(editor, keys: torch.Tensor, blocks: list[int], reedited: list[bool], taken: list[bool]) -> dict:
     """Why each earlier edit does or does not route to its own block (see the module docstring)."""
     db = editor.db
     routes = db.search(keys).tolist()
@@ -123,7 +136,8 @@ def fates(editor, keys: torch.Tensor, blocks: list[int], reedited: list[bool]) -
         best, point = distance.min(1)
         own_cluster += torch.where(best <= tolerance, owner[point], -1).tolist()
     nearest = torch.cdist(keys.double(), db.centers.double()).argmin(1).tolist()
-    counts = dict.fromkeys(["kept", "re-edited", "key removed", "outside its shrunk cluster",
+    counts = dict.fromkeys(["kept", "re-edited", "key superseded by a coinciding later input",
+                            "key forgotten by a conflict split", "outside its shrunk cluster",
                             "taken by a nearer cluster", "cpp radius edge (torch backend routes it home)"], 0)
     for i, block in enumerate(blocks):
         if routes[i] == block:
@@ -132,8 +146,10 @@ def fates(editor, keys: torch.Tensor, blocks: list[int], reedited: list[bool]) -
             counts["re-edited"] += 1
         elif torch_routes[i] == block:
             counts["cpp radius edge (torch backend routes it home)"] += 1
+        elif own_cluster[i] < 0 and taken[i]:
+            counts["key superseded by a coinciding later input"] += 1
         elif own_cluster[i] < 0:
-            counts["key removed"] += 1
+            counts["key forgotten by a conflict split"] += 1
         elif nearest[i] == own_cluster[i]:
             counts["outside its shrunk cluster"] += 1
         else:
@@ -193,7 +209,8 @@ def main(argv=None) -> int:
                 next_checkpoint += args.every
                 keys, scores = keys_and_scores(editor, model, tokenizer, done)
                 reedited = [last_edit_of[q] != i for i, (q, _) in enumerate(done)]
-                fate = fates(editor, keys, done_blocks, reedited)
+                taken = taken_over(keys, [t for _, t in done], editor.db.coincide_tolerance)
+                fate = fates(editor, keys, done_blocks, reedited, taken)
                 current = [s for s, r in zip(scores, reedited, strict=True) if not r]
                 checkpoints.append({
                     "edits": len(done), "err": statistics.mean(scores),
