@@ -27,6 +27,12 @@ def _report():
     return report
 
 
+def _paired_time(row) -> float:
+    """The interleaved baseline's time, by the same statistic as the row's own (min, else median)."""
+    paired = row.get("paired")
+    return paired["min"] if row.stat == "min" else paired["median"]
+
+
 def plot_db_scaling(rows, out_dir: Path) -> list[Path]:
     """Draw ``db_scaling.png`` in ``out_dir`` from report rows; nothing (``[]``) when the rows have no insert."""
     curve = _report().curve
@@ -47,9 +53,9 @@ def plot_db_scaling(rows, out_dir: Path) -> list[Path]:
         baseline = [(x, r) for x, r in points if (r.get("paired") or {}).get("median") is not None]
         if baseline and not name.startswith("insert"):
             paired = baseline[0][1].get("paired")["case"]
-            ax_time.plot([x for x, _ in baseline], [r.get("paired")["median"] for _, r in baseline], ":", marker=".",
+            ax_time.plot([x for x, _ in baseline], [_paired_time(r) for _, r in baseline], ":", marker=".",
                          label=f"{paired} (interleaved)")
-    searched = [(x, r.get("paired")["median"]) for x, r in inserts[next(iter(inserts))] if r.get("paired")]
+    searched = [(x, _paired_time(r)) for x, r in inserts[next(iter(inserts))] if r.get("paired")]
     if searched:
         ax_time.plot([x for x, _ in searched], [t for _, t in searched], "--", marker="s",
                      label=f"search of the same 100 keys ({backend}, interleaved)")
