@@ -6,7 +6,10 @@ call to ``melo_fast.ops.vecdb_search``.
 
 Insertion follows the rules of DESIGN §1 plus one deliberate fix, the re-edit rule (DESIGN §2.10):
 a new key that coincides with a stored point of another label takes that point over, so correcting
-an edit works (MELO's own conflict split at distance 0 would drop both edits).
+an edit works (MELO's own conflict split at distance 0 would drop both edits). An insert costs one
+scan of the centers for the batch, Python work for the batch and the clusters it touches only, and
+memory copies of the small tensors (``melo_fast.vecdb_insert``), so editing does not slow down as
+edits pile up.
 
 Immutability: a database that routing can see is never modified. Its tensors are never written in
 place; :meth:`insert` builds new tensors and rebinds them only once the whole batch has been placed
@@ -17,47 +20,40 @@ publishes. That is what lets inference threads search a database while an edit i
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+import math
 
 import torch
 
 from melo_fast import ops
-from melo_fast.ops.vectorized import nearest
+from melo_fast.vecdb_insert import (
+    COINCIDE_FRACTION,
+    SPLIT_MARGIN,
+    InsertCounts,
+    coinciding_conflicts,
+    place,
+)
+from melo_fast.vecdb_scan import exact_distances, squared_norms
 
-# MELO splits a conflicting cluster at half the distance, 1e-5 to each side (DESIGN §1).
-SPLIT_MARGIN = 1e-5
-# Two keys "coincide" (are the same input, up to numerical noise) within this fraction of init_radius.
-# Why a fraction of the radius: routing already needs the radius to exceed the keys' numerical noise
-# (or an edited input would miss its own edit) and to stay below the distance between distinct inputs
-# (or it would capture them); a tenth of it sits well inside both bounds, at any key scale.
-COINCIDE_FRACTION = 0.1
+__all__ = ["COINCIDE_FRACTION", "SPLIT_MARGIN", "InsertCounts", "VectorDatabase", "coinciding_conflicts"]
 
+class _LabelTable:
+    """The distinct labels of a database and of its copies: append-only, so they can share it.
 
-@dataclass
-class InsertCounts:
-    """How the keys of one edit batch were placed.
-
-    ``superseded``: stored points of another label that a key of this batch coincided with and took
-    over (re-edits: the later edit wins).
+    A database sees the first ``n`` entries (its own count). It appends in place only while it is
+    the table's last writer (``n == len(items)``); otherwise it starts a table of its own. So a copy
+    that inserts never changes what the database it came from sees, and :meth:`VectorDatabase.copy`
+    stays O(1) however many labels there are.
     """
 
-    new_clusters: int = 0
-    merged: int = 0
-    conflicts: int = 0
-    forgotten: int = 0
-    superseded: int = 0
+    def __init__(self, labels: list[tuple[int, ...]]):
+        self.items: list[tuple[int, ...]] = []
+        self.index: dict[tuple[int, ...], int] = {}
+        self.extend(labels)
 
-
-def coinciding_conflicts(keys: torch.Tensor, labels: list[tuple[int, ...]], tolerance: float) -> list[tuple[int, int]]:
-    """Pairs of rows ``(i, j)`` of one batch whose keys coincide but whose labels differ.
-
-    Such a batch asks for two different answers to the same input; no block can hold both.
-    """
-    if keys.shape[0] < 2:
-        return []
-    distances = torch.cdist(keys.float(), keys.float())
-    close = (distances <= tolerance).triu(diagonal=1).nonzero().tolist()
-    return [(i, j) for i, j in close if tuple(labels[i]) != tuple(labels[j])]
+    def extend(self, labels: list[tuple[int, ...]]) -> None:
+        for label in labels:
+            self.index.setdefault(label, len(self.items))
+            self.items.append(label)
 
 
 class VectorDatabase:
@@ -67,6 +63,9 @@ class VectorDatabase:
         centers ``[C, d]``, radii ``[C]``, cluster_labels ``[C]`` int64 (index into ``labels``),
         point_offsets ``[C + 1]`` int64, points ``[P, d]``, point_blocks ``[P]`` int64.
     ``labels`` is the list of distinct edit targets (tuples of ints) seen so far.
+    Beside the tensors the database keeps ``||center||²`` and each cluster's reach (its largest point
+    distance from the center) for the insert's scan; they are rebuilt with the tensors by
+    :meth:`insert`, and recomputed once if anything else replaces the tensors.
     ``init_radius`` is None until it is known (``MeloConfig.init_radius="auto"`` sets it at the first
     edit from ``key_scale``, the model's measured key scale; see ``melo_fast.calibration``).
     """
@@ -88,7 +87,9 @@ class VectorDatabase:
         self.point_offsets = torch.zeros(1, dtype=torch.int64, device=self.device)
         self.points = torch.empty(0, dim, device=self.device)
         self.point_blocks = torch.empty(0, dtype=torch.int64, device=self.device)
-        self.labels: list[tuple[int, ...]] = []
+        self.labels = []
+        self._geometry: tuple[torch.Tensor, ...] | None = None  # see _scan_geometry
+        self._center_rows = self._point_rows = None  # room to append centers/points (melo_fast.row_buffer)
         self.conflicts = 0
         self.forgotten = 0
         self.superseded = 0
@@ -113,9 +114,39 @@ class VectorDatabase:
 
         O(1): the tensors are shared, which is safe because they are never written in place.
         """
-        twin = copy.copy(self)
-        twin.labels = list(self.labels)
-        return twin
+        return copy.copy(self)  # tensors, cached geometry and label table are shared, never modified
+
+    @property
+    def labels(self) -> list[tuple[int, ...]]:
+        """The distinct edit targets seen so far, in order of first use (``cluster_labels`` index it)."""
+        return self._label_table.items[: self._num_labels]
+
+    @labels.setter
+    def labels(self, labels: list[tuple[int, ...]]) -> None:
+        labels = [tuple(int(t) for t in label) for label in labels]
+        if len(set(labels)) != len(labels):
+            raise ValueError("VectorDatabase: labels must be distinct (a cluster label is an index into them)")
+        self._label_table = _LabelTable(labels)
+        self._num_labels = len(labels)
+
+    def _label_ids(self, labels: list[tuple[int, ...]]) -> tuple[list[int], list[tuple[int, ...]]]:
+        """The id of each label, and the labels new to this database (their ids follow the known ones)."""
+        index, known = self._label_table.index, self._num_labels
+        ids, new = [], {}
+        for label in labels:
+            found = index.get(label)
+            if found is None or found >= known:  # unknown, or added by a copy this one does not see
+                found = new.setdefault(label, known + len(new))
+            ids.append(found)
+        return ids, list(new)
+
+    def _add_labels(self, new: list[tuple[int, ...]]) -> None:
+        if not new:
+            return
+        if len(self._label_table.items) != self._num_labels:  # a database sharing the table appended
+            self._label_table = _LabelTable(self._label_table.items[: self._num_labels])
+        self._label_table.extend(new)
+        self._num_labels += len(new)
 
     def search(self, queries: torch.Tensor, backend: str | None = None) -> torch.Tensor:
         """``[Q, d]`` keys → ``[Q]`` int64 block ids (-1: outside every edit's scope)."""
@@ -142,23 +173,42 @@ class VectorDatabase:
             "blocks_used": int(torch.unique(self.point_blocks[self.point_blocks >= 0]).numel()),
         }
 
-    def _point_clusters(self) -> torch.Tensor:
-        """``[P]`` cluster index of every point, from the CSR offsets."""
-        counts = self.point_offsets[1:] - self.point_offsets[:-1]
-        return torch.repeat_interleave(torch.arange(self.num_clusters, device=self.device), counts)
+    def _scan_geometry(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(||center||² [C], reach [C])`` of the current tensors (reach: ``-inf`` for a cluster without points).
+
+        Cached with the tensors they were computed from; recomputed (O(P d), once) when the tensors
+        were replaced by something other than :meth:`insert` (a load, a benchmark filling them).
+        """
+        cached = self._geometry
+        source = (self.centers, self.points, self.point_offsets)
+        if cached is not None and all(a is b for a, b in zip(cached[:3], source, strict=True)):
+            return cached[3], cached[4]
+        sizes = self.point_offsets[1:] - self.point_offsets[:-1]
+        clusters = torch.arange(self.num_clusters, device=self.device)
+        owner = torch.repeat_interleave(clusters, sizes, output_size=len(self))
+        distance = exact_distances(self.points, torch.arange(len(self), device=self.device), self.centers, owner)
+        reach = torch.full((self.num_clusters,), -math.inf, device=self.device)
+        reach = reach.scatter_reduce(0, owner, distance, "amax")
+        geometry = (self.centers, self.points, self.point_offsets, squared_norms(self.centers), reach)
+        self._geometry = geometry
+        return geometry[3], geometry[4]
 
     def insert(self, keys: torch.Tensor, labels: list[tuple[int, ...]], block_id: int) -> InsertCounts:
         """Place the keys of one edit batch, all routing to ``block_id``.
 
         Rules (DESIGN §1 and §2.10), applied in this order:
 
-        1. Re-edits: a key within ``coincide_tolerance`` of a stored point whose cluster has another
-           label supersedes that point: the point is removed, its cluster's center and radius are
-           recomputed from the points left (the radius never grows), and a cluster left without
-           points is removed. Other stored edits are untouched.
+        1. Re-edits: a key within ``coincide_tolerance`` of its nearest stored point, when that point's
+           cluster has another label, supersedes that point: the point is removed, its cluster's center
+           and radius are recomputed from the points left (the radius never grows), and a cluster left
+           without points is removed. Other stored edits are untouched.
         2. MELO's rules, with each key's nearest cluster computed once for the batch, after step 1:
            far → new cluster; same label → merge (center = mean, radius = max(spread, init_radius));
            other label → conflict split at half the distance, forgetting points left outside.
+
+        Distances are ``torch.linalg.vector_norm(a - b)`` in float32; ties go to the lowest index.
+        Cost: one scan of the centers, work for the batch and the clusters it touches, memory copies;
+        a few host synchronizations on CUDA, never one per key (``melo_fast.vecdb_insert``).
 
         Args:
             keys: ``[N, d]`` float keys of the batch.
@@ -175,122 +225,18 @@ class VectorDatabase:
             raise ValueError(f"VectorDatabase.insert: {keys.shape[0]} keys but {len(labels)} labels")
         if self.init_radius is None:
             raise RuntimeError("VectorDatabase.insert: init_radius is not set yet")
-        keys = keys.detach().to(self.device, torch.float32)
-        labels = [tuple(int(t) for t in label) for label in labels]
-        clashes = coinciding_conflicts(keys, labels, self.coincide_tolerance)
-        if clashes:
-            raise ValueError(
-                f"VectorDatabase.insert: rows {clashes} of the batch are the same input with different targets"
-            )
-        counts = InsertCounts()
-        label_list = list(self.labels)
-        label_index = {label: i for i, label in enumerate(label_list)}
-        for label in labels:
-            if label not in label_index:
-                label_index[label] = len(label_list)
-                label_list.append(label)
-        key_labels = [label_index[label] for label in labels]
-
-        centers = list(self.centers.unbind(0))
-        radii = self.radii.tolist()
-        cluster_labels = self.cluster_labels.tolist()
-        alive = [True] * len(centers)  # clusters emptied by re-edits are removed
-        # Points: the old ones (with a keep flag) followed by this batch's.
-        point_vectors = list(self.points.unbind(0))
-        point_cluster = self._point_clusters().tolist()
-        point_block = self.point_blocks.tolist()
-        keep = [True] * len(point_vectors)
-
-        def members(cluster):
-            return [p for p, c in enumerate(point_cluster) if c == cluster and keep[p]]
-
-        def spread(member_vectors, center) -> float:
-            return torch.linalg.vector_norm(member_vectors - center, dim=1).max().item()
-
-        # 1. Re-edits supersede the stored points they coincide with.
-        if len(point_vectors):
-            nearest_point, point_dist = nearest(keys, self.points)
-            touched = set()
-            for i, (p, dist) in enumerate(zip(nearest_point.tolist(), point_dist.tolist(), strict=True)):
-                c = point_cluster[p]
-                if dist <= self.coincide_tolerance and keep[p] and cluster_labels[c] != key_labels[i]:
-                    keep[p] = False
-                    touched.add(c)
-                    counts.superseded += 1
-            for c in sorted(touched):
-                left = members(c)
-                if not left:
-                    alive[c] = False
-                    continue
-                member_vectors = torch.stack([point_vectors[p] for p in left])
-                centers[c] = member_vectors.mean(0)
-                radii[c] = min(radii[c], max(spread(member_vectors, centers[c]), self.init_radius))
-
-        # 2. MELO's rules against the clusters left after step 1.
-        candidates = [c for c in range(len(centers)) if alive[c]]
-        if candidates:
-            # Nearest old cluster of every key, computed once before any insert (DESIGN §1).
-            index, distance = nearest(keys, torch.stack([centers[c] for c in candidates]))
-            nearest_cluster = [candidates[i] for i in index.tolist()]
-            nearest_dist = distance.tolist()
-
-        def add_cluster(center, radius, label_id):
-            centers.append(center)
-            radii.append(radius)
-            cluster_labels.append(label_id)
-            alive.append(True)
-            return len(centers) - 1
-
-        def add_point(vector, cluster):
-            point_vectors.append(vector)
-            point_cluster.append(cluster)
-            point_block.append(block_id)
-            keep.append(True)
-
-        for i, (key, label_id) in enumerate(zip(keys, key_labels, strict=True)):
-            if not candidates:
-                add_point(key, add_cluster(key, self.init_radius, label_id))
-                counts.new_clusters += 1
-                continue
-            c, dist = nearest_cluster[i], nearest_dist[i]
-            if dist > radii[c] + self.init_radius:
-                add_point(key, add_cluster(key, self.init_radius, label_id))
-                counts.new_clusters += 1
-            elif cluster_labels[c] == label_id:
-                add_point(key, c)
-                member_vectors = torch.stack([point_vectors[p] for p in members(c)])
-                centers[c] = member_vectors.mean(0)
-                radii[c] = max(spread(member_vectors, centers[c]), self.init_radius)
-                counts.merged += 1
-            else:
-                add_point(key, add_cluster(key, dist / 2 + SPLIT_MARGIN, label_id))
-                radii[c] = dist / 2 - SPLIT_MARGIN
-                for p in members(c):
-                    if torch.linalg.vector_norm(point_vectors[p] - centers[c]).item() > radii[c]:
-                        keep[p] = False  # an emptied cluster keeps its center and routes to "none"
-                        counts.forgotten += 1
-                counts.conflicts += 1
-
-        # Renumber the clusters left alive and lay their points out in CSR order.
-        live = [c for c in range(len(centers)) if alive[c]]
-        renumber = {c: i for i, c in enumerate(live)}
-        kept = [p for p in range(len(point_vectors)) if keep[p]]
-        cluster_of_point = torch.tensor([renumber[point_cluster[p]] for p in kept], dtype=torch.int64)
-        order = torch.argsort(cluster_of_point, stable=True).to(self.device)
-        per_cluster = torch.bincount(cluster_of_point, minlength=len(live))
-        offsets = torch.zeros(len(live) + 1, dtype=torch.int64)
-        offsets[1:] = torch.cumsum(per_cluster, 0)
-
+        if keys.shape[0] == 0:
+            return InsertCounts()
+        keys = keys.detach().to(self.device, torch.float32).contiguous()
+        key_labels, new_labels = self._label_ids([tuple(int(t) for t in label) for label in labels])
+        placed = place(self, keys, key_labels, block_id)
         # Commit: nothing above touched self, so a failure leaves the database as it was.
-        self.centers = torch.stack([centers[c] for c in live]) if live else self.centers.new_empty(0, self.dim)
-        self.radii = torch.tensor([radii[c] for c in live], dtype=torch.float32, device=self.device)
-        self.cluster_labels = torch.tensor([cluster_labels[c] for c in live], dtype=torch.int64, device=self.device)
-        self.point_offsets = offsets.to(self.device)
-        self.points = (
-            torch.stack([point_vectors[p] for p in kept])[order] if kept else self.points.new_empty(0, self.dim)
-        )
-        self.point_blocks = torch.tensor([point_block[p] for p in kept], dtype=torch.int64, device=self.device)[order]
-        self.labels = label_list
+        self.centers, self.radii, self.cluster_labels = placed.centers, placed.radii, placed.cluster_labels
+        self.point_offsets, self.points, self.point_blocks = placed.point_offsets, placed.points, placed.point_blocks
+        self._center_rows, self._point_rows = placed.center_rows, placed.point_rows
+        self._geometry = (self.centers, self.points, self.point_offsets, placed.center_sq_norms, placed.reach)
+        self._add_labels(new_labels)
+        counts = placed.counts
         self.conflicts += counts.conflicts
         self.forgotten += counts.forgotten
         self.superseded += counts.superseded
