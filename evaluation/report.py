@@ -76,8 +76,6 @@ RUNS = {run.name: run for run in (
     Run("router_layer5_output_400",
         ("demo", "--data", DEV_DATA, "--limit", "400", *_MELO_SWEEP, *_LAYER5_OUTPUT, "--threads", "1"),
         "router comparison: the last layer's output"),
-    Run("dev_router_layer5_output", ("demo", "--data", DEV_DATA, *_MELO_SWEEP, *_LAYER5_OUTPUT, "--threads", "1"),
-        "router comparison: the last layer's output, all dev records"),
 )}
 
 
@@ -451,12 +449,11 @@ def sweep_findings(dev: dict) -> list[str]:
 
 
 def router_comparison(reports: Reports) -> list[str]:
-    names = ("router_layer3_400", "router_default_400", "router_layer5_output_400", "dev",
-             "dev_router_layer5_output")
+    names = ("router_layer3_400", "router_default_400", "router_layer5_output_400", "dev")
     lines = ["## How the demo's MELO configuration was chosen", "",
              "`melo_fast/eval/demo.py` (`DEMO_CONFIG`) gives the reasoning in code; the figures are here.", "",
              "**Router and targets.** A router in layer 3 (LoRA on layers 4–5) against two routers in the last "
-             "layer, with the sweep, on the first 400 dev records and (the two last-layer routers) on all of them. "
+             "layer, with the sweep, on the first 400 dev records; the demo's router also on all of them (`dev`). "
              "Per key position: the best rephrase generality among the sweep points that meet "
              f"{TARGETS_TEXT} (radius; locality), or the ES range when none does.", ""]
     header = ["run", "edits", "router → targets", "median key distance `last`: question–rephrase / question–nearest "
