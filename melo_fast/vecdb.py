@@ -206,6 +206,10 @@ class VectorDatabase:
            far → new cluster; same label → merge (center = mean, radius = max(spread, init_radius));
            other label → conflict split at half the distance, forgetting points left outside.
 
+        One deliberate widening: a spread used as a radius is widened by the rounding bound of a
+        float32 norm (``vecdb_insert.covering_radius``, ~1e-5 relative), so the farthest point of a
+        merged cluster routes home in every search backend, not only in the one that measured it.
+
         Distances are ``torch.linalg.vector_norm(a - b)`` in float32; ties go to the lowest index.
         Cost: one scan of the centers, work for the batch and the clusters it touches, memory copies;
         a few host synchronizations on CUDA, never one per key (``melo_fast.vecdb_insert``).

@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 import torch
 
 from melo_fast.row_buffer import RowBuffer
-from melo_fast.vecdb_scan import exact_distances, relative_error, scan, squared_norms
+from melo_fast.vecdb_scan import UNIT_ROUNDOFF, exact_distances, relative_error, scan, squared_norms
 
 # MELO splits a conflicting cluster at half the distance, 1e-5 to each side (DESIGN §1).
 SPLIT_MARGIN = 1e-5
@@ -55,6 +55,21 @@ SPLIT_MARGIN = 1e-5
 # (or it would capture them); a tenth of it sits well inside both bounds, at any key scale.
 COINCIDE_FRACTION = 0.1
 
+
+
+def covering_radius(spread: float, dim: int) -> float:
+    """The radius of a cluster whose farthest point is ``spread`` away from its center: a little wider.
+
+    Why wider: that point lies exactly on the edge, and the search backends round the same float32
+    norm differently (torch's reduction order, the C++ double-precision sum, Triton's tiles), so on
+    a radius equal to the spread about 4% of merged clusters lost their farthest point in the cpp
+    backend: an edited input that no longer reached its own edit. The widening is twice the
+    rounding bound of a ``dim``-term float32 norm (``gamma_(d+2)``: 4.6e-5 relative at d = 384),
+    far below any distance the rules compare, and it makes "a stored point routes to its cluster"
+    hold in every backend.
+    """
+    k = (dim + 2) * UNIT_ROUNDOFF
+    return spread * (1.0 + 2.0 * k / (1.0 - k))
 
 @dataclass
 class InsertCounts:
@@ -260,7 +275,8 @@ def place(db, keys: torch.Tensor, key_labels: list[int], block_id: int) -> Place
                     continue
                 rows = torch.tensor([p - segment.first for p in sources], dtype=torch.int64)
                 cluster = TouchedCluster(c, segment, segment.radius, piece[0], piece[rows], sources)
-                cluster.radius = min(segment.radius, max(cluster.recenter(), init_radius))  # never grows
+                spread = covering_radius(cluster.recenter(), db.dim)
+                cluster.radius = min(segment.radius, max(spread, init_radius))  # never grows
                 touched[c] = cluster
             _nearest_after_reedits(db, keys, host_keys, center_sq_norms, set(hit), touched, nearest, facts)
 
@@ -287,7 +303,7 @@ def place(db, keys: torch.Tensor, key_labels: list[int], block_id: int) -> Place
         elif cluster.segment.label == key_labels[i]:
             cluster.vectors = torch.cat([cluster.vectors, host_keys[i : i + 1]])
             cluster.sources.append(-1 - i)
-            cluster.radius = max(cluster.recenter(), init_radius)
+            cluster.radius = max(covering_radius(cluster.recenter(), db.dim), init_radius)
             counts.merged += 1
         else:
             new_clusters.append((i, distance / 2 + SPLIT_MARGIN))

@@ -27,6 +27,14 @@ def to_float32(value: float) -> float:
     return torch.tensor(value, dtype=torch.float32).item()
 
 
+def covering(spread: float, dim: int) -> float:
+    """A merged cluster's radius: its spread, widened by twice the rounding bound of a ``dim``-term
+    float32 norm so that its farthest point stays inside whichever backend measures it."""
+    unit_roundoff = 2.0**-24
+    k = (dim + 2) * unit_roundoff
+    return spread * (1.0 + 2.0 * k / (1.0 - k))
+
+
 def stack(vectors: list[torch.Tensor]) -> torch.Tensor | None:
     return torch.stack(vectors) if vectors else None
 
@@ -103,7 +111,8 @@ class OracleDatabase:
                 self.clusters.remove(cluster)
                 continue
             cluster.points = left
-            cluster.radius = min(cluster.radius, max(cluster.recenter(), self.init_radius))
+            spread = covering(cluster.recenter(), len(cluster.center))
+            cluster.radius = min(cluster.radius, max(spread, self.init_radius))
 
         # 2. MELO's rules; nearest clusters once, before any key of the batch is placed.
         candidates = list(self.clusters)
@@ -116,7 +125,7 @@ class OracleDatabase:
                 counts["new_clusters"] += 1
             elif cluster.label == label:
                 cluster.points.append((key, block))
-                cluster.radius = max(cluster.recenter(), self.init_radius)
+                cluster.radius = max(covering(cluster.recenter(), len(cluster.center)), self.init_radius)
                 counts["merged"] += 1
             else:
                 self.clusters.append(Cluster(key, distance / 2 + SPLIT_MARGIN, label, block))
