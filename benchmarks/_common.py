@@ -33,6 +33,11 @@ from melo_fast.vecdb import VectorDatabase
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 TOKENIZERS = SHARED / "assets" / "tokenizers"
+# Everything that can change a figure: the package, its C++ kernels and build, and the suites (not
+# their outputs, which an earlier run may have left modified).
+MEASURED_PATHS = ("melo_fast", "csrc", "setup.py", "pyproject.toml", "benchmarks", ":(exclude)benchmarks/results.json",
+                  ":(exclude)benchmarks/long_run.json", ":(exclude)benchmarks/bank_memory.json",
+                  ":(exclude)benchmarks/plots")
 
 DEVICE = os.environ.get("MELO_BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
 if os.environ.get("MELO_BENCH_THREADS"):

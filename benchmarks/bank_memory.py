@@ -21,9 +21,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks._common import peak_tensor_bytes  # noqa: E402
+from benchmarks._common import MEASURED_PATHS, peak_tensor_bytes  # noqa: E402
 from melo_fast import bank  # noqa: E402
 from melo_fast.bank import BlockBank  # noqa: E402
+from melo_fast.eval.report import git_state  # noqa: E402
 
 SHAPES = [(4096, 11008), (11008, 4096)]
 HIDDEN = 4096  # the router's width in a 7B model: the keys' width
@@ -73,7 +74,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     result = {"targets": [measure(d_in, d_out, args.rank) for d_in, d_out in SHAPES],
-              "database": database_bytes_per_key(HIDDEN), "torch": torch.__version__}
+              "database": database_bytes_per_key(HIDDEN), "torch": torch.__version__,
+              "source": git_state(ROOT, MEASURED_PATHS)}
     args.out.write_text(json.dumps(result, indent=1))
     print(json.dumps(result, indent=1))
     return 0

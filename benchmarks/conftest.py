@@ -10,14 +10,9 @@ import pytest
 import torch
 
 try:
-    from benchmarks._common import ROOT, device_name
+    from benchmarks._common import MEASURED_PATHS, ROOT, device_name
 except ImportError:  # benchmarks/ itself on sys.path (rootdir-relative import mode)
-    from _common import ROOT, device_name
-
-# Everything that can change a figure: the package, its C++ kernels and build, and the suites (not
-# their outputs, which an earlier run may have left modified).
-MEASURED_PATHS = ("melo_fast", "csrc", "setup.py", "pyproject.toml", "benchmarks", ":(exclude)benchmarks/results.json",
-                  ":(exclude)benchmarks/plots")
+    from _common import MEASURED_PATHS, ROOT, device_name
 
 
 def pytest_benchmark_update_json(config, benchmarks, output_json):

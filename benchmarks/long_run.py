@@ -43,7 +43,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import melo_fast  # noqa: E402
+from benchmarks._common import MEASURED_PATHS  # noqa: E402
 from melo_fast.editor import build_edit_batch  # noqa: E402
+from melo_fast.eval.report import git_state  # noqa: E402
 from melo_fast.vecdb import VectorDatabase  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -237,6 +239,7 @@ def main(argv=None) -> int:
         "mean_es": statistics.mean(row["es"] for row in per_batch),
         "final_err": checkpoints[-1]["err"], "final_fates": checkpoints[-1]["fates"], "db": editor.db.stats(),
         "reedited_questions": sum(1 for i, (q, _) in enumerate(done) if last_edit_of[q] != i),
+        "torch": torch.__version__, "source": git_state(ROOT, MEASURED_PATHS),
     }
     args.out.write_text(json.dumps({"summary": summary, "checkpoints": checkpoints, "batches": per_batch}, indent=1))
     print(json.dumps(summary, indent=1))
