@@ -16,9 +16,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import statistics
 import sys
 from collections import OrderedDict
 from pathlib import Path
+
+try:
+    from benchmarks import lifelong_report as lifelong
+except ImportError:  # run as a script from benchmarks/
+    import lifelong_report as lifelong
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,6 +34,9 @@ TARGET_LAYER_MIXED = 10.0
 TARGET_LAYER_SINGLE = 1.1
 TARGET_E2E = 0.95
 TARGET_EDIT = 1.5
+TARGET_INSERT_OVER_SEARCH = 3.0  # issue 13: inserting 100 keys into 100k costs at most 3x searching them
+TARGET_INSERT_AT = 100_000
+TARGET_PERSIST_SECONDS = 10.0  # "a 100k-key editor saves and loads in seconds"
 LINEAR_CASE = "nn.Linear (no LoRA)"
 
 
@@ -330,6 +339,45 @@ def e2e_targets(rows: list[Row]) -> list[Target]:
     return targets
 
 
+def database_targets(rows: list[Row]) -> list[Target]:
+    """Insert vs search at 100k stored keys (interleaved, median of per-round ratios); save and load at 100k."""
+    targets = []
+    scaling = curve(rows, "db_scaling")
+    for name, points in scaling.items():
+        if not name.startswith("insert"):
+            continue
+        title = (f"Database `{name}` into {TARGET_INSERT_AT // 1000}k stored keys ≤ {TARGET_INSERT_OVER_SEARCH:g}× "
+                 "`vecdb_search` of the same keys")
+        at = [(x, row) for x, row in points if x >= TARGET_INSERT_AT and row.pair_ratios]
+        if not at:
+            targets.append(Target(title, "not measured at this size", None))
+            continue
+        across = "; ".join(f"{int(x):,}: {statistics.median(1 / r for r in row.pair_ratios):.2f}×"
+                           for x, row in points if row.pair_ratios)
+        x, row = at[0]
+        ratio = statistics.median(1 / r for r in row.pair_ratios)
+        measured = (f"{ratio:.2f}× at {int(x):,} keys (insert {fmt_time(row.median)}, search "
+                    f"{fmt_time(row.get('paired')['median'])}, medians; {len(row.pair_ratios)} interleaved rounds). "
+                    f"Insert/search by stored keys: {across}")
+        targets.append(Target(title, measured, ratio <= TARGET_INSERT_OVER_SEARCH))
+    for op, what in (("save", "editor.save"), ("load", "editor.reload")):
+        title = f"`{what}` of a {TARGET_INSERT_AT // 1000}k-key editor in under {TARGET_PERSIST_SECONDS:g} s"
+        row = next((r for points in scaling.values() for x, r in points
+                    if r.get("op") == op and x == TARGET_INSERT_AT), None)
+        if row is None:
+            targets.append(Target(title, "not measured", None))
+            continue
+        baseline = row.get("paired") or {}
+        measured = f"{fmt_time(row.median)} (median) for {fmt_bytes(row.get('bytes'))}" if row.get("bytes") else \
+            f"{fmt_time(row.median)} (median)"
+        if baseline.get("median"):
+            measured += f"; {baseline.get('case')} of the same tensors {fmt_time(baseline['median'])}"
+            if row.paired_ratio:
+                measured += f" ({1 / row.paired_ratio:.2f}× its time, interleaved)"
+        targets.append(Target(title, measured, row.median < TARGET_PERSIST_SECONDS))
+    return targets
+
+
 def edit_targets(rows: list[Row]) -> list[Target]:
     targets = []
     edits = [r for r in rows if r.get("plot") == "edit"]
@@ -481,6 +529,14 @@ def make_plots(rows: list[Row], out_dir: Path) -> list[Path]:
             ax.legend(fontsize=8)
         fig.suptitle("Editing one batch: block-only vs full-rank (reference) training", fontsize=10)
         save(fig, "edit.png")
+
+    try:
+        from benchmarks.plot_db_scaling import plot_db_scaling
+    except ImportError:  # run as a script from benchmarks/
+        from plot_db_scaling import plot_db_scaling
+
+    written += plot_db_scaling(rows, out_dir)
+    written += lifelong.plot(out_dir)
     return written
 
 
@@ -566,6 +622,8 @@ SECTIONS = [
     ("Editing: one edit batch, block-only vs full-rank training", lambda g: g.startswith("edit ")),
     ("Scaling: lookup time vs stored keys", lambda g: g.startswith("lookup scaling")),
     ("Scaling: forward time vs edits", lambda g: g.startswith("forward vs edits")),
+    ("Scaling: database insert, save and load vs stored keys",
+     lambda g: g.startswith(("insert vs search", "save ", "load "))),
     ("Ops (test_bench_ops.py): vecdb_search and block_lora per backend", lambda g: True),
 ]
 
@@ -628,7 +686,8 @@ def render(rows: list[Row], metas: list[dict], stat: str, plots: list[Path], out
                           (layer_targets, "Layer vs PEFT"),
                           (e2e_targets, f"End to end: patched with 10k edits ≥ {TARGET_E2E}× unpatched throughput"),
                           (edit_targets, f"Editing: block-only ≥ {TARGET_EDIT}× faster than full-rank training, "
-                                         "lower peak memory")):
+                                         "lower peak memory"),
+                          (database_targets, "Database insert, save and load at 100k stored keys")):
         found = make(rows)
         targets += found or [Target(missing, "no results in the given JSON", None)]
     parts += ["## Targets", "", table(["target", "measured", "verdict"],
@@ -662,6 +721,7 @@ def render(rows: list[Row], metas: list[dict], stat: str, plots: list[Path], out
             parts += [f"### {name}", "", group_table(groups[name], stat), ""]
         if title.startswith("Layer"):
             parts += peft_adapter_note(rows)
+    parts += lifelong.section()
     return "\n".join(parts)
 
 

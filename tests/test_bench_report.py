@@ -82,3 +82,40 @@ def test_provenance_names_the_commit_and_every_uncommitted_file(report):
     dirty = {"melo_fast_source": {"commit": "0123456789abcdef", "changed": ["benchmarks/test_bench_layer.py"]}}
     assert report.source_of(clean) == "commit 0123456789 (package, kernels and suites as committed)"
     assert "uncommitted changes** to `benchmarks/test_bench_layer.py`" in report.source_of(dirty)
+
+
+def insert_row(report, n_keys, insert_times, search_times):
+    paired = {"case": "vecdb_search of the same 100 keys (cpp)", "min": min(search_times),
+              "median": sorted(search_times)[len(search_times) // 2], "times": search_times}
+    return row(report, "insert 100 new keys", insert_times, group=f"insert vs search C={n_keys}", data=insert_times,
+               paired=paired, plot="db_scaling", x=n_keys, series="insert 100 new keys", op="vecdb_insert")
+
+
+def test_insert_target_is_the_per_round_insert_over_search_at_100k(report):
+    # Per round insert/search: 2, 2, 9 -> median 2, met (the ratio of the medians, 8, would miss it).
+    met = report.database_targets([insert_row(report, 100_000, [2.0, 8.0, 9.0], [1.0, 4.0, 1.0])])
+    assert [t.met for t in met if "insert" in t.title] == [True]
+    # Per round 2, 8, 8 -> median 8, not met (the ratio of the minima, 2, would call it met).
+    missed = report.database_targets([insert_row(report, 100_000, [2.0, 8.0, 8.0], [1.0, 1.0, 1.0])])
+    assert [t.met for t in missed if "insert" in t.title] == [False]
+    small = report.database_targets([insert_row(report, 10_000, [1.0], [1.0])])
+    assert [t.met for t in small if "insert" in t.title] == [None]  # never measured at 100k: no verdict
+    assert [t.met for t in small if "save" in t.title or "reload" in t.title] == [None, None]
+
+
+def test_save_and_load_targets_read_the_100k_rows(report):
+    rows = [row(report, "editor.save", [12.0], group="save C=100,000", plot="db_scaling", x=100_000,
+                series="save (editor.save)", op="save", bytes=10),
+            row(report, "editor.reload", [3.0], group="load C=100,000", plot="db_scaling", x=100_000,
+                series="load (editor.reload)", op="load")]
+    verdicts = {t.title.split("`")[1]: t.met for t in report.database_targets(rows)}
+    assert verdicts == {"editor.save": False, "editor.reload": True}
+
+
+def test_lifelong_section_gives_the_command_when_a_run_is_missing(report, tmp_path, monkeypatch):
+    monkeypatch.setattr(report.lifelong, "LONG_RUN", tmp_path / "absent.json")
+    monkeypatch.setattr(report.lifelong, "BANK_MEMORY", tmp_path / "absent.json")
+    text = "\n".join(report.lifelong.section())
+    assert "*Not run: `python benchmarks/long_run.py`" in text
+    assert "*Not run: `python benchmarks/bank_memory.py`" in text
+    assert report.lifelong.plot(tmp_path) == []
