@@ -71,6 +71,7 @@ class _OpenBlock:
     frozen: list[nn.Parameter]  # model parameters whose requires_grad was switched off
     radius: float  # init_radius the commit uses (measured now if "auto" and not yet known)
     key_scale: float | None
+    thread: int  # the opener: only its forwards train the block, so only it may commit or abort
 
 
 class MeloEditor:
@@ -141,6 +142,9 @@ class MeloEditor:
         Raises:
             RuntimeError: a block is already open (in any thread).
             ValueError: a bad batch, or two rows that are the same input with different targets.
+
+        If opening fails half-way (say, out of memory), the model's parameters are unfrozen again and
+        no block stays open.
         """
         with self._lock:
             if self._open is not None:
@@ -160,9 +164,16 @@ class MeloEditor:
                 frozen = [p for p in self.model.parameters() if p.requires_grad]
                 for parameter in frozen:
                     parameter.requires_grad_(False)
-            earlier = self.routing.state.blocks
-            parameters = [p for name, layer in self.lora_layers.items() for p in layer.open_block(earlier[name])]
-            self._open = _OpenBlock(keys, labels, parameters, frozen, radius, scale)
+            try:
+                earlier = self.routing.state.blocks
+                parameters = [p for name, layer in self.lora_layers.items() for p in layer.open_block(earlier[name])]
+            except BaseException:
+                for parameter in frozen:
+                    parameter.requires_grad_(True)
+                for layer in self.lora_layers.values():
+                    layer.close_block()
+                raise
+            self._open = _OpenBlock(keys, labels, parameters, frozen, radius, scale, threading.get_ident())
             self.routing.start_training()
             return parameters
 
@@ -173,35 +184,53 @@ class MeloEditor:
         return list(self._open.parameters)
 
     def commit(self) -> tuple[int, InsertCounts]:
-        """Store the open block, insert its keys, and publish both at once. Returns ``(block_id, counts)``."""
+        """Store the open block, insert its keys, and publish both at once. Returns ``(block_id, counts)``.
+
+        Raises:
+            RuntimeError: no block is open, or another thread opened it (only the opener trains it).
+            ValueError: the batch's keys cannot be inserted (nothing changes; the block stays open).
+        """
         with self._lock:
-            if self._open is None:
-                raise RuntimeError("melo_fast: no block is open; call editor.open_block(batch) first")
+            self._check_opener("commit")
             state = self.routing.state
             block_id = state.num_blocks
             database = state.database.copy()
             database.init_radius, database.key_scale = self._open.radius, self._open.key_scale
             counts = database.insert(self._open.keys, self._open.labels, block_id)
-            stored = []
             try:
                 for layer in self.lora_layers.values():
                     layer.store_block()  # past every published view: no reader sees it yet
-                    stored.append(layer)
+                blocks = {name: layer.bank.chunks() for name, layer in self.lora_layers.items()}
             except BaseException:
-                for layer in stored:
+                # Every bank must hold exactly the published blocks, or the next commit's block id
+                # (the published count) would point past a stale block in some banks.
+                for layer in self.lora_layers.values():
                     layer.bank.truncate(block_id)
                 raise
-            blocks = {name: layer.bank.chunks() for name, layer in self.lora_layers.items()}
             self.routing.state = EditState(database, blocks, block_id + 1)  # the atomic publish
             self._close()
             return block_id, counts
 
     def abort(self) -> None:
-        """Drop the open block: the database and every earlier block stay exactly as they were."""
+        """Drop the open block: the database and every earlier block stay exactly as they were.
+
+        Raises:
+            RuntimeError: no block is open, or another thread opened it.
+        """
         with self._lock:
-            if self._open is None:
-                raise RuntimeError("melo_fast: no block is open")
+            self._check_opener("abort")
             self._close()
+
+    def _check_opener(self, action: str) -> None:
+        if self._open is None:
+            raise RuntimeError("melo_fast: no block is open; call editor.open_block(batch) first")
+        if self._open.thread != threading.get_ident():
+            # The opener's forwards may be using the block right now; closing it under them would
+            # fail their training step half-way.
+            raise RuntimeError(
+                f"melo_fast: the open block belongs to another thread; {action}() it from the thread that "
+                "called open_block()"
+            )
 
     def _close(self) -> None:
         for parameter in self._open.frozen:
@@ -440,10 +469,13 @@ class MeloEditor:
 
         Never destroys data: refuses a file or a non-empty folder that is not a melo_fast save, and
         replaces an earlier save atomically (see ``melo_fast.checkpoint``). Other threads may keep
-        serving meanwhile. Refused while a block is open: commit or abort it first.
+        serving, and one may be editing, meanwhile: the save holds the committed edits only (a block
+        still open is not in it).
+
+        Raises:
+            FileExistsError: ``path`` is a file, or a folder holding data that is not a melo_fast save
+                (nothing is written).
         """
-        if self._open is not None:
-            raise RuntimeError("melo_fast: commit() or abort() the open block before saving")
         state = self.routing.state  # one snapshot: database and blocks belong together
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)
         checkpoint.write(path, self.config, state.database, self._blocks_of(state), model_type)

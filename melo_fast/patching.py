@@ -83,7 +83,10 @@ def default_names(model: nn.Module) -> tuple[str, list[str]]:
 def _entry_hook(model: nn.Module, routing: Routing, router_in_encoder: bool, causal_lm: bool):
     """Forward pre-hook that starts a call's routing (attention mask, prompt end, stickiness)."""
     signature = inspect.signature(model.forward)
-    warned = []
+    # The padding check reads a tensor on the host: free on CPU, but a device synchronization on a GPU,
+    # so there it runs on the first batched call without an attention mask only, not on every request.
+    # On CPU it runs until it warns (once).
+    padding_checked = []
 
     def hook(module, args, kwargs):
         try:
@@ -111,9 +114,12 @@ def _entry_hook(model: nn.Module, routing: Routing, router_in_encoder: bool, cau
             prompt_end = torch.where(supervised.any(dim=1) & (first > 0), first, t)
 
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
-        if mask is None and input_ids is not None and not continues and not warned and pad_token_id is not None:
-            if input_ids.shape[0] > 1 and bool((input_ids == pad_token_id).any()):
-                warned.append(True)
+        batched_without_mask = mask is None and input_ids is not None and input_ids.shape[0] > 1 and not continues
+        if batched_without_mask and not padding_checked and pad_token_id is not None:
+            if input_ids.device.type != "cpu":
+                padding_checked.append(True)
+            if bool((input_ids == pad_token_id).any()):
+                padding_checked.append(True)
                 warnings.warn(
                     "melo_fast: input_ids contain padding but no attention_mask was passed; keys are taken as if "
                     "every token were real. Pass attention_mask so each key comes from the last real token.",
@@ -167,6 +173,13 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
 
     Returns:
         The :class:`MeloEditor` of this model (also reachable as ``model._melo_editor``).
+
+    Raises:
+        RuntimeError: the model is already patched.
+        ValueError: a bad config, a module name that does not exist or is ambiguous (the message lists
+            candidates), or no default router/targets for this model's structure.
+        TypeError: a router or target that is not ``nn.Linear``/``Conv1D``, or a target with quantized
+            weights.
     """
     if getattr(model, EDITOR_ATTRIBUTE, None) is not None:
         raise RuntimeError(
@@ -184,6 +197,15 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
     targets = [find_module(model, name, "target") for name in config.targets]
     if len({name for name, _ in targets}) != len(targets):
         raise ValueError(f"melo_fast: targets {config.targets} name the same module more than once")
+    for name, module in targets:
+        if not module.weight.dtype.is_floating_point:
+            # The blocks are stored in the target weight's dtype and added to its output; a quantized
+            # weight (bitsandbytes int8/4-bit) has neither a float dtype to store them in nor a plain W.
+            raise TypeError(
+                f"melo_fast: target module {name!r} has {module.weight.dtype} (quantized) weights; targets need "
+                "float weights. Keep the targets unquantized (e.g. BitsAndBytesConfig(llm_int8_skip_modules=[...] "
+                "naming them)) or choose other targets (MeloConfig.targets)"
+            )
     config = config.replace(router=router_name, targets=[name for name, _ in targets])
 
     radius = None if config.init_radius == "auto" else config.init_radius
@@ -230,19 +252,27 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Remove everything :func:`patch` attached; the model is then exactly as before patching."""
+    """Remove everything :func:`patch` attached; the model is then exactly as before patching.
+
+    A block this thread opened is aborted first.
+
+    Raises:
+        RuntimeError: the model is not patched, or another thread has a block open (it may be training
+            it right now: let it commit or abort first).
+    """
     editor = getattr(model, EDITOR_ATTRIBUTE, None)
     if editor is None:
         raise RuntimeError("melo_fast: this model is not patched")
-    if editor.block_is_open:
-        editor.abort()
-    for handle in editor.handles:
-        handle.remove()
-    modules = dict(model.named_modules())
-    del modules[editor.config.router].melo_router
-    for name in editor.config.targets:
-        del modules[name].melo_lora
-    delattr(model, EDITOR_ATTRIBUTE)
+    with editor._lock:  # no edit can start between the check and the removal
+        if editor.block_is_open:
+            editor.abort()
+        for handle in editor.handles:
+            handle.remove()
+        modules = dict(model.named_modules())
+        del modules[editor.config.router].melo_router
+        for name in editor.config.targets:
+            del modules[name].melo_lora
+        delattr(model, EDITOR_ATTRIBUTE)
     return model
 
 
@@ -251,6 +281,11 @@ def load(model: nn.Module, path, tokenizer=None) -> MeloEditor:
 
     The save is read and checked before the model is touched; if it does not fit the model, the
     model is left unpatched. Returns the model's :class:`~melo_fast.MeloEditor`.
+
+    Raises:
+        FileNotFoundError: no melo_fast save at ``path``.
+        ValueError: the save is corrupt, or does not fit this model (the message says what differs).
+        RuntimeError / TypeError: as :func:`patch` (already patched; modules that do not fit).
     """
     saved = checkpoint.read(path)
     editor = patch(model, saved.config, tokenizer=tokenizer)

@@ -1,6 +1,7 @@
 """Bad input gets a clear error, and a failed edit or load loses nothing."""
 
 import json
+import threading
 
 import pytest
 import torch
@@ -162,11 +163,84 @@ def test_save_replaces_an_existing_folder_atomically(gpt2, tmp_path):
     assert melo_fast.load(build("gpt2").model, tmp_path / "edits").num_blocks == 1
 
 
-def test_save_with_an_open_block_is_refused(gpt2, tmp_path):
+def test_save_while_a_block_is_open_holds_the_committed_edits(gpt2, tmp_path):
+    family, editor = gpt2
+    editor.edit_texts(PROMPTS[:1], TARGETS[:1], family.tokenizer)
+    committed = block_tensors(editor)
+    parameters = editor.open_block(build_edit_batch(family.model, PROMPTS[1:], TARGETS[1:], family.tokenizer))
+    with torch.no_grad():
+        parameters[1].add_(1.0)  # the open block differs from anything committed
+    editor.save(tmp_path / "edits")
+    editor.abort()
+    loaded = melo_fast.load(build("gpt2").model, tmp_path / "edits")
+    assert loaded.num_blocks == 1 and len(loaded.db) == 1
+    for name, tensors in block_tensors(loaded).items():
+        assert all(torch.equal(a, b) for a, b in zip(tensors, committed[name], strict=True))
+
+
+def _in_other_thread(action):
+    """Run ``action`` in a new thread; return what it raised (or None)."""
+    raised = []
+
+    def run():
+        try:
+            action()
+        except Exception as err:  # noqa: BLE001 - the test inspects it
+            raised.append(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return raised[0] if raised else None
+
+
+def test_only_the_opening_thread_may_commit_abort_or_unpatch(gpt2):
     family, editor = gpt2
     editor.open_block(build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer))
-    with pytest.raises(RuntimeError, match="open block"):
-        editor.save(tmp_path / "edits")
+    for action in (editor.commit, editor.abort, lambda: melo_fast.unpatch(family.model)):
+        err = _in_other_thread(action)
+        assert isinstance(err, RuntimeError) and "another thread" in str(err)
+        assert editor.block_is_open and editor.routing.training and family.model._melo_editor is editor
+    assert editor.commit()[0] == 0 and editor.num_blocks == 1
+
+
+def test_open_block_failing_half_way_leaves_nothing_open(gpt2, monkeypatch):
+    family, editor = gpt2
+    saved = snapshot(editor)
+    last = list(editor.lora_layers.values())[-1]
+    monkeypatch.setattr(last, "open_block", lambda earlier: (_ for _ in ()).throw(MemoryError("no room")))
+    with pytest.raises(MemoryError):
+        editor.open_block(build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer))
+    assert_same_state(editor, saved)
+    assert all(layer.active_A is None and layer.active_B is None for layer in editor.lora_layers.values())
+    monkeypatch.undo()
+    assert editor.edit_texts(PROMPTS, TARGETS, family.tokenizer).block_id == 0
+
+
+def test_commit_failing_half_way_keeps_every_bank_at_the_published_count(gpt2, monkeypatch):
+    family, editor = gpt2
+    editor.edit_texts(PROMPTS[:1], TARGETS[:1], family.tokenizer)
+    saved = snapshot(editor)
+    editor.open_block(build_edit_batch(family.model, PROMPTS[1:], TARGETS[1:], family.tokenizer))
+    last = list(editor.lora_layers.values())[-1]
+    monkeypatch.setattr(last.bank, "chunks", lambda: (_ for _ in ()).throw(MemoryError("no room")))
+    with pytest.raises(MemoryError):
+        editor.commit()
+    monkeypatch.undo()
+    assert all(layer.bank.count == 1 for layer in editor.lora_layers.values())
+    editor.abort()
+    assert_same_state(editor, saved)
+    result = editor.edit_texts(PROMPTS[1:], TARGETS[1:], family.tokenizer)
+    assert result.block_id == 1 and all(layer.bank.count == 2 for layer in editor.lora_layers.values())
+
+
+def test_quantized_target_weights_are_refused():
+    family = build("gpt2")
+    target = family.model.transformer.h[3].mlp.c_fc
+    target.weight = nn.Parameter(target.weight.data.to(torch.int8), requires_grad=False)  # as bitsandbytes int8
+    with pytest.raises(TypeError, match=r"transformer\.h\.3\.mlp\.c_fc.*int8.*llm_int8_skip_modules"):
+        melo_fast.patch(family.model, melo_fast.MeloConfig(targets=["transformer.h.3.mlp.c_fc"]))
+    assert getattr(family.model, "_melo_editor", None) is None
 
 
 def test_edit_texts_needs_lists_and_non_empty_texts(gpt2):
