@@ -248,6 +248,16 @@ class MeloEditor:
         called under ``torch.no_grad()`` or ``torch.inference_mode()`` (a serving loop): it turns
         gradients on for itself. If anything fails (a non-finite loss, an exception, Ctrl-C) the edit
         is dropped and nothing changes. Other threads may run inference meanwhile (module docstring).
+
+        Args:
+            batch: as for :meth:`open_block` (``input_ids``/``attention_mask`` ``[N, T]`` int64 and
+                HF-style ``labels``), on the model's device.
+
+        Raises:
+            ValueError: a bad batch (missing or empty labels, wrong shapes or device), or two rows
+                that are the same input with different targets.
+            RuntimeError: this thread already has a block open (commit or abort it first).
+            FloatingPointError: the loss became non-finite (the edit is dropped).
         """
         start = time.perf_counter()
         with self._lock, torch.inference_mode(False), torch.enable_grad():
@@ -303,6 +313,11 @@ class MeloEditor:
         """Tokenize ``prompts`` → ``targets`` into an edit batch (see :func:`build_edit_batch`) and edit.
 
         The tokenizer is remembered for measuring the key scale (``init_radius="auto"``).
+
+        Raises:
+            TypeError: ``prompts`` or ``targets`` is not a list.
+            ValueError: no prompts, a different number of targets, an empty prompt or target; and
+                everything :meth:`edit` raises.
         """
         batch = build_edit_batch(self.model, prompts, targets, tokenizer, max_length=max_length)
         if self.tokenizer is None:
@@ -487,6 +502,11 @@ class MeloEditor:
         a model patched the same way (router, targets, rank, key position, scale, shapes); otherwise
         a clear error and the state is unchanged. This is how edits trained in one process reach
         the processes that serve.
+
+        Raises:
+            FileNotFoundError: no melo_fast save at ``path``.
+            ValueError: the save is corrupt or was made with another patch (the message names what differs).
+            RuntimeError: a block is open (commit or abort it first).
         """
         saved = checkpoint.read(path)
         same = ("router", "targets", "rank_per_block", "key_position", "scale")
@@ -555,6 +575,11 @@ class MeloEditor:
 
         Atomic and never destructive, like :meth:`save`; see ``melo_fast.export``. Returns
         ``{block_id: adapter_name}``.
+
+        Raises:
+            ValueError: a block id out of range or given twice, a patched PEFT model, or targets PEFT
+                cannot name alone.
+            FileExistsError: ``path`` holds data that is not a melo_fast export (nothing is written).
         """
         return export.export_peft(self, path, blocks)
 
