@@ -652,6 +652,9 @@ def build_edit_batch(model: nn.Module, prompts: list[str], targets: list, tokeni
     - seq2seq: encoder inputs from the prompts, decoder labels from the targets (-100 on padding);
     - classifiers: ``targets`` are class ids or label names (``model.config.label2id``).
 
+    ``max_length`` (optional) truncates every prompt to that many tokens (on the tokenizer's
+    truncation side) for every kind of model; targets are never truncated.
+
     Raises TypeError unless ``prompts`` and ``targets`` are lists (or tuples) of the same length, and
     ValueError naming the index of an empty or whitespace-only prompt or target, or an unknown label.
     """
@@ -681,7 +684,7 @@ def build_edit_batch(model: nn.Module, prompts: list[str], targets: list, tokeni
     elif model.can_generate():
         rows = []
         for prompt, target in zip(prompts, targets, strict=True):
-            prompt_ids = tokenizer(prompt)["input_ids"]
+            prompt_ids = tokenizer(prompt, truncation=max_length is not None, max_length=max_length)["input_ids"]
             target_ids = tokenizer(" " + str(target).lstrip(), add_special_tokens=False)["input_ids"]
             rows.append((prompt_ids, target_ids))
         length = max(len(p) + len(t) for p, t in rows)

@@ -317,3 +317,19 @@ def test_route_agrees_with_generate_on_left_padded_batches(gpt2):
     assert editor.route(inputs_flipped).tolist() == [-1, 0]
     out = family.model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=50256)
     assert family.tokenizer.decode(out[0, -1:]) == " Rome"
+
+
+@pytest.mark.parametrize("name", ["gpt2", "t5", "bert"])
+def test_max_length_truncates_prompts_never_targets(name):
+    family = build(name)
+    prompt, target = "one two three four five six seven eight nine ten", "eleven"
+    targets = [1] if name == "bert" else [target]
+    full = build_edit_batch(family.model, [prompt], targets, family.tokenizer)
+    cut = build_edit_batch(family.model, [prompt], targets, family.tokenizer, max_length=4)
+    prompt_tokens = (full["labels"] == -100).sum() if name == "gpt2" else full["input_ids"].shape[1]
+    assert prompt_tokens > 4
+    if name == "gpt2":  # the prompt part is where the labels are -100
+        assert (cut["labels"] == -100).sum() == 4
+    else:
+        assert cut["input_ids"].shape[1] == 4
+    assert torch.equal(cut["labels"][cut["labels"] != -100], full["labels"][full["labels"] != -100])
