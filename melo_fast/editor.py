@@ -340,9 +340,14 @@ class MeloEditor:
         """
         if self.config.backend not in (None, "triton"):
             return 0
-        bank = next(iter(self.lora_layers.values())).bank
-        shapes = [(layer.d_in, layer.d_out, layer.rank) for layer in self.lora_layers.values()]
-        return ops.warmup(shapes, self.db.dim, dtype=bank.dtype, device=bank.device, training=training)
+        # Targets may differ in dtype or device (a model split over GPUs): warm each group up where it runs.
+        groups: dict[tuple, list] = {}
+        for layer in self.lora_layers.values():
+            groups.setdefault((layer.bank.dtype, layer.bank.device), []).append((layer.d_in, layer.d_out, layer.rank))
+        return sum(
+            ops.warmup(shapes, self.db.dim, dtype=dtype, device=device, training=training)
+            for (dtype, device), shapes in groups.items()
+        )
 
     # --- the radius ---------------------------------------------------------------------------
     def calibrate(self, tokenizer=None) -> float:

@@ -248,3 +248,17 @@ def test_activation_checkpointing_recomputes_the_open_block_on_autograd_threads(
         editor.abort()
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads[False], grads[True], strict=True))
     assert any(g.abs().sum() > 0 for g in grads[True])
+
+
+def test_warmup_covers_every_target_dtype(monkeypatch):
+    """Targets of different dtypes (or devices) each get their kernels warmed up, not only the first one's."""
+    family = build("gpt2")
+    family.model.transformer.h[3].mlp.c_fc.to(torch.bfloat16)
+    editor = melo_fast.patch(family.model, melo_fast.MeloConfig(
+        targets=["transformer.h.2.mlp.c_fc", "transformer.h.3.mlp.c_fc"]))
+    requested = []
+    monkeypatch.setattr(melo_fast.editor.ops, "warmup",
+                        lambda shapes, key_dim, dtype, device, training: requested.append((dtype, shapes)) or 1)
+    assert editor.warmup() == 2
+    assert sorted(requested, key=str) == sorted([(torch.float32, [(64, 256, 4)]), (torch.bfloat16, [(64, 256, 4)])],
+                                                key=str)
