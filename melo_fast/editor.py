@@ -463,25 +463,29 @@ class MeloEditor:
         return [tuple(v for v in row if v != -100) for row in labels.reshape(labels.shape[0], -1).tolist()]
 
     # --- persistence --------------------------------------------------------------------------
-    def blocks(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def blocks(self, device: torch.device | str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Every target's committed blocks: name → ``(A [n, k, d_in], B [n, k, d_out])`` in the model's dtype.
 
         Block ``b`` of a target adds ``scale * (x @ A[b].T) @ B[b]`` to its output. Views of the
-        bank when it is one buffer (do not modify them), fresh tensors otherwise.
-        """
-        return self._blocks_of(self.routing.state)
+        bank when it is one buffer on ``device`` (do not modify them), fresh tensors otherwise.
 
-    def _blocks_of(self, state: EditState) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        Args:
+            device: where to gather them; None: the bank's device. ``"cpu"`` gathers a bank held
+                in several buffers on the host, without a second copy of it on the GPU.
+        """
+        return self._blocks_of(self.routing.state, device)
+
+    def _blocks_of(self, state: EditState, device=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         blocks = {}
         for name, chunks in state.blocks.items():
             layer = self.lora_layers[name]
             if not chunks:
-                like = {"dtype": layer.bank.dtype, "device": layer.bank.device}
+                like = {"dtype": layer.bank.dtype, "device": device or layer.bank.device}
                 blocks[name] = tuple(torch.empty(0, layer.rank, d, **like) for d in (layer.d_in, layer.d_out))
             elif len(chunks) == 1:
-                blocks[name] = (chunks[0].A, chunks[0].B)
+                blocks[name] = (chunks[0].A.to(device), chunks[0].B.to(device))
             else:
-                blocks[name] = (torch.cat([c.A for c in chunks]), torch.cat([c.B for c in chunks]))
+                blocks[name] = tuple(torch.cat([getattr(c, m).to(device) for c in chunks]) for m in ("A", "B"))
         return blocks
 
     def save(self, path) -> None:
@@ -498,7 +502,7 @@ class MeloEditor:
         """
         state = self.routing.state  # one snapshot: database and blocks belong together
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)
-        checkpoint.write(path, self.config, state.database, self._blocks_of(state), model_type)
+        checkpoint.write(path, self.config, state.database, self._blocks_of(state, "cpu"), model_type)
 
     def reload(self, path) -> None:
         """Replace this editor's edit state (blocks and database) with the one saved in ``path``.
