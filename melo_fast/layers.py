@@ -207,19 +207,33 @@ class BlockLoRALinear(nn.Module):
         dtype = output.dtype  # under autocast the layer's output dtype is the compute dtype
         x = x.reshape(routed, -1, self.d_in).to(dtype)
         out = output.reshape(routed, -1, self.d_out)
+        training = routing.training
         for chunk in chunks:
-            A, B = chunk.A.to(dtype), chunk.B.to(dtype)
+            ids = block_ids if len(chunks) == 1 else _ids_in_chunk(block_ids, chunk)
+            A, B = chunk.A, chunk.B
+            if A.dtype != dtype and not training and routed < A.shape[0]:
+                # Under autocast the bank (the weight's dtype) is not the compute dtype; casting all of
+                # it on every forward would cost O(blocks stored). Cast the routed samples' blocks only.
+                A, B, ids = routed_blocks(A, B, ids)
+            A, B = A.to(dtype), B.to(dtype)
             # Inference (no graph to record): add the edits into the layer's fresh output in place, so
             # unedited samples cost nothing and no second output is allocated. Metadata only, no sync.
             inplace = not torch.is_grad_enabled() or not (
                 x.requires_grad or A.requires_grad or B.requires_grad or out.requires_grad
             )
-            ids = block_ids if len(chunks) == 1 else _ids_in_chunk(block_ids, chunk)
             out = ops.block_lora(x, A, B, ids, self.scale, base=out, backend=self.backend, inplace=inplace)
         return out.reshape(output.shape)
 
     def extra_repr(self) -> str:
         return f"d_in={self.d_in}, d_out={self.d_out}, rank={self.rank}, scale={self.scale}, blocks={self.bank.count}"
+
+
+def routed_blocks(A: torch.Tensor, B: torch.Tensor, ids: torch.Tensor):
+    """Each sample's own block: ``A [N, k, d_in]``, ``B [N, k, d_out]`` and ids ``[N]`` (``i``, or -1 where
+    ``ids`` is -1). ``block_lora`` gives the same result with them as with the whole bank. No host sync."""
+    picks = ids.clamp(min=0)
+    own = torch.where(ids >= 0, torch.arange(ids.shape[0], device=ids.device), -1)
+    return A[picks], B[picks], own
 
 
 def _ids_in_chunk(block_ids: torch.Tensor, chunk: BlockChunk) -> torch.Tensor:

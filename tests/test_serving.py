@@ -262,3 +262,37 @@ def test_warmup_covers_every_target_dtype(monkeypatch):
     assert editor.warmup() == 2
     assert sorted(requested, key=str) == sorted([(torch.float32, [(64, 256, 4)]), (torch.bfloat16, [(64, 256, 4)])],
                                                 key=str)
+
+
+def test_autocast_serving_casts_only_the_routed_blocks(monkeypatch):
+    """Under autocast (fp32 weights, bf16 compute) a layer casts each sample's own block, not its whole
+    bank on every forward; outputs are bitwise those of casting the whole bank, edits still apply and
+    unedited rows stay the unedited model's."""
+    family, editor = setup_model(num_iter=4)
+    for prompt, target in [("Water boils at", "fifty"), ("Dogs bark at", "cats"), ("The sky is", "green")]:
+        editor.edit_texts([prompt], [target], family.tokenizer)
+    inputs = family.tokenizer(["The sky is", "Grass grows slowly"], return_tensors="pt", padding=True)
+    assert editor.route(inputs).tolist()[1] == -1 and editor.num_blocks > 2
+
+    cast_rows = []
+    original_to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        result = original_to(self, *args, **kwargs)
+        if self.dim() == 3 and result.dtype == torch.bfloat16 and self.dtype == torch.float32:
+            cast_rows.append(self.shape[0])
+        return result
+
+    def run():
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            return family.model(**inputs).logits
+
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    gathered = run()
+    assert cast_rows and max(cast_rows) <= 2  # never the whole bank (editor.num_blocks rows)
+    monkeypatch.setattr(melo_fast.layers, "routed_blocks", lambda A, B, ids: (A, B, ids))
+    whole_bank = run()
+    assert torch.equal(gathered, whole_bank)
+    with editor.disabled(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        unedited = family.model(**inputs).logits
+    assert torch.equal(gathered[1], unedited[1]) and not torch.equal(gathered[0], unedited[0])
