@@ -18,7 +18,7 @@ Guarantees of :func:`write`:
 
 :func:`read` checks everything that can be checked without the model and names the file and the
 problem in its errors. A reader racing a writer may find that the weights file its config named was
-just replaced; it then reads the new config once more.
+just replaced and deleted; it then reads the new config again, up to ``READ_TRIES`` times in all.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "melo_config.json"
 VERSION_1_WEIGHTS = "melo_edits.safetensors"
 WEIGHTS_NAME = re.compile(r"melo_edits\.[0-9a-f]{12}\.safetensors")  # what write() names its weights file
+READ_TRIES = 5  # reads of the config by a reader that keeps finding its weights file replaced
 
 
 @dataclass
@@ -195,20 +196,27 @@ def fsync_folder(path: Path) -> None:
 def read(path) -> SavedEdits:
     """Read and check save folder ``path``. Errors name the file and what is wrong with it."""
     path = Path(path)
-    for attempt in range(2):
+    weights = None
+    for _ in range(READ_TRIES):
         meta = _read_meta(path)
-        weights = path / weights_file(meta, path / CONFIG_FILE)
-        if weights.is_file() or attempt:
+        named = path / weights_file(meta, path / CONFIG_FILE)
+        if named == weights:  # the config still names the file that is gone: it is missing, not replaced
+            raise FileNotFoundError(f"melo_fast: {weights} is missing (named by {path / CONFIG_FILE})")
+        weights = named
+        try:
+            tensors = load_file(str(weights))
             break
-        # The config named a weights file that is gone: a concurrent save replaced both; read again.
-    if not weights.is_file():
-        raise FileNotFoundError(f"melo_fast: {weights} is missing (named by {path / CONFIG_FILE})")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise ValueError(
-            f"melo_fast: {weights} is not a readable safetensors file (truncated or corrupt?): {err}"
-        ) from err
+        except FileNotFoundError:
+            continue  # a concurrent save replaced the config and deleted this file since we read the config
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"melo_fast: {weights} is not a readable safetensors file (truncated or corrupt?): {err}"
+            ) from err
+    else:
+        raise FileNotFoundError(
+            f"melo_fast: {path} was replaced by another save each of the {READ_TRIES} times it was read "
+            "(saves to it in a loop?); read it again once they pause"
+        )
     try:
         return _parse(meta, tensors)
     except (KeyError, TypeError, ValueError) as err:

@@ -185,3 +185,39 @@ def test_a_config_naming_a_file_outside_the_folder_is_refused_and_the_file_kept(
     with pytest.raises(ValueError, match=unsafe):
         melo_fast.load(build("gpt2").model, path)
     assert victim.read_text() == "my notes" and listing(path) == before
+
+
+def test_a_load_racing_a_save_reads_the_new_save(edited, tmp_path, monkeypatch):
+    """A save landing between the reader's read of the config and of the weights deletes the weights it named."""
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)  # one block
+    editor.edit_texts(["Water boils at"], ["fifty"], family.tokenizer)  # now two
+    real_load_file, opened = checkpoint.load_file, []
+
+    def save_then_load(file):
+        opened.append(file)
+        if len(opened) == 1:
+            editor.save(path)  # replaces the config and deletes the weights file the reader is about to open
+        return real_load_file(file)
+
+    monkeypatch.setattr(checkpoint, "load_file", save_then_load)
+    assert loaded_blocks(path) == 2
+    assert len(opened) == 2 and opened[0] != opened[1]
+
+
+def test_a_load_gives_up_clearly_while_saves_keep_replacing_the_folder(edited, tmp_path, monkeypatch):
+    _, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    real_load_file, opened = checkpoint.load_file, []
+
+    def save_then_load(file):
+        opened.append(file)
+        editor.save(path)  # every read loses the race
+        return real_load_file(file)
+
+    monkeypatch.setattr(checkpoint, "load_file", save_then_load)
+    with pytest.raises(FileNotFoundError, match=f"replaced by another save each of the {checkpoint.READ_TRIES} times"):
+        checkpoint.read(path)
+    assert len(opened) == checkpoint.READ_TRIES
