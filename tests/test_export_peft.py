@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -212,6 +213,30 @@ def test_refuses_a_file_a_foreign_folder_and_foreign_files_in_an_export(gpt2_edi
     assert [name for name, _ in listing(path)] == [name for name, _ in before if name != "block_0000/notes.md"]
     assert hidden(tmp_path) == []
 
+
+
+@pytest.mark.parametrize("entry", ["../victim.txt", "absolute", "adapter"])
+def test_a_manifest_naming_a_file_outside_the_export_is_refused_and_the_file_kept(gpt2_editor, tmp_path, entry):
+    """The manifest comes from inside the folder: replacing the export must not delete what it names outside."""
+    _, editor = gpt2_editor
+    path = tmp_path / "export"
+    editor.export_peft(path, blocks=[0])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    manifest = json.loads((path / export.MANIFEST).read_text())
+    if entry == "adapter":
+        listed = manifest["adapters"]["0"] = "../victim.txt"
+    else:
+        listed = str(victim) if entry == "absolute" else entry
+        manifest["files"].append(listed)
+    (path / export.MANIFEST).write_text(json.dumps(manifest))
+    before = listing(path)
+    unsafe = re.escape(f"it lists {listed!r}, which is not a file or adapter melo_fast writes")
+    with pytest.raises(FileExistsError, match=unsafe):
+        editor.export_peft(path)
+    with pytest.raises(ValueError, match=unsafe):
+        export.exported_adapters(path)
+    assert victim.read_text() == "mine" and listing(path) == before and hidden(tmp_path) == []
 
 def test_replacing_an_export_leaves_only_the_new_one(gpt2_editor, tmp_path, monkeypatch):
     _, editor = gpt2_editor
