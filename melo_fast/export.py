@@ -424,7 +424,10 @@ def _remove_export(folder: Path) -> None:
     """Delete a replaced export: only the files its manifest lists, then its folders once empty."""
     try:
         files, folders = _own_entries(_read_manifest(folder))
-        for file in sorted(files - {MANIFEST}):
+        # Only what a walk that never follows links finds: a subfolder swapped for a link to elsewhere
+        # since the check for foreign files is not entered.
+        present, _ = _entries(folder)
+        for file in sorted((files & present) - {MANIFEST}):
             (folder / file).unlink(missing_ok=True)
         (folder / MANIFEST).unlink()  # last: until here the folder still says what is its own
     except (OSError, ValueError) as err:

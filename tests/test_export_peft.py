@@ -267,6 +267,30 @@ def test_a_file_added_to_the_old_export_during_the_export_is_kept(gpt2_editor, t
     assert listing(tmp_path / aside) == [("block_0000", b""), ("block_0000/notes.md", b"mine")]
 
 
+
+def test_a_subfolder_swapped_for_a_link_during_the_export_is_not_followed(gpt2_editor, tmp_path, monkeypatch):
+    _, editor = gpt2_editor
+    path = tmp_path / "export"
+    editor.export_peft(path, blocks=[0])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in (export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS):
+        (elsewhere / name).write_text("mine")
+    write = export._write_export
+
+    def write_while_someone_swaps_a_folder_for_a_link(*args):
+        for file in (path / "block_0000").iterdir():  # after the check for foreign files
+            file.unlink()
+        (path / "block_0000").rmdir()
+        (path / "block_0000").symlink_to(elsewhere, target_is_directory=True)
+        return write(*args)
+
+    monkeypatch.setattr(export, "_write_export", write_while_someone_swaps_a_folder_for_a_link)
+    with pytest.warns(UserWarning, match="could not be removed completely"):
+        editor.export_peft(path)
+    assert exported_blocks(path) == [0, 1]
+    assert listing(elsewhere) == [(export.ADAPTER_CONFIG, b"mine"), (export.ADAPTER_WEIGHTS, b"mine")]
+
 def _fail(*args, **kwargs):
     raise OSError("injected failure")
 
