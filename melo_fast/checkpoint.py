@@ -8,7 +8,8 @@ Guarantees of :func:`write`:
 
 - it never deletes or replaces anything that is not its own: the path must be a new folder, an
   empty folder, or an earlier melo_fast save (a folder holding ``melo_config.json``); a file, or a
-  non-empty folder of something else, is refused untouched;
+  non-empty folder of something else, is refused untouched, and so is a save whose config names a
+  weights file that is not a name :func:`write` gives (:func:`weights_file`);
 - replacing an earlier save is atomic, also against a crash or a failure at any step: the new
   weights go to a new file, then ``melo_config.json`` is replaced in one ``os.replace`` (the commit
   point), and only then is the old weights file removed. So the path always holds a complete save,
@@ -17,13 +18,14 @@ Guarantees of :func:`write`:
 
 :func:`read` checks everything that can be checked without the model and names the file and the
 problem in its errors. A reader racing a writer may find that the weights file its config named was
-just replaced; it then reads the new config once more.
+just replaced and deleted; it then reads the new config again, up to ``READ_TRIES`` times in all.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import stat
 from dataclasses import dataclass
@@ -41,6 +43,8 @@ FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 CONFIG_FILE = "melo_config.json"
 VERSION_1_WEIGHTS = "melo_edits.safetensors"
+WEIGHTS_NAME = re.compile(r"melo_edits\.[0-9a-f]{12}\.safetensors")  # what write() names its weights file
+READ_TRIES = 5  # reads of the config by a reader that keeps finding its weights file replaced
 
 
 @dataclass
@@ -123,7 +127,23 @@ def _check_destination(path: Path) -> str | None:
         meta = json.loads((path / CONFIG_FILE).read_text())
     except (OSError, json.JSONDecodeError):
         return None  # a damaged earlier save: replace its config, leave its other files alone
-    return meta.get("weights_file", VERSION_1_WEIGHTS) if isinstance(meta, dict) else None
+    return weights_file(meta, path / CONFIG_FILE) if isinstance(meta, dict) else None
+
+
+def weights_file(meta: dict, config_file: Path) -> str:
+    """The name of the weights file that config ``meta`` names, refused unless :func:`write` gives such names.
+
+    The name comes from inside the folder, so a config changed by hand or by another program could
+    name ``../notes.txt`` or an absolute path: a save would delete that file, a load would read it.
+    """
+    name = meta.get("weights_file", VERSION_1_WEIGHTS)
+    if name != VERSION_1_WEIGHTS and not (isinstance(name, str) and WEIGHTS_NAME.fullmatch(name)):
+        raise ValueError(
+            f"melo_fast: {config_file} names the weights file {name!r}, which is not a name melo_fast writes "
+            "(melo_edits.<12 hex digits>.safetensors), so it is neither read nor deleted; the config was changed "
+            "by something else. Remove the folder or choose another path; nothing was changed"
+        )
+    return name
 
 
 def refuse_foreign_destination(path: Path, marker: str, kind: str, verb: str) -> bool:
@@ -176,20 +196,27 @@ def fsync_folder(path: Path) -> None:
 def read(path) -> SavedEdits:
     """Read and check save folder ``path``. Errors name the file and what is wrong with it."""
     path = Path(path)
-    for attempt in range(2):
+    weights = None
+    for _ in range(READ_TRIES):
         meta = _read_meta(path)
-        weights = path / meta.get("weights_file", VERSION_1_WEIGHTS)
-        if weights.is_file() or attempt:
+        named = path / weights_file(meta, path / CONFIG_FILE)
+        if named == weights:  # the config still names the file that is gone: it is missing, not replaced
+            raise FileNotFoundError(f"melo_fast: {weights} is missing (named by {path / CONFIG_FILE})")
+        weights = named
+        try:
+            tensors = load_file(str(weights))
             break
-        # The config named a weights file that is gone: a concurrent save replaced both; read again.
-    if not weights.is_file():
-        raise FileNotFoundError(f"melo_fast: {weights} is missing (named by {path / CONFIG_FILE})")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, RuntimeError, ValueError) as err:
-        raise ValueError(
-            f"melo_fast: {weights} is not a readable safetensors file (truncated or corrupt?): {err}"
-        ) from err
+        except FileNotFoundError:
+            continue  # a concurrent save replaced the config and deleted this file since we read the config
+        except (SafetensorError, OSError, RuntimeError, ValueError) as err:
+            raise ValueError(
+                f"melo_fast: {weights} is not a readable safetensors file (truncated or corrupt?): {err}"
+            ) from err
+    else:
+        raise FileNotFoundError(
+            f"melo_fast: {path} was replaced by another save each of the {READ_TRIES} times it was read "
+            "(saves to it in a loop?); read it again once they pause"
+        )
     try:
         return _parse(meta, tensors)
     except (KeyError, TypeError, ValueError) as err:

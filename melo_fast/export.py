@@ -23,9 +23,10 @@ Guarantees of :func:`export_peft` (the rules of ``melo_fast.checkpoint.write``, 
 
 - never destructive: ``path`` must be new, an empty folder, or an earlier export (a folder holding
   ``melo_export.json``) that contains only the files its manifest lists; a file, a foreign non-empty
-  folder, an earlier export with files of someone else's inside, or one whose manifest is unreadable is
-  refused untouched (``FileExistsError``). Replacing an earlier export deletes only files that export's
-  own manifest lists and removes folders only once empty, so a file added during the export is never lost;
+  folder, an earlier export with files of someone else's inside, or one whose manifest is unreadable or
+  lists a file melo_fast does not write there (``../notes.txt``, an absolute path) is refused untouched
+  (``FileExistsError``). Replacing an earlier export deletes only files that export's own manifest lists
+  and removes folders only once empty, so a file added during the export is never lost;
 - all or nothing: the new export is written and fsynced in full in a hidden sibling folder
   (``.NAME.melo-export-XXXX``) and published by one rename: onto a new or empty ``path`` with
   ``rename(2)``, and onto an earlier export with Linux ``renameat2(RENAME_EXCHANGE)``, which swaps the two
@@ -51,6 +52,7 @@ import errno
 import functools
 import json
 import os
+import re
 import secrets
 import shutil
 import sys
@@ -350,6 +352,15 @@ def _exchange(a: Path, b: Path) -> bool:
 
 
 # --- the manifest: which files are an export's own ----------------------------------------------
+# Every file an export writes, relative to its folder. The manifest comes from inside the folder: one
+# changed by hand or by another program could list ``../notes.txt`` or an absolute path, which replacing
+# the export would delete, so a manifest listing anything else is refused.
+_OWN_FILE = re.compile(
+    rf"block_[0-9]{{4,}}/({re.escape(ADAPTER_CONFIG)}|{re.escape(ADAPTER_WEIGHTS)})"
+    rf"|{re.escape(ROUTING)}/({re.escape(checkpoint.CONFIG_FILE)}|{checkpoint.WEIGHTS_NAME.pattern})"
+)
+
+
 def _read_manifest(path: Path) -> dict:
     file = path / MANIFEST
     if not file.is_file():
@@ -360,6 +371,10 @@ def _read_manifest(path: Path) -> dict:
             raise ValueError(f"format {manifest.get('format')!r} version {manifest.get('format_version')!r}")
         if not isinstance(manifest["files"], list) or not isinstance(manifest["adapters"], dict):
             raise ValueError("no list of files or map of adapters")
+        foreign = [f for f in manifest["files"] if not (isinstance(f, str) and _OWN_FILE.fullmatch(f))]
+        foreign += [name for block, name in manifest["adapters"].items() if name != adapter_name(int(block))]
+        if foreign:
+            raise ValueError(f"it lists {foreign[0]!r}, which is not a file or adapter melo_fast writes in an export")
     except (OSError, UnicodeDecodeError, ValueError, KeyError, AttributeError) as err:
         raise ValueError(
             f"melo_fast: {file} is not a readable manifest of this melo_fast's exports "
@@ -392,7 +407,8 @@ def _refuse_foreign_files(path: Path) -> None:
         own_files, own_folders = _own_entries(_read_manifest(path))
     except ValueError as err:
         raise FileExistsError(
-            f"{err}. melo_fast cannot tell its own files there from others; nothing was changed"
+            f"{err}. melo_fast cannot tell its own files there from others; nothing was changed. Remove the folder "
+            "if it is yours, or choose another path"
         ) from err
     files, folders = _entries(path)
     foreign = sorted((files - own_files) | (folders - own_folders))
@@ -408,7 +424,10 @@ def _remove_export(folder: Path) -> None:
     """Delete a replaced export: only the files its manifest lists, then its folders once empty."""
     try:
         files, folders = _own_entries(_read_manifest(folder))
-        for file in sorted(files - {MANIFEST}):
+        # Only what a walk that never follows links finds: a subfolder swapped for a link to elsewhere
+        # since the check for foreign files is not entered.
+        present, _ = _entries(folder)
+        for file in sorted((files & present) - {MANIFEST}):
             (folder / file).unlink(missing_ok=True)
         (folder / MANIFEST).unlink()  # last: until here the folder still says what is its own
     except (OSError, ValueError) as err:

@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import re
 import stat
 from pathlib import Path
 
@@ -213,6 +214,30 @@ def test_refuses_a_file_a_foreign_folder_and_foreign_files_in_an_export(gpt2_edi
     assert hidden(tmp_path) == []
 
 
+
+@pytest.mark.parametrize("entry", ["../victim.txt", "absolute", "adapter"])
+def test_a_manifest_naming_a_file_outside_the_export_is_refused_and_the_file_kept(gpt2_editor, tmp_path, entry):
+    """The manifest comes from inside the folder: replacing the export must not delete what it names outside."""
+    _, editor = gpt2_editor
+    path = tmp_path / "export"
+    editor.export_peft(path, blocks=[0])
+    victim = tmp_path / "victim.txt"
+    victim.write_text("mine")
+    manifest = json.loads((path / export.MANIFEST).read_text())
+    if entry == "adapter":
+        listed = manifest["adapters"]["0"] = "../victim.txt"
+    else:
+        listed = str(victim) if entry == "absolute" else entry
+        manifest["files"].append(listed)
+    (path / export.MANIFEST).write_text(json.dumps(manifest))
+    before = listing(path)
+    unsafe = re.escape(f"it lists {listed!r}, which is not a file or adapter melo_fast writes")
+    with pytest.raises(FileExistsError, match=unsafe):
+        editor.export_peft(path)
+    with pytest.raises(ValueError, match=unsafe):
+        export.exported_adapters(path)
+    assert victim.read_text() == "mine" and listing(path) == before and hidden(tmp_path) == []
+
 def test_replacing_an_export_leaves_only_the_new_one(gpt2_editor, tmp_path, monkeypatch):
     _, editor = gpt2_editor
     path = tmp_path / "export"
@@ -241,6 +266,30 @@ def test_a_file_added_to_the_old_export_during_the_export_is_kept(gpt2_editor, t
     [aside] = hidden(tmp_path)
     assert listing(tmp_path / aside) == [("block_0000", b""), ("block_0000/notes.md", b"mine")]
 
+
+
+def test_a_subfolder_swapped_for_a_link_during_the_export_is_not_followed(gpt2_editor, tmp_path, monkeypatch):
+    _, editor = gpt2_editor
+    path = tmp_path / "export"
+    editor.export_peft(path, blocks=[0])
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    for name in (export.ADAPTER_CONFIG, export.ADAPTER_WEIGHTS):
+        (elsewhere / name).write_text("mine")
+    write = export._write_export
+
+    def write_while_someone_swaps_a_folder_for_a_link(*args):
+        for file in (path / "block_0000").iterdir():  # after the check for foreign files
+            file.unlink()
+        (path / "block_0000").rmdir()
+        (path / "block_0000").symlink_to(elsewhere, target_is_directory=True)
+        return write(*args)
+
+    monkeypatch.setattr(export, "_write_export", write_while_someone_swaps_a_folder_for_a_link)
+    with pytest.warns(UserWarning, match="could not be removed completely"):
+        editor.export_peft(path)
+    assert exported_blocks(path) == [0, 1]
+    assert listing(elsewhere) == [(export.ADAPTER_CONFIG, b"mine"), (export.ADAPTER_WEIGHTS, b"mine")]
 
 def _fail(*args, **kwargs):
     raise OSError("injected failure")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 
 import pytest
@@ -164,3 +165,59 @@ def test_a_version_1_save_still_loads(edited, tmp_path):
     fresh = build("gpt2")
     melo_fast.load(fresh.model, path)
     assert torch.equal(logits(fresh), logits(family))
+
+
+@pytest.mark.parametrize("named", ["../victim.txt", "absolute"])
+def test_a_config_naming_a_file_outside_the_folder_is_refused_and_the_file_kept(edited, tmp_path, named):
+    """The weights file name comes from inside the folder: a save must not delete, nor a load read, another file."""
+    _, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    victim = tmp_path / "victim.txt"
+    victim.write_text("my notes")
+    meta = json.loads((path / checkpoint.CONFIG_FILE).read_text())
+    meta["weights_file"] = str(victim) if named == "absolute" else named
+    (path / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
+    before = listing(path)
+    unsafe = re.escape(f"names the weights file {meta['weights_file']!r}, which is not a name melo_fast writes")
+    with pytest.raises(ValueError, match=unsafe):
+        editor.save(path)
+    with pytest.raises(ValueError, match=unsafe):
+        melo_fast.load(build("gpt2").model, path)
+    assert victim.read_text() == "my notes" and listing(path) == before
+
+
+def test_a_load_racing_a_save_reads_the_new_save(edited, tmp_path, monkeypatch):
+    """A save landing between the reader's read of the config and of the weights deletes the weights it named."""
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)  # one block
+    editor.edit_texts(["Water boils at"], ["fifty"], family.tokenizer)  # now two
+    real_load_file, opened = checkpoint.load_file, []
+
+    def save_then_load(file):
+        opened.append(file)
+        if len(opened) == 1:
+            editor.save(path)  # replaces the config and deletes the weights file the reader is about to open
+        return real_load_file(file)
+
+    monkeypatch.setattr(checkpoint, "load_file", save_then_load)
+    assert loaded_blocks(path) == 2
+    assert len(opened) == 2 and opened[0] != opened[1]
+
+
+def test_a_load_gives_up_clearly_while_saves_keep_replacing_the_folder(edited, tmp_path, monkeypatch):
+    _, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    real_load_file, opened = checkpoint.load_file, []
+
+    def save_then_load(file):
+        opened.append(file)
+        editor.save(path)  # every read loses the race
+        return real_load_file(file)
+
+    monkeypatch.setattr(checkpoint, "load_file", save_then_load)
+    with pytest.raises(FileNotFoundError, match=f"replaced by another save each of the {checkpoint.READ_TRIES} times"):
+        checkpoint.read(path)
+    assert len(opened) == checkpoint.READ_TRIES
