@@ -160,10 +160,10 @@ def exported_adapters(path) -> dict[int, str]:
 
 # --- what is exported ------------------------------------------------------------------------
 def _snapshot(editor):
-    """One published state and its blocks (``editor.blocks()``), read without a commit in between."""
+    """One published state and its blocks (on the host), read without a commit in between."""
     while True:
         state = editor.state
-        blocks = editor.blocks()
+        blocks = editor.blocks(device="cpu")  # gathered on the host: no second copy of the bank on a GPU
         if editor.state is state:  # states are replaced, never modified: same object, same blocks
             return state, blocks
 

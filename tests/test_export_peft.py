@@ -354,10 +354,10 @@ def test_export_reads_one_state_even_when_a_commit_lands_meanwhile(gpt2_editor, 
     editor.save(saved)
     state_before, blocks = editor.state, editor.blocks
 
-    def commit_then_read():  # a commit from elsewhere lands between export's read of the state and the blocks
+    def commit_then_read(**kwargs):  # a commit from elsewhere lands between export's read of the state and the blocks
         if editor.state is state_before:
             editor.edit_texts(["Grass is"], ["blue"], family.tokenizer)
-        return blocks()
+        return blocks(**kwargs)
 
     monkeypatch.setattr(editor, "blocks", commit_then_read)
     try:
