@@ -206,9 +206,11 @@ class VectorDatabase:
            far → new cluster; same label → merge (center = mean, radius = max(spread, init_radius));
            other label → conflict split at half the distance, forgetting points left outside.
 
-        One deliberate widening: a spread used as a radius is widened by the rounding bound of a
-        float32 norm (``vecdb_insert.covering_radius``, ~1e-5 relative), so the farthest point of a
-        merged cluster routes home in every search backend, not only in the one that measured it.
+        One deliberate widening: a spread used as a radius is widened by twice the rounding bound
+        ``gamma_(d+2)`` of a ``d``-term float32 norm (``vecdb_insert.covering_radius``: a factor
+        ``1 + 2k / (1 - k)``, ``k = (d + 2) * 2**-24``; about 4.6e-5 relative at d = 384, 9.2e-5 at
+        d = 768), so the farthest point of a merged cluster routes home in every search backend, not
+        only in the one that measured it.
 
         Distances are ``torch.linalg.vector_norm(a - b)`` in float32; ties go to the lowest index.
         Cost: one scan of the centers, work for the batch and the clusters it touches, memory copies;
