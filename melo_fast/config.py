@@ -28,15 +28,17 @@ class MeloConfig:
             bf16. A number is an absolute radius, MELO's own setting (0.5 for GPT2-XL, 75 for T5).
         relative_radius: the radius as a fraction of the key scale when ``init_radius="auto"``.
         key_position: which token of an input gives its key: ``"last"`` real token (default),
-            ``"mean"`` over real tokens, or an int index into the padded sequence (``-1`` is the
-            official code's choice). For causal-LM edits the prompt (labels == -100) is the sequence.
+            ``"mean"`` over real tokens, or an int index into the padded sequence (``-1`` is what
+            the MELO paper's released implementation uses). For causal-LM edits the prompt
+            (labels == -100) is the sequence.
         edit_lr: Adam learning rate of one edit.
         num_iter: optimization steps per edit batch.
         scheduler_step: StepLR step size.
         scheduler_gamma: StepLR decay.
-        scale: effective scale ``s`` of a block: output ``W x + s (x A_b) B_b``. The official code's
-            effective scale equals its fixed block count (20 for zsRE, 100 for SCOTUS, 350 for
-            GPT2-XL); with growable capacity there is no block count, so the default is 20.
+        scale: effective scale ``s`` of a block: output ``W x + s (x A_b) B_b``. In the MELO paper's
+            released implementation the effective scale equals its fixed block count (20 for zsRE,
+            100 for SCOTUS, 350 for GPT2-XL); with growable capacity there is no block count, so
+            the default is 20.
         backend: op backend (``"reference"``, ``"torch"``, ``"cpp"``, ``"triton"``) or ``None``
             to choose the fastest one for the device.
     """
