@@ -60,7 +60,12 @@ class MeloConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field, the value and what is allowed."""
+        """Check every field (a single target name given as a str becomes a one-item list).
+
+        Raises:
+            ValueError: a field has a bad value; the message names the field, the value and what is
+                allowed.
+        """
 
         def fail(name, allowed):
             raise ValueError(f"MeloConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
@@ -105,6 +110,12 @@ class MeloConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MeloConfig:
+        """The config of a :meth:`to_dict` dict; fields left out take their defaults.
+
+        Raises:
+            ValueError: a key that is not a field (the message lists the known fields), or a bad value
+                (:meth:`validate`).
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -113,9 +124,20 @@ class MeloConfig:
 
     @classmethod
     def from_json(cls, text: str) -> MeloConfig:
+        """The config of a :meth:`to_json` text.
+
+        Raises:
+            ValueError: the text is not JSON (``json.JSONDecodeError``, a ``ValueError``), or as
+                :meth:`from_dict`.
+        """
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes) -> MeloConfig:
+        """A new config with ``changes`` applied; this one is not modified.
+
+        Raises:
+            ValueError: as :meth:`from_dict` (an unknown field name or a bad value).
+        """
         return MeloConfig.from_dict({**self.to_dict(), **changes})
 
 
