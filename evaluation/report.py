@@ -338,15 +338,15 @@ def targets(reports: Reports) -> list[str]:
         rows.append([f"{title} ≥ {bound}", f3(melo[key]) + note, "yes" if melo[key] >= bound else "**no**"])
     summary = {row["key_position"]: row for row in dev.get("sweep_summary", [])}
     if "last" in summary and -1 in summary:
-        last, official = summary["last"], summary[-1]
+        last, minus_one = summary["last"], summary[-1]
         level = f3(melo["locality"])
-        if official["init_radius"] is None:
+        if minus_one["init_radius"] is None:
             measured, met = f"no key −1 point reaches locality ≥ {level}", last["init_radius"] is not None
         else:
-            measured = (f"{f3(last['generality_rephrase'])} vs {f3(official['generality_rephrase'])} at locality ≥ "
+            measured = (f"{f3(last['generality_rephrase'])} vs {f3(minus_one['generality_rephrase'])} at locality ≥ "
                         f"{level}")
-            met = last["init_radius"] is not None and last["generality_rephrase"] > official["generality_rephrase"]
-        rows.append(["the default key (`last`) beats the official key (−1) in rephrase generality at equal "
+            met = last["init_radius"] is not None and last["generality_rephrase"] > minus_one["generality_rephrase"]
+        rows.append(["the default key (`last`) beats MELO's key (−1) in rephrase generality at equal "
                      "locality", measured, "yes" if met else "**no**"])
     rows.append(["generality", f"rephrase {f3(melo['generality_rephrase'])}, generate "
                  f"{f3(melo['generality_generate'])}", "no target"])
@@ -547,8 +547,8 @@ def presets() -> list[str]:
              "to the reference's token length; seq2seq: until end of sequence); scores are token-F1 (primary) and "
              "exact match against `target_new`, locality compares the edited model's generation with the unedited "
              "model's, and the report adds the teacher-forced perplexity of `target_new` before and after. `--preset` "
-             "sets the paper's configurations (DESIGN §1, `MeloConfig.scale` = the official block count), from "
-             "`melo_fast/eval/arguments.py`:", ""]
+             "sets the paper's configurations (DESIGN §1, `MeloConfig.scale` = the block count of MELO's released "
+             "implementation), from `melo_fast/eval/arguments.py`:", ""]
     rows = []
     for name, (fields, batch_size) in PRESETS.items():
         rows.append([f"`{name}`", f"`{fields['router']}`", ", ".join(f"`{t}`" for t in fields["targets"]),

@@ -60,8 +60,14 @@ NEUTRAL_PROMPTS = (
 
 
 def neutral_inputs(tokenizer, device) -> list[dict[str, torch.Tensor]]:
-    """The neutral prompts as model inputs: one padded batch, or one input per prompt when the
-    tokenizer has no pad token (GPT-2's), so the user's tokenizer is never modified."""
+    """The :data:`NEUTRAL_PROMPTS` as model inputs on ``device``.
+
+    Returns:
+        A list of tokenizer outputs (``input_ids``, ``attention_mask``, ...: ``[B, T]`` tensors): one
+        batch of all the prompts, padded on the tokenizer's own padding side, when the tokenizer has a
+        pad token; else one unpadded ``[1, T]`` batch per prompt (GPT-2's tokenizer has no pad token),
+        so the user's tokenizer is never modified.
+    """
     if tokenizer.pad_token_id is None:
         batches = [tokenizer([prompt], return_tensors="pt") for prompt in NEUTRAL_PROMPTS]
     else:
@@ -70,9 +76,23 @@ def neutral_inputs(tokenizer, device) -> list[dict[str, torch.Tensor]]:
 
 
 def key_scale(keys: torch.Tensor) -> float:
-    """Median pairwise Euclidean distance between the rows of ``keys`` ``[N, d]`` (N >= 2), in fp32."""
-    if keys.shape[0] < 2:
-        raise ValueError("key_scale needs at least two keys")
+    """The key scale: the median pairwise Euclidean distance between the rows of ``keys``.
+
+    Args:
+        keys: ``[N, d]`` keys, ``N >= 2``, of any floating dtype and device; measured in float32.
+
+    Returns:
+        The median of the ``N (N - 1) / 2`` distances (``torch.pdist``) as a Python float. With an
+        even number of distances it is the lower of the two middle ones (``torch.median``), not
+        their mean.
+
+    Raises:
+        ValueError: ``keys`` is not ``[N, d]`` with ``N >= 2``, or the median is not a positive finite
+            number (0: the router does not tell the prompts apart; inf or NaN: the keys overflowed or
+            are not finite).
+    """
+    if keys.dim() != 2 or keys.shape[0] < 2:
+        raise ValueError(f"melo_fast: key_scale needs [N, d] keys with N >= 2, got shape {tuple(keys.shape)}")
     scale = torch.pdist(keys.float()).median().item()
     if not scale > 0 or scale == float("inf"):
         raise ValueError(

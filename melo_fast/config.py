@@ -28,15 +28,17 @@ class MeloConfig:
             bf16. A number is an absolute radius, MELO's own setting (0.5 for GPT2-XL, 75 for T5).
         relative_radius: the radius as a fraction of the key scale when ``init_radius="auto"``.
         key_position: which token of an input gives its key: ``"last"`` real token (default),
-            ``"mean"`` over real tokens, or an int index into the padded sequence (``-1`` is the
-            official code's choice). For causal-LM edits the prompt (labels == -100) is the sequence.
+            ``"mean"`` over real tokens, or an int index into the padded sequence (``-1`` is what
+            the MELO paper's released implementation uses). For causal-LM edits the prompt
+            (labels == -100) is the sequence.
         edit_lr: Adam learning rate of one edit.
         num_iter: optimization steps per edit batch.
         scheduler_step: StepLR step size.
         scheduler_gamma: StepLR decay.
-        scale: effective scale ``s`` of a block: output ``W x + s (x A_b) B_b``. The official code's
-            effective scale equals its fixed block count (20 for zsRE, 100 for SCOTUS, 350 for
-            GPT2-XL); with growable capacity there is no block count, so the default is 20.
+        scale: effective scale ``s`` of a block: output ``W x + s (x A_b) B_b``. In the MELO paper's
+            released implementation the effective scale equals its fixed block count (20 for zsRE,
+            100 for SCOTUS, 350 for GPT2-XL); with growable capacity there is no block count, so
+            the default is 20.
         backend: op backend (``"reference"``, ``"torch"``, ``"cpp"``, ``"triton"``) or ``None``
             to choose the fastest one for the device.
     """
@@ -58,7 +60,12 @@ class MeloConfig:
         self.validate()
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the field, the value and what is allowed."""
+        """Check every field (a single target name given as a str becomes a one-item list).
+
+        Raises:
+            ValueError: a field has a bad value; the message names the field, the value and what is
+                allowed.
+        """
 
         def fail(name, allowed):
             raise ValueError(f"MeloConfig.{name}={getattr(self, name)!r} is invalid: {allowed}")
@@ -103,6 +110,12 @@ class MeloConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> MeloConfig:
+        """The config of a :meth:`to_dict` dict; fields left out take their defaults.
+
+        Raises:
+            ValueError: a key that is not a field (the message lists the known fields), or a bad value
+                (:meth:`validate`).
+        """
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(data) - known
         if unknown:
@@ -111,9 +124,20 @@ class MeloConfig:
 
     @classmethod
     def from_json(cls, text: str) -> MeloConfig:
+        """The config of a :meth:`to_json` text.
+
+        Raises:
+            ValueError: the text is not JSON (``json.JSONDecodeError``, a ``ValueError``), or as
+                :meth:`from_dict`.
+        """
         return cls.from_dict(json.loads(text))
 
     def replace(self, **changes) -> MeloConfig:
+        """A new config with ``changes`` applied; this one is not modified.
+
+        Raises:
+            ValueError: as :meth:`from_dict` (an unknown field name or a bad value).
+        """
         return MeloConfig.from_dict({**self.to_dict(), **changes})
 
 

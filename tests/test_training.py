@@ -86,7 +86,7 @@ def test_abort_changes_nothing():
     assert editor.num_blocks == 0 and len(editor.db) == 0
 
 
-def test_hf_trainer_trains_the_open_block():
+def test_hf_trainer_trains_the_open_block(tmp_path):
     transformers = pytest.importorskip("transformers")
     pytest.importorskip("accelerate")
     family = build("gpt2")
@@ -95,7 +95,7 @@ def test_hf_trainer_trains_the_open_block():
     editor.open_block(batch)
     rows = [{k: v[i] for k, v in batch.items()} for i in range(len(PROMPTS))]
     args = transformers.TrainingArguments(
-        output_dir="unused",
+        output_dir=str(tmp_path / "trainer"),  # never the working directory
         max_steps=60,
         learning_rate=1e-2,
         per_device_train_batch_size=2,

@@ -14,7 +14,8 @@ from melo_fast.eval.harness import METHODS
 
 PRESETS: dict[str, tuple[dict, int]] = {
     # DESIGN §1 "Paper settings": router → targets, blocks × rank, edits per batch, init_radius, lr.
-    # MeloConfig.scale is the official effective scale, which equals the official num_block.
+    # MeloConfig.scale is the effective scale, which in the MELO paper's released implementation equals
+    # its num_block.
     "t5-small-ssm-nq": (
         dict(
             router="encoder.block.4.layer.1.DenseReluDense.wo",
@@ -72,7 +73,8 @@ def add_common_arguments(parser, batch_size_default: int | None = 10) -> None:
     parser.add_argument("--init-radius", default=None,
                         help="MeloConfig.init_radius: 'auto' (melo_fast's scale-free default: relative_radius "
                              "x the model's key scale on built-in neutral prompts) or an absolute number")
-    parser.add_argument("--key-position", default=None, help="'last', 'mean' or an int token index (-1: official)")
+    parser.add_argument("--key-position", default=None,
+                        help="'last', 'mean' or an int token index (-1: what MELO's released implementation uses)")
     parser.add_argument("--router", default=None, help="MeloConfig.router (module name or unique suffix)")
     parser.add_argument("--targets", default=None, help="MeloConfig.targets, comma-separated module names")
     parser.add_argument("--scale", type=float, default=None, help="MeloConfig.scale (effective block scale)")

@@ -22,9 +22,10 @@ regenerated from the JSON report of the command it names; none is copied here):
   generality under the targets. Keys from the last layer leave only that layer's FFN to edit,
   which makes edits cheaper (backward through one FFN).
 - Key position "last": the last real token, [SEP] for BERT, which attends to the whole question.
-  The official position -1 is a pad token for every row shorter than the longest of its batch, so
-  a question's key depends on what it is batched with and the edit's own question can miss its
-  edit; "mean" is the other candidate. The sweep in EVALUATION.md measures all three.
+  Position -1 (what the MELO paper's released implementation uses) is a pad token for every row
+  shorter than the longest of its batch, so a question's key depends on what it is batched with
+  and the edit's own question can miss its edit; "mean" is the other candidate. The sweep in
+  EVALUATION.md measures all three.
 - ``init_radius`` "auto": melo_fast's scale-free default, ``relative_radius`` (0.1) x the model's
   key scale, the median distance between the keys of built-in neutral prompts, measured before the
   first edit (``melo_fast.calibration``). Nothing in it is fitted to the edit data. The paper's radii

@@ -41,7 +41,6 @@ from melo_fast.eval.data import EditRecord, split_edits
 from melo_fast.eval.probes import Answerer, ProbeSet
 
 METHODS = ("unedited", "melo", "lora")
-GENERALITY_SETS = ("rephrase", "generate")
 LOCALITY_SETS = ("locality_relation", "locality_unedited")
 
 

@@ -11,7 +11,7 @@ make most of that work unnecessary for MELO, without changing a single answer:
 
 Questions are answered in fixed chunks (``batch_size`` consecutive questions of a set, padded
 together), and a routed subset is run as rows sliced from its chunk's padded tensors, so every key
-(even the official position -1, a pad token for short rows) is the same as in a full pass.
+(even position -1, MELO's released choice and a pad token for short rows) is the same as in a full pass.
 :meth:`Answerer.full` is the plain path (every question through the model); tests check that both
 give the same answers.
 """

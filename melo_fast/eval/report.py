@@ -199,7 +199,7 @@ def print_sweep_summary(rows: list[dict], locality: float) -> None:
 
 
 KEY_POSITION_NAMES = {"last": "last real token (melo_fast default)", "mean": "mean over real tokens",
-                      -1: "position -1 (official)"}
+                      -1: "position -1 (MELO's released implementation)"}
 
 
 def plot_sweep(points: list[dict], chosen: tuple | None, path: Path) -> None:

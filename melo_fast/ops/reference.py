@@ -1,7 +1,7 @@
 """Pure-torch specification of every op: the rules of DESIGN §1, as plain loops.
 
-This is the parity oracle for every other backend and the slow baseline in the benchmarks. There
-is no official MELO code in the repository to compare it with: what backs it is DESIGN §1 and
+This is the parity oracle for every other backend and the slow baseline in the benchmarks. The MELO
+paper's released implementation is not in this repository to compare it with: what backs it is DESIGN §1 and
 hand-derived tests in tests/test_ops.py (each rule of the search, and the block LoRA formula, on
 hand-made values; ties, empty and all-miss databases). Keep it plain: Python loops over queries,
 clusters, points and samples, as the algorithm reads. Never optimize it.
