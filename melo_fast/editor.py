@@ -351,10 +351,16 @@ class MeloEditor:
 
     # --- the radius ---------------------------------------------------------------------------
     def calibrate(self, tokenizer=None) -> float:
-        """Measure the key scale on the neutral prompts and fix ``init_radius`` before the first edit.
+        """Measure the key scale on the built-in neutral prompts and fix ``init_radius`` now.
 
-        Needed only with ``init_radius="auto"`` (the default); ``edit``/``open_block`` call it when
-        the radius is not known yet. Returns the radius. Publishes a new (still empty) state.
+        Only does work with ``init_radius="auto"`` (the default) before the radius is known; the first
+        ``edit``/``open_block`` measures it otherwise, so call this to pay that cost up front (at
+        start-up rather than on the first edit). Publishes a new state with the same blocks and keys
+        and the radius recorded in its database. Returns the radius.
+
+        Raises:
+            ValueError: no tokenizer (given here, to :func:`melo_fast.patch`, or found beside the
+                model), or neutral-prompt keys whose median distance is 0 or not finite (no scale to measure).
         """
         with self._lock:
             if tokenizer is not None:
