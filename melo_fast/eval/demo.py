@@ -69,7 +69,7 @@ DEMO_CONFIG = MeloConfig(
 DEV_RUN_NOTE = (
     "The full zsRE dev run (890 records, 712 edits in batches of 10, with the sweep and the LoRA baseline),\n"
     "  python -m melo_fast demo --data ../shared/data/zsre_knowedit_dev.json --sweep --threads 1\n"
-    "takes about 20 minutes on 2 CPU cores (EVALUATION.md has the measured wall time)."
+    "takes tens of minutes on a 2-core CPU; EVALUATION.md gives its measured wall time."
 )
 SWEEP_KEY_POSITIONS = ("last", "mean", -1)
 SWEEP_RADIUS_FACTORS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.25)  # × median question-to-rephrase distance
