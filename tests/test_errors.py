@@ -171,6 +171,7 @@ def test_save_while_a_block_is_open_holds_the_committed_edits(gpt2, tmp_path):
     with torch.no_grad():
         parameters[1].add_(1.0)  # the open block differs from anything committed
     editor.save(tmp_path / "edits")
+    assert editor.export_peft(tmp_path / "export") == {0: "block_0000"}  # the committed block only
     editor.abort()
     loaded = melo_fast.load(build("gpt2").model, tmp_path / "edits")
     assert loaded.num_blocks == 1 and len(loaded.db) == 1
