@@ -164,18 +164,17 @@ class MeloEditor:
                 frozen = [p for p in self.model.parameters() if p.requires_grad]
                 for parameter in frozen:
                     parameter.requires_grad_(False)
+            self._open = _OpenBlock(keys, labels, [], frozen, radius, scale, threading.get_ident())
             try:
                 earlier = self.routing.state.blocks
-                parameters = [p for name, layer in self.lora_layers.items() for p in layer.open_block(earlier[name])]
+                self._open.parameters = [
+                    p for name, layer in self.lora_layers.items() for p in layer.open_block(earlier[name])
+                ]
             except BaseException:
-                for parameter in frozen:
-                    parameter.requires_grad_(True)
-                for layer in self.lora_layers.values():
-                    layer.close_block()
+                self._close()  # unfreezes the model and closes the layers opened so far
                 raise
-            self._open = _OpenBlock(keys, labels, parameters, frozen, radius, scale, threading.get_ident())
             self.routing.start_training()
-            return parameters
+            return list(self._open.parameters)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The open block's parameters (A and B of every target), for your optimizer."""
@@ -505,6 +504,8 @@ class MeloEditor:
         Raises:
             FileExistsError: ``path`` is a file, or a folder holding data that is not a melo_fast save
                 (nothing is written).
+            ValueError: ``path`` is an earlier save whose config names a weights file melo_fast does
+                not write (``../x``, an absolute path): it is neither read nor deleted.
         """
         state = self.routing.state  # one snapshot: database and blocks belong together
         model_type = getattr(getattr(self.model, "config", None), "model_type", None)

@@ -116,10 +116,10 @@ def _entry_hook(model: nn.Module, routing: Routing, router_in_encoder: bool, cau
         pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
         batched_without_mask = mask is None and input_ids is not None and input_ids.shape[0] > 1 and not continues
         if batched_without_mask and not padding_checked and pad_token_id is not None:
-            if input_ids.device.type != "cpu":
+            padded = bool((input_ids == pad_token_id).any())
+            if padded or input_ids.device.type != "cpu":
                 padding_checked.append(True)
-            if bool((input_ids == pad_token_id).any()):
-                padding_checked.append(True)
+            if padded:
                 warnings.warn(
                     "melo_fast: input_ids contain padding but no attention_mask was passed; keys are taken as if "
                     "every token were real. Pass attention_mask so each key comes from the last real token.",
