@@ -621,6 +621,26 @@ def check_addon(ctx: Ctx) -> list[Row]:
                 data=dict(ms=ms, gemm_ms=gemm_ms, **floor),
             )
         )
+    if ctx.device.type == "cuda":
+        # do_bench times one call with its host side: a launch-bound op measures the launcher. Replayed
+        # from a CUDA graph, the same pair shows what the GPU itself spends.
+        with torch.no_grad():
+            lora_graph_ms = ctx.time_ms_graph(
+                lambda: ops.block_lora(x, A, B, ids, 2.0, base, backend="triton", inplace=True)
+            )
+            gemm_graph_ms = ctx.time_ms_graph(lambda: torch.nn.functional.linear(x, weight))
+        note, floor = floor_note(ctx, lora_bytes(s, x.element_size()), lora_graph_ms)
+        rows.append(
+            Row(
+                "addon",
+                "info",
+                "add-on (triton, in place), both replayed from a CUDA graph (GPU time, no launch overhead)",
+                f"{100 * lora_graph_ms / gemm_graph_ms:.1f}% of the base GEMM ({fmt_ms(lora_graph_ms)} vs "
+                f"{fmt_ms(gemm_graph_ms)})",
+                note=note,
+                data=dict(ms=lora_graph_ms, gemm_ms=gemm_graph_ms, **floor),
+            )
+        )
     return rows
 
 
@@ -850,6 +870,8 @@ def check_unit_tests(ctx: Ctx) -> list[Row]:
             "all pass",
             verdict(done.returncode == 0),
             "; ".join(failures[:8]) or done.stderr[-500:],
+            # The failures' tracebacks: a device run is short and costly, so keep what explains them.
+            data=dict(output_tail=done.stdout[-6000:] if done.returncode else ""),
         )
     ]
 
