@@ -32,7 +32,13 @@ class MeloConfig:
             the MELO paper's released implementation uses). For causal-LM edits the prompt
             (labels == -100) is the sequence.
         edit_lr: Adam learning rate of one edit.
-        num_iter: optimization steps per edit batch.
+        num_iter: the most optimization steps per edit batch (MELO: always this many).
+        stop_loss: stop an edit early, before ``num_iter`` steps, once every target token is the
+            model's argmax (teacher-forced) and the loss is below this (``melo_fast.convergence``).
+            ``None``: MELO's fixed loop of ``num_iter`` steps.
+        min_iter: optimization steps taken before the early stop may end the loop.
+        cache_frozen_prefix: compute the blocks below the first target once per edit batch and replay
+            them at every training step (``melo_fast.frozen_prefix``; exact, checked on the first step).
         scheduler_step: StepLR step size.
         scheduler_gamma: StepLR decay.
         scale: effective scale ``s`` of a block: output ``W x + s (x A_b) B_b``. In the MELO paper's
@@ -51,6 +57,9 @@ class MeloConfig:
     key_position: str | int = "last"
     edit_lr: float = 1e-2
     num_iter: int = 50
+    stop_loss: float | None = 0.05
+    min_iter: int = 1
+    cache_frozen_prefix: bool = True
     scheduler_step: int = 20
     scheduler_gamma: float = 0.5
     scale: float = 20.0
@@ -93,6 +102,13 @@ class MeloConfig:
             fail("edit_lr", "must be a number > 0")
         if not isinstance(self.num_iter, int) or isinstance(self.num_iter, bool) or self.num_iter < 1:
             fail("num_iter", "must be an int >= 1")
+        if self.stop_loss is not None and not _positive_number(self.stop_loss):
+            fail("stop_loss", "must be a number > 0, or None for MELO's fixed num_iter steps")
+        min_iter_ok = isinstance(self.min_iter, int) and not isinstance(self.min_iter, bool)
+        if not min_iter_ok or not 0 <= self.min_iter <= self.num_iter:
+            fail("min_iter", f"must be an int in [0, num_iter={self.num_iter}]")
+        if not isinstance(self.cache_frozen_prefix, bool):
+            fail("cache_frozen_prefix", "must be True or False")
         if not isinstance(self.scheduler_step, int) or self.scheduler_step < 1:
             fail("scheduler_step", "must be an int >= 1")
         if not _positive_number(self.scheduler_gamma) or self.scheduler_gamma > 1:

@@ -23,6 +23,8 @@ another block is open.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import threading
 import time
 from collections.abc import Mapping
@@ -31,8 +33,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from melo_fast import calibration, checkpoint, export, ops
+from melo_fast import calibration, checkpoint, convergence, export, ops
 from melo_fast.config import MeloConfig
+from melo_fast.frozen_prefix import FrozenPrefix
 from melo_fast.layers import BlockLoRALinear, RouterLayer
 from melo_fast.routing import KeysCaptured, Routing
 from melo_fast.state import EditState
@@ -49,6 +52,7 @@ class EditResult:
         keys: number of keys (samples) in the batch.
         new_clusters / merged / conflicts / forgotten / superseded: how the keys entered the database
             (``superseded``: earlier edits of the same inputs that this batch replaced).
+        steps: optimizer steps taken (at most ``num_iter``; fewer when the edit converged earlier).
         seconds: wall time of the whole edit.
     """
 
@@ -60,6 +64,7 @@ class EditResult:
     conflicts: int
     forgotten: int
     superseded: int
+    steps: int
     seconds: float
 
 
@@ -267,7 +272,7 @@ class MeloEditor:
             try:
                 parameters = self.open_block(batch)
                 try:
-                    loss_value = self._train(batch, parameters)
+                    loss_value, steps = self._train(batch, parameters)
                     block_id, counts = self.commit()
                 except BaseException:
                     if self._open is not None:
@@ -284,29 +289,56 @@ class MeloEditor:
             conflicts=counts.conflicts,
             forgotten=counts.forgotten,
             superseded=counts.superseded,
+            steps=steps,
             seconds=time.perf_counter() - start,
         )
 
-    def _train(self, batch, parameters) -> float:
-        """MELO's optimization of the open block: Adam + StepLR, ``num_iter`` steps. Returns the last loss."""
-        optimizer = torch.optim.Adam(parameters, lr=self.config.edit_lr)
+    def _train(self, batch, parameters) -> tuple[float, int]:
+        """Train the open block: Adam + StepLR for at most ``num_iter`` steps (MELO's loop), stopping early
+        once the edit has converged (``stop_loss``; ``melo_fast.convergence``). The blocks below the
+        first target are computed once (``cache_frozen_prefix``; ``melo_fast.frozen_prefix``). Returns
+        the loss of the last forward pass and the number of optimizer steps taken."""
+        config = self.config
+        optimizer = torch.optim.Adam(parameters, lr=config.edit_lr)
         scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=self.config.scheduler_step, gamma=self.config.scheduler_gamma
+            optimizer, step_size=config.scheduler_step, gamma=config.scheduler_gamma
         )
-        loss_value = float("nan")
-        for _ in range(self.config.num_iter):
-            optimizer.zero_grad(set_to_none=True)
-            loss = self._loss(batch)
-            loss_value = loss.item()
-            if not torch.isfinite(loss):
-                raise FloatingPointError(
-                    f"melo_fast: edit loss became {loss_value}; the edit was dropped. "
-                    "Try a smaller MeloConfig.edit_lr or scale."
-                )
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-        return loss_value
+        prefix = None
+        if config.cache_frozen_prefix:
+            modules = dict(self.model.named_modules())
+            prefix = FrozenPrefix(
+                self.model, [modules[name] for name in config.targets], lambda: self.model(**batch), _loss_of,
+                lambda: self.routing.training,
+            )
+        forward = prefix.step if prefix is not None else lambda: self.model(**batch)
+        loss_value, steps = float("nan"), 0
+        with prefix or contextlib.nullcontext():
+            for step in range(config.num_iter):
+                optimizer.zero_grad(set_to_none=True)
+                output = forward()
+                loss = _loss_of(output)
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(
+                        f"melo_fast: edit loss became {loss_value}; the edit was dropped. "
+                        "Try a smaller MeloConfig.edit_lr or scale."
+                    )
+                if self._converged(step, loss_value, output, batch):
+                    break
+                loss.backward()
+                optimizer.step()
+                scheduler.step()
+                steps += 1
+        return loss_value, steps
+
+    def _converged(self, step: int, loss_value: float, output, batch) -> bool:
+        config = self.config
+        if config.stop_loss is None or step < config.min_iter or loss_value >= config.stop_loss:
+            return False
+        logits = output.get("logits") if isinstance(output, Mapping) else getattr(output, "logits", None)
+        if logits is None:
+            return False  # nothing to check the prediction on: train the fixed number of steps
+        return convergence.targets_predicted(logits, batch["labels"], self.causal_lm)
 
     def edit_texts(self, prompts: list[str], targets: list, tokenizer, max_length: int | None = None) -> EditResult:
         """Tokenize ``prompts`` → ``targets`` into an edit batch (see :func:`build_edit_batch`) and edit.
@@ -389,13 +421,6 @@ class MeloEditor:
         return self.config.relative_radius * scale, scale
 
     # --- helpers ------------------------------------------------------------------------------
-    def _loss(self, batch) -> torch.Tensor:
-        output = self.model(**batch)
-        loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
-        if loss is None:
-            raise ValueError("melo_fast: the model returned no loss for the edit batch; does it take `labels`?")
-        return loss
-
     def _check_batch(self, batch) -> None:
         """Every check a batch needs before any work: type, device, sizes, and labels that supervise."""
         if not isinstance(batch, Mapping):
@@ -609,6 +634,14 @@ class MeloEditor:
             f"MeloEditor(router={self.config.router!r}, targets={self.config.targets}, "
             f"blocks={self.num_blocks}, keys={len(self.db)})"
         )
+
+
+def _loss_of(output) -> torch.Tensor:
+    """The loss of a model output (a dict or an HF ``ModelOutput``); ValueError when there is none."""
+    loss = output.get("loss") if isinstance(output, Mapping) else getattr(output, "loss", None)
+    if loss is None:
+        raise ValueError("melo_fast: the model returned no loss for the edit batch; does it take `labels`?")
+    return loss
 
 
 def _accepts(model: nn.Module, argument: str) -> bool:

@@ -173,15 +173,29 @@ def _layer_counts(config) -> set[int]:
     return counts
 
 
-def _find_stacks(model: nn.Module, config) -> tuple[list[tuple[str, nn.ModuleList, str]], str]:
-    """``[(path, blocks, role)]`` with the router's stack first, and why these. The role of a single stack
-    (decoder-only or encoder-only) is left empty: the caller tells it from the attention."""
+def named_block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every outermost ``nn.ModuleList`` of same-type blocks holding projections, with its name, in model order.
+
+    A list inside another one (a block's experts) is not a stack of its own.
+    """
     found: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if any(name.startswith(path + ".") for path, _ in found):
-            continue  # inside a stack already found (e.g. a block's expert list): not a stack of its own
+            continue
         if _is_block_list(module):
             found.append((name, module))
+    return found
+
+
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The block stacks of :func:`named_block_lists`, without their names."""
+    return [blocks for _, blocks in named_block_lists(model)]
+
+
+def _find_stacks(model: nn.Module, config) -> tuple[list[tuple[str, nn.ModuleList, str]], str]:
+    """``[(path, blocks, role)]`` with the router's stack first, and why these. The role of a single stack
+    (decoder-only or encoder-only) is left empty: the caller tells it from the attention."""
+    found = named_block_lists(model)
     if not found:
         raise NoDefaultModules(
             f"melo_fast: no default router/targets for {type(model).__name__}: it has no stack of transformer "
