@@ -195,7 +195,8 @@ class MeloEditor:
             block_id = state.num_blocks
             database = state.database.copy()
             database.init_radius, database.key_scale = self._open.radius, self._open.key_scale
-            counts = database.insert(self._open.keys, self._open.labels, block_id)
+            # open_block refused clashing rows already, at this radius: no second scan of the batch.
+            counts = database.insert(self._open.keys, self._open.labels, block_id, refuse_clashes=False)
             try:
                 for layer in self.lora_layers.values():
                     layer.store_block()  # past every published view: no reader sees it yet
