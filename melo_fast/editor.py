@@ -290,12 +290,13 @@ class MeloEditor:
 
     def _train(self, batch, parameters) -> float:
         """MELO's optimization of the open block: Adam + StepLR, ``num_iter`` steps. Returns the last loss."""
-        optimizer = torch.optim.Adam(parameters, lr=self.config.edit_lr)
+        settings = self.config.train_settings
+        optimizer = torch.optim.Adam(parameters, lr=settings.edit_lr)
         scheduler = torch.optim.lr_scheduler.StepLR(
-            optimizer, step_size=self.config.scheduler_step, gamma=self.config.scheduler_gamma
+            optimizer, step_size=settings.scheduler_step, gamma=settings.scheduler_gamma
         )
         loss_value = float("nan")
-        for _ in range(self.config.num_iter):
+        for _ in range(settings.num_iter):
             optimizer.zero_grad(set_to_none=True)
             loss = self._loss(batch)
             loss_value = loss.item()
@@ -387,7 +388,7 @@ class MeloEditor:
         device = next(self.model.parameters()).device
         keys = torch.cat([self.keys(inputs) for inputs in calibration.neutral_inputs(tokenizer, device)])
         scale = calibration.key_scale(keys)
-        return self.config.relative_radius * scale, scale
+        return self.config.radius_policy.from_key_scale(scale), scale
 
     # --- helpers ------------------------------------------------------------------------------
     def _loss(self, batch) -> torch.Tensor:
@@ -526,12 +527,9 @@ class MeloEditor:
             RuntimeError: a block is open (commit or abort it first).
         """
         saved = checkpoint.read(path)
-        same = ("router", "targets", "rank_per_block", "key_position", "scale")
-        different = [f for f in same if getattr(saved.config, f) != getattr(self.config, f)]
+        different = self.config.patch_spec.differences(saved.config.patch_spec)
         if different:
-            details = ", ".join(
-                f"{f}: saved {getattr(saved.config, f)!r}, here {getattr(self.config, f)!r}" for f in different
-            )
+            details = ", ".join(different)
             raise ValueError(f"melo_fast: cannot reload {path}: it was made with another patch ({details})")
         self.replace_state(saved.database, saved.blocks)
 

@@ -208,7 +208,7 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
             )
     config = config.replace(router=router_name, targets=[name for name, _ in targets])
 
-    radius = None if config.init_radius == "auto" else config.init_radius
+    radius = config.radius_policy.absolute  # resolved here, or measured before the first edit (None)
     database = VectorDatabase(linear_shape(router_module)[1], radius, device=router_module.weight.device)
     routing = Routing(EditState(database, {name: () for name, _ in targets}, 0))
     router = RouterLayer(router_name, routing, config.key_position, config.backend)
