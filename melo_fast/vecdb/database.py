@@ -59,7 +59,7 @@ class VectorDatabase:
     distance from the center) for the insert's scan; they are rebuilt with the tensors by
     :meth:`insert`, and recomputed once if anything else replaces the tensors.
     ``init_radius`` is None until it is known (``MeloConfig.init_radius="auto"`` sets it at the first
-    edit from ``key_scale``, the model's measured key scale; see ``melo_fast.calibration``).
+    edit from ``key_scale``, the model's measured key scale; see ``melo_fast.editing.calibration``).
     """
 
     def __init__(
