@@ -183,7 +183,7 @@ def warmup(
 ) -> int:
     """Compile now the Triton kernel variants a patched model will launch (CUDA only; else a no-op).
 
-    The first launch of each variant compiles it (about half a second). The variants are few and
+    The first launch of each variant compiles it (a noticeable stall). The variants are few and
     depend only on the layer shapes and dtypes (not on batch size, tokens, blocks or database size),
     so one call after patching keeps compilation out of serving and editing.
 

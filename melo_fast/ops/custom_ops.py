@@ -16,7 +16,7 @@ serves every compiled backend:
   ``base`` (declared mutated), for inference.
 
 Eager calls that record no autograd graph (serving) call the kernels directly rather than through the
-dispatcher: the same kernel, without the few tens of microseconds per call that a decode step of a
+dispatcher: the same kernel, without the dispatcher's per-call overhead, which a decode step of a
 small model would notice.
 """
 
