@@ -77,21 +77,19 @@ def default_names(model: nn.Module) -> tuple[str, list[str]]:
 class _Attachments:
     """What :func:`patch` attached to a model, and how to take all of it off again (``MeloEditor.close``)."""
 
-    def __init__(self, model: nn.Module):
-        self.model = model
+    def __init__(self):
         self.handles = []  # hook handles and the generate wrapper: each has remove()
-        self.children: list[tuple[nn.Module, str]] = []  # (module, attribute) of melo_router / melo_lora
+        self.attributes: list[tuple[object, str]] = []  # melo_router, melo_lora, the model's editor
 
-    def child(self, module: nn.Module, name: str, layer: nn.Module) -> None:
-        setattr(module, name, layer)
-        self.children.append((module, name))
+    def set(self, owner, name: str, value) -> None:
+        setattr(owner, name, value)
+        self.attributes.append((owner, name))
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
-        for module, name in self.children:
-            delattr(module, name)
-        delattr(self.model, EDITOR_ATTRIBUTE)
+        for owner, name in self.attributes:
+            delattr(owner, name)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -161,13 +159,13 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
     router_in_encoder = encoder is not None and any(module is router_module for module in encoder.modules())
     can_generate = hasattr(inner, "can_generate") and inner.can_generate()
 
-    attached = _Attachments(model)
+    attached = _Attachments()
     # Hooks run in registration order: the router's is registered first so that, if the router
     # module is also a target, the keys come from its unedited output.
     attached.handles.append(router_module.register_forward_hook(router.hook))
-    attached.child(router_module, "melo_router", router)
+    attached.set(router_module, "melo_router", router)
     for name, module in targets:
-        attached.child(module, "melo_lora", lora_layers[name])
+        attached.set(module, "melo_lora", lora_layers[name])
         attached.handles.append(module.register_forward_hook(lora_layers[name].hook))
     # Entry hooks and the generate wrapper go on the inner model: a wrapper's generate() (PEFT's)
     # calls the inner model's forward directly, so a hook on the wrapper would miss every step.
@@ -178,7 +176,7 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
         attached.handles.append(GenerateWrapper(inner, routing))
 
     editor = MeloEditor(model, config, routing, router, lora_layers, kind, attached.remove, tokenizer=tokenizer)
-    setattr(model, EDITOR_ATTRIBUTE, editor)
+    attached.set(model, EDITOR_ATTRIBUTE, editor)
     _resolve_backends(config.backend, {router_module.weight.device} | {m.weight.device for _, m in targets})
     if router_module.weight.device.type == "cuda":
         editor.warmup()  # compile the Triton kernels now, not on the first request
