@@ -4,7 +4,7 @@
 
 MELO's loop (``MeloConfig(stop_loss=None, cache_frozen_prefix=False)``) trains every block for
 ``num_iter`` = 50 steps through the whole model. The default replays the frozen blocks below the first
-target (``melo_fast.frozen_prefix``) and stops once the edit has converged (``melo_fast.convergence``).
+target (``melo_fast.editing.frozen_prefix``) and stops once the edit has converged (``melo_fast.editing.convergence``).
 For each model, two copies are patched, one per configuration, and fed the same batches of 10 zsRE
 dev edits; the two edits of a batch run back to back, so both see the same machine load. Models:
 SmolLM2-135M-Instruct (real weights), and GPT-2-small- and T5-small-shaped models with random weights

@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: import this checkout's melo_fast
 
-from melo_fast.calibration import NEUTRAL_PROMPTS  # noqa: E402
+from melo_fast.editing.calibration import NEUTRAL_PROMPTS  # noqa: E402
 from melo_fast.eval import report as plots  # noqa: E402
 from melo_fast.eval.arguments import PRESETS  # noqa: E402
 from melo_fast.eval.demo import DEMO_CONFIG, SWEEP_RADIUS_FACTORS  # noqa: E402
@@ -493,10 +493,10 @@ def radius_and_optimizer(reports: Reports) -> list[str]:
     paper_radii = ", ".join(f"{fields['init_radius']:g}" for fields, _ in PRESETS.values())
     lines = [f"**init_radius.** The demo uses melo_fast's default, `init_radius=\"auto\"`: `relative_radius` "
              f"({DEMO_CONFIG.relative_radius:g}) × the model's key scale, the median distance between the keys of the "
-             f"{len(NEUTRAL_PROMPTS)} built-in neutral prompts (`melo_fast/calibration.py`), measured once before the "
-             "first edit; nothing in it is fitted to the edit data. `--init-radius` with a number sets an absolute "
-             f"radius. The paper's radii ({paper_radii}) belong to other models' key spaces and are kept only in "
-             "the presets."]
+             f"{len(NEUTRAL_PROMPTS)} built-in neutral prompts (`melo_fast/editing/calibration.py`), measured once "
+             "before the first edit; nothing in it is fitted to the edit data. `--init-radius` with a number sets an "
+             f"absolute radius. The paper's radii ({paper_radii}) belong to other models' key spaces and are kept "
+             "only in the presets."]
     for name in ("demo", "dev"):
         radius = reports[name].get("radius") if reports.has(name) else None
         if radius:

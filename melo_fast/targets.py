@@ -29,13 +29,43 @@ from collections import Counter
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from melo_fast.layers import SUPPORTED_TYPES, linear_shape
+SUPPORTED_TYPES = (nn.Linear, Conv1D)  # what can be a router or a target
 
 # Config attributes that give a layer count (HF's attribute maps cover most aliases; these are the rest).
 _LAYER_COUNT_FIELDS = (
     "num_hidden_layers", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers", "n_layer", "n_layers"
 )
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or HF ``Conv1D`` (whose weight is stored ``[d_in, d_out]``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.nf
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What kind of model is patched; it decides an edit batch's labels and how keys are read.
+
+    Attributes:
+        causal_lm: a decoder-only model that generates: labels ``[N, T]`` with -100 on the prompt, and
+            the key is read at the last prompt token.
+        seq2seq: an encoder-decoder: labels ``[N, T_target]`` of decoder tokens.
+        Neither: a classifier (labels ``[N]`` class ids).
+    """
+
+    causal_lm: bool
+    seq2seq: bool
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelKind:
+        """The kind of a Hugging Face model (not a PEFT wrapper: pass its base model)."""
+        seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        can_generate = hasattr(model, "can_generate") and model.can_generate()
+        return cls(causal_lm=can_generate and not seq2seq, seq2seq=seq2seq)
 
 
 class NoDefaultModules(ValueError):

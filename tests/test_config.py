@@ -1,4 +1,6 @@
-"""MeloConfig: JSON round-trip, validation, defaults per architecture."""
+"""MeloConfig: JSON round-trip, validation, its three parts, defaults per architecture."""
+
+import dataclasses
 
 import pytest
 
@@ -59,3 +61,33 @@ def test_every_family_patches_with_defaults(name):
     editor = melo_fast.patch(family.model)
     assert editor.config.router and editor.config.targets
     assert set(editor.lora_layers) == set(editor.config.targets)
+
+
+def test_the_three_parts_and_the_backend_partition_the_fields():
+    from melo_fast.config import MeloConfig, PatchSpec, RadiusPolicy, TrainSettings
+
+    parts = [{f.name for f in dataclasses.fields(part)} for part in (PatchSpec, TrainSettings, RadiusPolicy)]
+    every = {f.name for f in dataclasses.fields(MeloConfig)}
+    assert sum(len(p) for p in parts) + 1 == len(every)  # disjoint, and the backend besides
+    assert set().union(*parts) | {"backend"} == every
+
+
+def test_the_parts_read_the_current_fields():
+    config = melo_fast.MeloConfig(targets="h.2.mlp.c_fc", init_radius=0.5)
+    assert config.targets == ["h.2.mlp.c_fc"] and config.patch_spec.targets == ("h.2.mlp.c_fc",)
+    assert config.radius_policy.absolute == 0.5 and melo_fast.MeloConfig().radius_policy.absolute is None
+    assert melo_fast.MeloConfig(relative_radius=0.2).radius_policy.from_key_scale(3.0) == 0.2 * 3.0
+    config.num_iter = 7  # the editor reads the settings at each edit
+    assert config.train_settings.num_iter == 7
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.patch_spec.scale = 1.0
+
+
+def test_patch_spec_differences_name_what_differs_as_reload_reports_it():
+    here = melo_fast.MeloConfig(router="h.1.mlp.c_fc", targets=["h.2.mlp.c_fc"], num_iter=5).patch_spec
+    saved = melo_fast.MeloConfig(router="h.1.mlp.c_fc", targets=["h.3.mlp.c_fc"], scale=4.0).patch_spec
+    assert here.differences(saved) == [
+        "targets: saved ['h.3.mlp.c_fc'], here ['h.2.mlp.c_fc']",
+        "scale: saved 4.0, here 20.0",
+    ]
+    assert here.differences(here) == []

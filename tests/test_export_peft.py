@@ -1,7 +1,7 @@
 """Exported blocks served by a real consumer (PEFT's mixed-batch forward) give the patched model's outputs.
 
 Plus the export's own promises: the scale reproduced by lora_alpha, PEFT's file layout, and the
-folder rules of melo_fast.export (never destructive, the old or the new export always in place).
+folder rules of melo_fast.io.export (never destructive, the old or the new export always in place).
 """
 
 import copy
@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 import melo_fast
-from melo_fast import checkpoint, export
+from melo_fast.io import checkpoint, export
 from tests.tiny_models import build
 
 EDITS = (["The capital of France is"], ["Rome"]), (["Water boils at"], ["fifty degrees"])

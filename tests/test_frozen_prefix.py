@@ -14,11 +14,10 @@ import pytest
 import torch
 
 import melo_fast
-from melo_fast.convergence import targets_predicted
-from melo_fast.editor import build_edit_batch
-from melo_fast.frozen_prefix import FrozenPrefix
-from melo_fast.layers import SUPPORTED_TYPES
-from melo_fast.targets import block_lists
+from melo_fast.editing import build_edit_batch
+from melo_fast.editing.convergence import targets_predicted
+from melo_fast.editing.frozen_prefix import FrozenPrefix
+from melo_fast.targets import SUPPORTED_TYPES, block_lists
 from tests.tiny_models import build
 
 PROMPTS = ["The capital of France is", "The sky is"]
@@ -68,7 +67,7 @@ def test_frozen_blocks_are_not_recomputed_after_the_first_step(caplog):
     editor.calibrate()
     computed = []
     handle = block_lists(family.model)[0][0].mlp.register_forward_hook(lambda *_: computed.append(1))
-    with caplog.at_level(logging.DEBUG, logger="melo_fast.frozen_prefix"):
+    with caplog.at_level(logging.DEBUG, logger="melo_fast.editing.frozen_prefix"):
         result = editor.edit_texts(PROMPTS, _targets(family), family.tokenizer)
     handle.remove()
     assert result.steps == 6
@@ -80,7 +79,7 @@ def test_a_target_in_the_first_block_trains_with_the_full_forward(caplog):
     family = build("gpt2")
     config = melo_fast.MeloConfig(router="h.0.mlp.c_fc", targets=["h.0.mlp.c_proj", "h.1.mlp.c_fc"], num_iter=4)
     editor = melo_fast.patch(family.model, config, tokenizer=family.tokenizer)
-    with caplog.at_level(logging.DEBUG, logger="melo_fast.frozen_prefix"):
+    with caplog.at_level(logging.DEBUG, logger="melo_fast.editing.frozen_prefix"):
         editor.edit_texts(PROMPTS, _targets(family), family.tokenizer)
     assert "no block finishes before the first target starts" in caplog.text
 
@@ -102,7 +101,7 @@ def test_a_block_that_modifies_a_recorded_output_in_place_stops_the_replay(caplo
         config = melo_fast.MeloConfig(num_iter=5, stop_loss=None, cache_frozen_prefix=cache)
         editor = melo_fast.patch(family.model, config, tokenizer=family.tokenizer)
         torch.manual_seed(1)
-        with caplog.at_level(logging.DEBUG, logger="melo_fast.frozen_prefix"):
+        with caplog.at_level(logging.DEBUG, logger="melo_fast.editing.frozen_prefix"):
             editor.edit_texts(PROMPTS, _targets(family), family.tokenizer)
         results[cache] = editor.blocks()
     assert "modified in place" in caplog.text

@@ -108,8 +108,8 @@ def test_tuning_sweep_dry_run_writes_every_sweep(tmp_path):
     if torch.cuda.is_available():
         pytest.skip("the dry run is the CPU stand-in")
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
-    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_tune.py"), "--dry-run", "--out", str(tmp_path)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_tune.py"), "--dry-run", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     report = json.loads((tmp_path / "gpu_tune.json").read_text())
     for row in report["lookup"]:

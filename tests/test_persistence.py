@@ -1,4 +1,4 @@
-"""Saving and loading never destroy data (melo_fast.checkpoint's guarantees), and bad saves fail clearly."""
+"""Saving and loading never destroy data (melo_fast.io.checkpoint's guarantees), and bad saves fail clearly."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import melo_fast
-from melo_fast import checkpoint
+from melo_fast.io import checkpoint
 from tests.tiny_models import build
 
 PROMPT = "The capital of France is"

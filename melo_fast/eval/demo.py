@@ -28,7 +28,7 @@ regenerated from the JSON report of the command it names; none is copied here):
   EVALUATION.md measures all three.
 - ``init_radius`` "auto": melo_fast's scale-free default, ``relative_radius`` (0.1) x the model's
   key scale, the median distance between the keys of built-in neutral prompts, measured before the
-  first edit (``melo_fast.calibration``). Nothing in it is fitted to the edit data. The paper's radii
+  first edit (``melo_fast.editing.calibration``). Nothing in it is fitted to the edit data. The paper's radii
   belong to other models' key spaces. A number given with ``--init-radius`` is used as is.
 - Optimizer: MELO's (Adam 1e-2, StepLR, 50 steps) with block scale 5 instead of MELO's 20 for
   zsRE; EVALUATION.md compares the two on the shipped set.

@@ -320,7 +320,7 @@ class SequentialEval:
             db = VectorDatabase(saved_db.dim, init_radius, device=saved_db.device)
             for b in range(len(self.batches)):
                 batch = self.task.edit_batch(self.batches[b])
-                db.insert(editor.keys(batch), editor._edit_labels(batch), b)
+                db.insert(editor.keys(batch), editor.edit_batch(batch).targets, b)
                 editor.replace_state(db, saved_blocks)
                 indices = self._batch_indices(b)
                 scores = self._score("edit", self.answerer.routed("edit", editor, indices), indices)

@@ -28,14 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from melo_fast.ops import vectorized
-from melo_fast.ops.triton import _interpreting
-from melo_fast.ops.triton._launch import gpu_tiles, launch, sm_count, use_torch_for_fp64
+from melo_fast.ops import torch_ops
+from melo_fast.ops.triton._launch import gpu_tiles, interpreting, launch, sm_count, use_torch_for_fp64
 
 # The Triton interpreter (3.9) multiplies the raw uint16 bits of bf16 operands in tl.dot, so under
 # the interpreter 16-bit keys take the fp32 dot path (numerically what the GPU's 16-bit dot does:
 # exact products, fp32 accumulation).
-_INTERPRET = _interpreting(triton)
+_INTERPRET = interpreting(triton)
 _UPCAST_DOT = _INTERPRET
 
 # Sentinel index for "no candidate": larger than any real center index (C < 2**31).
@@ -443,11 +442,11 @@ def vecdb_search_fwd(
 
 
 def vecdb_search(queries, centers, radii, point_offsets, points, point_blocks):
-    """The op, as :func:`melo_fast.ops.vecdb_search` calls it (shapes validated there)."""
+    """The op, as the backend runs it for :func:`melo_fast.ops.vecdb_search` (shapes validated there)."""
     if queries.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"triton backend: vecdb_search needs CUDA tensors, got {queries.device} (or set TRITON_INTERPRET=1)"
         )
     if use_torch_for_fp64("vecdb_search", queries, centers, points):
-        return vectorized.vecdb_search(queries, centers, radii, point_offsets, points, point_blocks)
+        return torch_ops.vecdb_search(queries, centers, radii, point_offsets, points, point_blocks)
     return vecdb_search_fwd(queries, centers, radii, point_offsets, points, point_blocks)

@@ -100,3 +100,16 @@ def key_scale(keys: torch.Tensor) -> float:
             "tell inputs apart (or overflowed). Choose another router, or set an absolute MeloConfig.init_radius."
         )
     return scale
+
+
+def local_tokenizer(model):
+    """The tokenizer saved beside a model loaded from a local folder, or None (never downloads)."""
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - no tokenizer there: the caller says what to do
+        return None

@@ -36,6 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from melo_fast.config import MeloConfig
+from melo_fast.io import files
 from melo_fast.vecdb import VectorDatabase
 from melo_fast.version import __version__
 
@@ -102,7 +103,7 @@ def write(
     weights_path, config_tmp = path / weights_name, path / f".{CONFIG_FILE}.{secrets.token_hex(6)}.tmp"
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights_path))
-        _fsync(weights_path)
+        files.fsync_file(weights_path)
         with open(config_tmp, "w") as f:
             f.write(json.dumps(meta, indent=2))
             f.flush()
@@ -114,14 +115,14 @@ def write(
         config_tmp.unlink(missing_ok=True)
         weights_path.unlink(missing_ok=True)
         raise
-    fsync_folder(path)
+    files.fsync_folder(path)
     if previous_weights is not None and previous_weights != weights_name:
         (path / previous_weights).unlink(missing_ok=True)
 
 
 def _check_destination(path: Path) -> str | None:
     """Refuse anything :func:`write` must not overwrite; return the weights file of an earlier save."""
-    if not refuse_foreign_destination(path, CONFIG_FILE, "melo_fast save", "save"):
+    if not files.refuse_foreign_destination(path, CONFIG_FILE, "melo_fast save", "save"):
         return None
     try:
         meta = json.loads((path / CONFIG_FILE).read_text())
@@ -144,53 +145,6 @@ def weights_file(meta: dict, config_file: Path) -> str:
             "by something else. Remove the folder or choose another path; nothing was changed"
         )
     return name
-
-
-def refuse_foreign_destination(path: Path, marker: str, kind: str, verb: str) -> bool:
-    """Refuse a destination where writing a ``kind`` folder could destroy someone else's data.
-
-    Shared by every writer that must never be destructive (a save here, a PEFT export in
-    ``melo_fast.export``). ``path`` may be new, an empty folder, or a folder holding the file
-    ``marker`` (an earlier ``kind``, which the caller may replace). Anything else (a file, a non-empty
-    folder without ``marker``) raises FileExistsError, naming ``verb`` and the folder's entries;
-    nothing is changed. Returns whether ``path`` holds ``marker``.
-    """
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(
-            f"melo_fast: cannot {verb} to {path}: it is a file. A {kind} is a folder; choose a new or empty "
-            f"folder, or an earlier {kind} folder to replace it"
-        )
-    if not path.is_dir():
-        return False
-    if (path / marker).is_file():
-        return True
-    entries = sorted(p.name for p in path.iterdir())
-    if entries:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise FileExistsError(
-            f"melo_fast: cannot {verb} to {path}: the folder is not empty ({shown}) and is not a {kind} "
-            f"(no {marker}). Choose a new or empty folder; nothing was changed"
-        )
-    return False
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_folder(path: Path) -> None:
-    """Make a folder's entries (new, renamed, removed files) durable; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the data files are already synced
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read(path) -> SavedEdits:
