@@ -210,4 +210,4 @@ def warmup(
     return triton_warmup(device, lora_shapes, key_dim, dtype=dtype, key_dtype=key_dtype, training=training)
 
 
-__all__ = ["BACKENDS", "backend_status", "block_lora", "vecdb_search", "warmup"]
+__all__ = ["BACKENDS", "backend_status", "block_lora", "resolve", "vecdb_search", "warmup"]

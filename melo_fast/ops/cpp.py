@@ -44,19 +44,20 @@ class CppBackend(KernelBackend):
     def hidden_width(self, rank):
         return rank
 
+    # The kernels run only on a backend that load() returned, so the extension is imported: they call
+    # it directly (reading the environment on every call would cost a decode step microseconds).
     def search_kernel(self, queries, centers, radii, point_offsets, points, point_blocks):
-        return _extension().vecdb_search(queries, centers, radii, point_offsets, points, point_blocks)
+        return _ext.vecdb_search(queries, centers, radii, point_offsets, points, point_blocks)
 
     def forward_kernel(self, x, A, B, block_ids, scale, base, save_hidden):
-        return _extension().block_lora_forward(x, A, B, block_ids, scale, base, save_hidden)
+        return _ext.block_lora_forward(x, A, B, block_ids, scale, base, save_hidden)
 
     def backward_kernel(self, grad_out, x, A, B, block_ids, scale, hidden, need_x, need_A, need_B):
-        return _extension().block_lora_backward(
-            grad_out.contiguous(), x, A, B, block_ids, scale, hidden, need_x, need_A, need_B
-        )
+        grad_out = grad_out.contiguous()
+        return _ext.block_lora_backward(grad_out, x, A, B, block_ids, scale, hidden, need_x, need_A, need_B)
 
     def inplace_kernel(self, x, A, B, block_ids, scale, base):
-        return _extension().block_lora_inplace(x, A, B, block_ids, scale, base)
+        return _ext.block_lora_inplace(x, A, B, block_ids, scale, base)
 
 
 _BACKEND = CppBackend("cpp")

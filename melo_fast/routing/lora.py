@@ -155,7 +155,14 @@ class BlockLoRAHook(nn.Module):
             inplace = not torch.is_grad_enabled() or not (
                 x.requires_grad or A.requires_grad or B.requires_grad or out.requires_grad
             )
-            out = ops.block_lora(x, A, B, ids, self.scale, base=out, backend=self.backend, inplace=inplace)
+            # The backend directly, not the public ops.block_lora: every tensor here is the hook's own, of the
+            # shapes and dtype it just made, and the output is the layer's fresh one (never aliasing its
+            # input), so the op's validation could not fail, while costing a decode step more than the kernel.
+            impl = ops.resolve(self.backend, x.device)
+            if inplace:
+                out = impl.block_lora_inplace(x, A, B, ids, self.scale, out)
+            else:
+                out = impl.block_lora(x, A, B, ids, self.scale, out)
         return out.reshape(output.shape)
 
     def extra_repr(self) -> str:

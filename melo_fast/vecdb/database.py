@@ -158,16 +158,16 @@ class VectorDatabase:
         Raises:
             ValueError: the keys' last dimension is not the database's ``dim``.
         """
-        if queries.shape[-1] != self.dim:
-            raise ValueError(f"VectorDatabase.search: keys have dim {queries.shape[-1]}, the database holds {self.dim}")
-        return ops.vecdb_search(
-            queries.to(self.device),
-            self.centers,
-            self.radii,
-            self.point_offsets,
-            self.points,
-            self.point_blocks,
-            backend=backend,
+        if queries.dim() != 2 or queries.shape[-1] != self.dim:
+            raise ValueError(
+                f"VectorDatabase.search: keys must be [Q, {self.dim}] for this database, got {tuple(queries.shape)}"
+            )
+        # The database's own tensors are consistent by construction (insert and from_state_dict build
+        # them), so only the keys need checking: the backend is called directly, without the public
+        # op's validation of all six tensors on every serving call.
+        impl = ops.resolve(backend, self.device)
+        return impl.vecdb_search(
+            queries.to(self.device), self.centers, self.radii, self.point_offsets, self.points, self.point_blocks
         )
 
     def stats(self) -> dict:
