@@ -287,13 +287,13 @@ def _target_programs(device: torch.device) -> int:
     return 2  # interpreter: every program instance costs milliseconds
 
 
-# GPU tile sizes, from benchmarks/gpu_tune.py on an H200 (benchmarks/gpu_tune.json; C = 1M, d = 768):
+# GPU tile sizes, from benchmarks/gpu_tune.py on an H200 (benchmarks/gpu/gpu_tune.json; C = 1M, d = 768):
 # fp32 keys multiply in TF32x3 (three TF32 tensor-core products per pair, about fp32 accuracy; see the
-# module docstring), which ran 3.5x faster than IEEE FMA dots (2.0 vs 7.1 ms at Q = 32); for up to
-# 16 queries 256-center tiles read the centers fastest (1.4 ms), for more queries 64-center tiles in
-# 4 warps. Three TF32 dots per tile need more registers than one: with 32 queries, ptxas 13.4 spills
-# every 128- and 256-center tile tried and the 64 x 64 one, so the 32-query tile reads 32 dims at a
-# time. 16-bit keys ran within 10% of each other over every tile tried, at ~2.3x the HBM floor.
+# module docstring). With up to 16 queries, 256-center tiles read the centers fastest: 1.44 ms against
+# 3.84 ms for IEEE FMA dots. With 32 queries the three dots need more registers than one, and ptxas
+# 13.4 spills the faster tiles tried (64 x 64 in 4 warps: 1.94 ms; 256 x 32), so the 32-query tile is
+# the fastest measured one that spills nothing: 128 x 32 in 8 warps, 2.57 ms against 7.14 ms.
+# 16-bit keys ran within 10% of each other over every tile tried, at ~2.3x the HBM floor.
 # `benchmarks/gpu_check.py --only compile` prints the ptxas report of every variant. The interpreter
 # prefers few, large tiles (its cost is per operation, not per element).
 
@@ -308,7 +308,7 @@ def scan_config(n_queries: int, n_centers: int, dim: int, dot_fp32: bool, on_gpu
         if dot_fp32:
             if block_q == 16:
                 return dict(BLOCK_Q=16, BLOCK_C=256, BLOCK_D=32, num_warps=8, num_stages=3, DOT_PRECISION="tf32x3")
-            return dict(BLOCK_Q=32, BLOCK_C=64, BLOCK_D=32, num_warps=4, num_stages=3, DOT_PRECISION="tf32x3")
+            return dict(BLOCK_Q=32, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=3, DOT_PRECISION="tf32x3")
         return dict(BLOCK_Q=block_q, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=3, DOT_PRECISION="ieee")
     return dict(
         BLOCK_Q=block_q,
