@@ -334,3 +334,28 @@ def test_max_length_truncates_prompts_never_targets(name):
     else:
         assert cut["input_ids"].shape[1] == 4
     assert torch.equal(cut["labels"][cut["labels"] != -100], full["labels"][full["labels"] != -100])
+
+
+@pytest.mark.parametrize("name, target, what", [
+    ("gpt2", None, "NoneType"), ("gpt2", 42, "int"), ("gpt2", ["a", "b"], "list"),
+    ("t5", None, "NoneType"), ("t5", 3.5, "float"),
+    ("bert", None, "NoneType"), ("bert", True, "bool"), ("bert", 1.0, "float"),
+])
+def test_a_target_that_is_not_text_is_refused_naming_the_row(name, target, what, monkeypatch):
+    """str(None) would train the answer " None": refused before any tokenization."""
+    family = build(name)
+    calls = []
+    monkeypatch.setattr(type(family.tokenizer), "__call__", lambda *a, **k: calls.append(a))
+    with pytest.raises(TypeError, match=rf"target 1 has type {what}\b"):
+        build_edit_batch(family.model, ["The sky is", "Grass is"], [1 if name == "bert" else "blue", target],
+                         family.tokenizer)
+    assert calls == []  # nothing was tokenized
+
+
+def test_classifier_targets_may_be_label_names_or_class_ids():
+    import numpy as np
+
+    family = build("bert")
+    family.model.config.label2id = {f"LABEL_{i}": i for i in range(6)}
+    batch = build_edit_batch(family.model, ["a", "b", "c"], ["LABEL_2", 3, np.int64(4)], family.tokenizer)
+    assert batch["labels"].tolist() == [2, 3, 4]

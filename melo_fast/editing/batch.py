@@ -9,6 +9,7 @@ The editor and the evaluation harness both use it.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -99,7 +100,8 @@ def build_edit_batch(model: nn.Module, prompts: list[str], targets: list, tokeni
     ``max_length`` (optional) truncates every prompt to that many tokens (on the tokenizer's
     truncation side) for every kind of model; targets are never truncated.
 
-    Raises TypeError unless ``prompts`` and ``targets`` are lists (or tuples) of the same length, and
+    Raises TypeError unless ``prompts`` and ``targets`` are lists (or tuples) of the same length, or naming
+    the index of a target that is not text (for classifiers: not a label name or an int class id), and
     ValueError naming the index of an empty or whitespace-only prompt or target, or an unknown label.
     """
     return dict(EditBatch.from_texts(model, prompts, targets, tokenizer, max_length).inputs)
@@ -146,6 +148,7 @@ def _tokenize(model: nn.Module, kind: ModelKind, prompts, targets, tokenizer, ma
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str) or not prompt.strip():
             raise ValueError(f"melo_fast: prompt {i} is {prompt!r}; every prompt must be non-empty text")
+    _check_target_types(kind, targets)
     for i, target in enumerate(targets):
         if isinstance(target, str) and not target.strip():
             raise ValueError(f"melo_fast: target {i} is {target!r}; every target must be non-empty")
@@ -154,14 +157,14 @@ def _tokenize(model: nn.Module, kind: ModelKind, prompts, targets, tokenizer, ma
     truncate = {"truncation": max_length is not None, "max_length": max_length}
     if kind.seq2seq:
         inputs = tokenizer(list(prompts), padding=True, return_tensors="pt", **truncate)
-        labels = tokenizer([str(t) for t in targets], padding=True, return_tensors="pt").input_ids
+        labels = tokenizer(list(targets), padding=True, return_tensors="pt").input_ids
         labels[labels == pad_id] = -100
         batch = {**inputs, "labels": labels}
     elif kind.causal_lm:
         rows = []
         for prompt, target in zip(prompts, targets, strict=True):
             prompt_ids = tokenizer(prompt, **truncate)["input_ids"]
-            target_ids = tokenizer(" " + str(target).lstrip(), add_special_tokens=False)["input_ids"]
+            target_ids = tokenizer(" " + target.lstrip(), add_special_tokens=False)["input_ids"]
             rows.append((prompt_ids, target_ids))
         length = max(len(p) + len(t) for p, t in rows)
         input_ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
@@ -177,6 +180,24 @@ def _tokenize(model: nn.Module, kind: ModelKind, prompts, targets, tokenizer, ma
         inputs = tokenizer(list(prompts), padding=True, return_tensors="pt", **truncate)
         batch = {**inputs, "labels": torch.tensor(_class_ids(model.config, targets), dtype=torch.long)}
     return {name: value.to(device) for name, value in batch.items()}
+
+
+def _check_target_types(kind: ModelKind, targets) -> None:
+    """Targets of generative models must be text; a classifier's may also be class ids (TypeError otherwise).
+
+    Tokenizing ``str(target)`` would train ``None`` as the answer " None" and ``["a", "b"]`` as
+    " ['a', 'b']": a silent wrong edit, so anything else is refused before any work.
+    """
+    generative = kind.causal_lm or kind.seq2seq
+    for i, target in enumerate(targets):
+        class_id = isinstance(target, numbers.Integral) and not isinstance(target, bool)
+        if isinstance(target, str) or (class_id and not generative):
+            continue
+        allowed = "text (str)" if generative else "label names (str) or class ids (int)"
+        raise TypeError(
+            f"melo_fast: target {i} has type {type(target).__name__} ({target!r:.60}); the targets of this "
+            f"{'model' if generative else 'classifier'} must be {allowed}"
+        )
 
 
 def _class_ids(config, targets) -> list[int]:

@@ -314,7 +314,8 @@ class MeloEditor:
         The tokenizer is remembered for measuring the key scale (``init_radius="auto"``).
 
         Raises:
-            TypeError: ``prompts`` or ``targets`` is not a list.
+            TypeError: ``prompts`` or ``targets`` is not a list, or a target is not text (for a classifier:
+                not a label name or a class id); the message names the row.
             ValueError: no prompts, a different number of targets, an empty prompt or target; and
                 everything :meth:`edit` raises.
         """
