@@ -4,8 +4,9 @@
   model stays patched; a saved edit state fits only a model patched the same way, which is what
   ``editor.reload`` compares.
 - :class:`TrainSettings`: how one block is trained (Adam's learning rate, steps, StepLR schedule, when to
-  stop early, the frozen-prefix replay). Read at each edit, so changing ``editor.config.num_iter``
-  changes the next edit.
+  stop early, the frozen-prefix replay). Read at each edit, so
+  ``editor.config = editor.config.replace(num_iter=10)`` changes the next edit (the only part a live
+  editor lets change).
 - :class:`RadiusPolicy`: how the radius of a new cluster is chosen (absolute, or relative to the
   measured key scale). The radius it resolves to lives in one place, the database
   (``VectorDatabase.init_radius``), and is saved with the edits.
@@ -13,13 +14,16 @@
   with one backend loads with any).
 
 Users write and save the flat fields of :class:`MeloConfig`; the parts are read from it and validate
-their own fields.
+their own fields. A config is frozen once made (``replace`` gives a changed copy): an editor's config
+always describes what is patched, and a bad value is refused when the config is made, not at the edit
+that would use it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 
 from melo_fast.ops import BACKENDS
@@ -32,7 +36,8 @@ def _fail(name: str, value, allowed: str):
 
 
 def _positive_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+    """A finite number > 0 (an infinite scale or radius is as unusable as a negative one)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _positive_int(value) -> bool:
@@ -94,8 +99,10 @@ class TrainSettings:
     scheduler_gamma: float
 
     def __post_init__(self):
-        if not _positive_number(self.edit_lr):
-            _fail("edit_lr", self.edit_lr, "must be a number > 0")
+        # Adam's steps are about lr in size whatever the gradient's scale: above 1 one step outweighs
+        # the block's own initial values (kaiming A: ~1/sqrt(d_in); B: 0), so training would diverge.
+        if not _positive_number(self.edit_lr) or self.edit_lr > 1:
+            _fail("edit_lr", self.edit_lr, "must be a number in (0, 1] (Adam's steps are lr-sized)")
         if not _positive_int(self.num_iter):
             _fail("num_iter", self.num_iter, "must be an int >= 1")
         if self.stop_loss is not None and not _positive_number(self.stop_loss):
@@ -135,16 +142,16 @@ class RadiusPolicy:
         return self.relative_radius * key_scale
 
 
-@dataclass
+@dataclass(frozen=True)
 class MeloConfig:
-    """Configuration of one patched model.
+    """Configuration of one patched model; frozen (change a copy: :meth:`replace`).
 
     Attributes:
         router: name of the module whose output gives each input's key (MELO's "grace layer").
             ``None``: found from the model's structure (see ``melo_fast.targets``).
             A suffix is enough when it is unique (``"h.3.mlp.c_fc"``).
-        targets: names of the ``nn.Linear`` / HF ``Conv1D`` modules that get a block LoRA.
-            ``None``: found from the model's structure.
+        targets: names of the ``nn.Linear`` / HF ``Conv1D`` modules that get a block LoRA (a list or
+            a single name may be given; kept as a tuple). ``None``: found from the model's structure.
         rank_per_block: rank ``k`` of one block (one edit batch trains one block).
         init_radius: radius of a new cluster in the key space (Euclidean). ``"auto"`` (default):
             ``relative_radius`` × the model's key scale, measured once before the first edit on
@@ -155,7 +162,7 @@ class MeloConfig:
             ``"mean"`` over real tokens, or an int index into the padded sequence (``-1`` is what
             the MELO paper's released implementation uses). For causal-LM edits the prompt
             (labels == -100) is the sequence.
-        edit_lr: Adam learning rate of one edit.
+        edit_lr: Adam learning rate of one edit, in (0, 1].
         num_iter: the most optimization steps per edit batch (MELO: always this many).
         stop_loss: stop an edit before ``num_iter`` steps once every target token is the model's
             argmax (teacher-forced) and the loss is below this (``melo_fast.editing.convergence``).
@@ -180,7 +187,7 @@ class MeloConfig:
     """
 
     router: str | None = None
-    targets: list[str] | None = None
+    targets: tuple[str, ...] | None = None
     rank_per_block: int = 4
     init_radius: float | str = "auto"
     relative_radius: float = 0.1
@@ -196,17 +203,20 @@ class MeloConfig:
     backend: str | None = None
 
     def __post_init__(self):
+        # A single name, or a list (JSON gives one): kept as a tuple, so a frozen config stays unchanged.
+        if isinstance(self.targets, str):
+            object.__setattr__(self, "targets", (self.targets,))
+        elif isinstance(self.targets, list):
+            object.__setattr__(self, "targets", tuple(self.targets))
         self.validate()
 
     def validate(self) -> None:
-        """Check every field (a single target name given as a str becomes a one-item list).
+        """Check every field (done when the config is made).
 
         Raises:
             ValueError: a field has a bad value; the message names the field, the value and what is
                 allowed.
         """
-        if isinstance(self.targets, str):
-            self.targets = [self.targets]
         for part in (PatchSpec, TrainSettings, RadiusPolicy):
             part(**self._fields_of(part))  # each part validates its own fields
         if self.backend is not None and self.backend not in BACKENDS:
@@ -228,7 +238,11 @@ class MeloConfig:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(part)}
 
     def to_dict(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """The fields as plain JSON values (``targets`` as a list)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        if data["targets"] is not None:
+            data["targets"] = list(data["targets"])
+        return data
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)

@@ -295,7 +295,7 @@ def test_route_and_keys_need_the_input_dict(gpt2):
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_edit_works_from_a_serving_loop_without_gradients(gpt2, mode):
     family, editor = gpt2
-    editor.config.num_iter = 20
+    editor.config = editor.config.replace(num_iter=20)
     context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
     with context:
         batch = build_edit_batch(family.model, ["The capital of France is"], ["Rome"], family.tokenizer)
@@ -308,7 +308,7 @@ def test_edit_works_from_a_serving_loop_without_gradients(gpt2, mode):
 def test_route_agrees_with_generate_on_left_padded_batches(gpt2):
     """GPT-2 has absolute positions: generate() derives them from the attention mask; so must route()."""
     family, editor = gpt2
-    editor.config.num_iter = 20
+    editor.config = editor.config.replace(num_iter=20)
     editor.edit_texts(["The capital of France is"], ["Rome"], family.tokenizer)
     family.tokenizer.padding_side = "left"
     longer = "Dogs bark loudly at the moon on every single night"  # so the edited prompt gets left padding
@@ -359,3 +359,15 @@ def test_classifier_targets_may_be_label_names_or_class_ids():
     family.model.config.label2id = {f"LABEL_{i}": i for i in range(6)}
     batch = build_edit_batch(family.model, ["a", "b", "c"], ["LABEL_2", 3, np.int64(4)], family.tokenizer)
     assert batch["labels"].tolist() == [2, 3, 4]
+
+
+def test_token_ids_that_are_not_integers_are_refused_naming_the_dtype(gpt2):
+    family, editor = gpt2
+    batch = build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer)
+    with pytest.raises(ValueError, match=r"input_ids.*torch.float32.*token ids"):
+        editor.edit({**batch, "input_ids": batch["input_ids"].float()})
+    inputs = family.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    for call in (editor.route, editor.keys, editor.adapter_names):
+        with pytest.raises(ValueError, match=r"input_ids.*torch.float64.*token ids"):
+            call({**inputs, "input_ids": inputs["input_ids"].double()})
+    assert editor.num_blocks == 0

@@ -146,7 +146,7 @@ def test_cli_reports_a_bad_data_file_without_traceback(tmp_path):
 def test_presets_are_valid_configs():
     config, batch_size = preset("t5-small-ssm-nq")
     assert (config.rank_per_block, config.scale, config.init_radius, batch_size) == (2, 20.0, 75.0, 100)
-    assert preset("gpt2-xl")[0].targets == ["transformer.h.36.mlp.c_fc", "transformer.h.37.mlp.c_fc"]
+    assert preset("gpt2-xl")[0].targets == ("transformer.h.36.mlp.c_fc", "transformer.h.37.mlp.c_fc")
     assert set(PRESETS) == {"t5-small-ssm-nq", "scotus-bert", "gpt2-xl"}
 
 

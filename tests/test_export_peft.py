@@ -116,7 +116,7 @@ def test_adapter_files_are_those_peft_writes_and_routing_loads(gpt2_editor, tmp_
     assert sorted(p.name for p in path.iterdir()) == ["block_0001", export.MANIFEST, export.ROUTING]
     config = json.loads((path / "block_0001" / export.ADAPTER_CONFIG).read_text())
     assert (config["r"], config["lora_alpha"], config["fan_in_fan_out"]) == (4, 80.0, True)  # Conv1D
-    assert config["target_modules"] == editor.config.targets
+    assert config["target_modules"] == list(editor.config.targets)
 
     # PEFT's own save of a LoRA with this config: the same tensor names, shapes and dtypes.
     reference = peft.get_peft_model(build("gpt2").model, peft.LoraConfig(**{

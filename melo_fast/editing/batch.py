@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from melo_fast.routing.keys import check_token_ids
 from melo_fast.targets import ModelKind
 
 
@@ -38,8 +39,8 @@ class EditBatch:
         Raises:
             TypeError: ``batch`` is not a dict (a Mapping).
             ValueError: no labels, a tensor on another device than ``device``, a scalar, an empty batch,
-                entries that disagree on the batch size, or labels of the wrong shape for ``kind`` or
-                that leave a row without a target (the message names the rows).
+                entries that disagree on the batch size, token ids that are not integers, or labels of the
+                wrong shape for ``kind`` or that leave a row without a target (the message names the rows).
         """
         if not isinstance(batch, Mapping):
             raise TypeError(f"melo_fast: an edit batch is the dict the model takes, got {type(batch).__name__}")
@@ -64,6 +65,7 @@ class EditBatch:
             raise ValueError("melo_fast: the edit batch is empty")
         if len(sizes) != 1:
             raise ValueError(f"melo_fast: batch entries disagree on the batch size: {sorted(sizes)}")
+        check_token_ids(batch, "batch")
         _check_labels(batch["labels"], batch.get("input_ids"), kind)
         return cls(batch, kind)
 

@@ -24,6 +24,7 @@ another block is open.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -33,7 +34,7 @@ import torch
 from torch import nn
 
 from melo_fast import ops
-from melo_fast.config import MeloConfig
+from melo_fast.config import MeloConfig, TrainSettings
 from melo_fast.editing import calibration
 from melo_fast.editing.batch import EditBatch
 from melo_fast.editing.block import OpenBlock
@@ -94,7 +95,7 @@ class MeloEditor:
         tokenizer=None,
     ):
         self.model = model
-        self.config = config
+        self._config = config
         self.routing = routing
         self.router = router
         self.lora_layers = lora_layers
@@ -106,6 +107,41 @@ class MeloEditor:
         # Serializes edits, commits and reloads of this model (an RLock: edit() holds it around
         # open_block/commit). Inference never takes it.
         self._lock = threading.RLock()
+
+    @property
+    def config(self) -> MeloConfig:
+        """What the model is patched with, and how the next edit trains (a frozen :class:`MeloConfig`)."""
+        return self._config
+
+    @config.setter
+    def config(self, config: MeloConfig) -> None:
+        """Train the next edits with other settings: ``editor.config = editor.config.replace(num_iter=10)``.
+
+        Only the training settings (:class:`~melo_fast.config.TrainSettings`) may change: the hooks,
+        the blocks and the database were made for the rest. Waits for an edit in progress.
+
+        Raises:
+            TypeError: ``config`` is not a MeloConfig.
+            ValueError: another field differs (the message names it); nothing changes.
+        """
+        if not isinstance(config, MeloConfig):
+            raise TypeError(
+                f"melo_fast: editor.config takes a MeloConfig (editor.config.replace(...)), got {type(config).__name__}"
+            )
+        trainable = {f.name for f in dataclasses.fields(TrainSettings)}
+        fixed = [
+            f"MeloConfig.{f.name} ({getattr(self._config, f.name)!r} -> {getattr(config, f.name)!r})"
+            for f in dataclasses.fields(MeloConfig)
+            if f.name not in trainable and getattr(config, f.name) != getattr(self._config, f.name)
+        ]
+        if fixed:
+            raise ValueError(
+                f"melo_fast: {', '.join(fixed)} {'is' if len(fixed) == 1 else 'are'} fixed while the model is "
+                f"patched; a live editor takes new training settings only ({', '.join(sorted(trainable))}). "
+                "For the others patch anew: melo_fast.unpatch(model), then melo_fast.patch(model, config)"
+            )
+        with self._lock:
+            self._config = config
 
     @property
     def state(self) -> EditState:

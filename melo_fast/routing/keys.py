@@ -93,6 +93,30 @@ def with_generation_positions(model: nn.Module, inputs: Mapping[str, torch.Tenso
     return {**inputs, "position_ids": positions.masked_fill(mask == 0, 1)}
 
 
+TOKEN_ID_INPUTS = ("input_ids", "decoder_input_ids")
+
+
+def check_token_ids(inputs: Mapping[str, torch.Tensor], what: str) -> None:
+    """Token ids must be integers: a float tensor would reach the embedding and fail there with an error
+    that does not say which input is wrong.
+
+    Raises:
+        ValueError: ``inputs["input_ids"]`` (or ``decoder_input_ids``) is a float, complex or bool tensor;
+            the message names ``what`` (the argument) and the dtype.
+    """
+    for name in TOKEN_ID_INPUTS:
+        ids = inputs.get(name)
+        if isinstance(ids, torch.Tensor) and not _is_integer(ids.dtype):
+            raise ValueError(
+                f"melo_fast: {what}[{name!r}] is {ids.dtype}; token ids must be an integer tensor (torch.long, as "
+                "the tokenizer gives them)"
+            )
+
+
+def _is_integer(dtype: torch.dtype) -> bool:
+    return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+
+
 def read_keys(
     model: nn.Module, routing: Routing, router: str, inputs: Mapping[str, torch.Tensor], causal_lm: bool
 ) -> torch.Tensor:
@@ -100,6 +124,7 @@ def read_keys(
 
     Raises:
         TypeError: ``inputs`` is not the dict the model takes.
+        ValueError: token ids that are not integers (:func:`check_token_ids`).
         RuntimeError: the router did not run in the model's forward pass.
     """
     if not isinstance(inputs, Mapping):
@@ -107,6 +132,7 @@ def read_keys(
             f"melo_fast: keys()/route() take the dict the model takes (e.g. tokenizer(..., return_tensors='pt')), "
             f"got {type(inputs).__name__}"
         )
+    check_token_ids(inputs, "inputs")
     if causal_lm:
         inputs = with_generation_positions(model, inputs)
     was_training = model.training
