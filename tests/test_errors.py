@@ -371,3 +371,33 @@ def test_token_ids_that_are_not_integers_are_refused_naming_the_dtype(gpt2):
         with pytest.raises(ValueError, match=r"input_ids.*torch.float64.*token ids"):
             call({**inputs, "input_ids": inputs["input_ids"].double()})
     assert editor.num_blocks == 0
+
+
+def test_an_editor_detached_by_unpatch_says_so_and_still_saves_its_edits(gpt2, tmp_path):
+    family, editor = gpt2
+    editor.edit_texts(PROMPTS[:1], TARGETS[:1], family.tokenizer)
+    editor.save(tmp_path / "before")
+    melo_fast.unpatch(family.model)
+    batch = build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer)
+    inputs = family.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    calls = {
+        "edit": lambda: editor.edit(batch),
+        "edit_texts": lambda: editor.edit_texts(PROMPTS, TARGETS, family.tokenizer),
+        "open_block": lambda: editor.open_block(batch),
+        "commit": editor.commit,
+        "abort": editor.abort,
+        "route": lambda: editor.route(inputs),
+        "keys": lambda: editor.keys(inputs),
+        "adapter_names": lambda: editor.adapter_names(inputs),
+        "calibrate": lambda: editor.calibrate(family.tokenizer),
+        "warmup": editor.warmup,
+        "reload": lambda: editor.reload(tmp_path / "before"),
+        "replace_state": lambda: editor.replace_state(editor.db, editor.blocks()),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"detached from its model by unpatch\(\).*melo_fast.load") as error:
+            call()
+        assert "did not run" not in str(error.value), name
+    editor.save(tmp_path / "after")  # its committed edits stay savable and exportable
+    assert editor.export_peft(tmp_path / "export") == {0: "block_0000"}
+    assert melo_fast.load(family.model, tmp_path / "after").num_blocks == 1

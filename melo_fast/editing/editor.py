@@ -81,6 +81,10 @@ class MeloEditor:
         routing: its routing (the published edit state, per-thread calls). router: the router's hook.
         lora_layers: target name → its :class:`~melo_fast.routing.BlockLoRAHook`.
         tokenizer: used to measure the key scale (``init_radius="auto"``), or None.
+
+    Once :func:`melo_fast.unpatch` (:meth:`close`) has detached it from the model, every method that
+    needs the model's hooks raises a RuntimeError saying so; :meth:`save` and :meth:`export_peft` still
+    write its committed edits (they read only those and the model's module names).
     """
 
     def __init__(
@@ -195,6 +199,7 @@ class MeloEditor:
         no block stays open.
         """
         with self._lock:
+            self._check_attached()
             if self._open is not None:
                 raise RuntimeError("melo_fast: a block is already open; commit() or abort() it first")
             checked = self.edit_batch(batch)
@@ -260,8 +265,8 @@ class MeloEditor:
     def close(self) -> None:
         """Remove everything :func:`melo_fast.patch` attached: the model is then exactly as before patching.
 
-        A block this thread opened is aborted first. :func:`melo_fast.unpatch` calls this; the editor
-        cannot edit afterwards.
+        A block this thread opened is aborted first. :func:`melo_fast.unpatch` calls this; afterwards the
+        editor can only save or export its committed edits (class docstring).
 
         Raises:
             RuntimeError: another thread has a block open (it may be training it right now: let it
@@ -269,13 +274,23 @@ class MeloEditor:
         """
         with self._lock:  # no edit can start between the check and the removal
             if self._closed:
-                raise RuntimeError("melo_fast: this editor is closed (its model was unpatched)")
+                raise RuntimeError("melo_fast: this editor was detached from its model already (unpatch() or close())")
             if self._open is not None:
                 self.abort()
             self._detach()
             self._closed = True
 
+    def _check_attached(self) -> None:
+        """Everything that reads or changes the model needs its hooks, which close() removed."""
+        if self._closed:
+            raise RuntimeError(
+                "melo_fast: this editor was detached from its model by unpatch() (or close()); it can still save() "
+                "its committed edits. To edit or route again, attach a new editor: melo_fast.load(model, path) "
+                "with a save of these edits, or melo_fast.patch(model)"
+            )
+
     def _check_opener(self, action: str) -> None:
+        self._check_attached()
         if self._open is None:
             raise RuntimeError("melo_fast: no block is open; call editor.open_block(batch) first")
         if self._open.thread != threading.get_ident():
@@ -355,6 +370,7 @@ class MeloEditor:
             ValueError: no prompts, a different number of targets, an empty prompt or target; and
                 everything :meth:`edit` raises.
         """
+        self._check_attached()
         batch = EditBatch.from_texts(self.model, prompts, targets, tokenizer, max_length=max_length)
         if self.tokenizer is None:
             self.tokenizer = tokenizer
@@ -374,6 +390,7 @@ class MeloEditor:
         Returns:
             The number of warm-up calls made.
         """
+        self._check_attached()
         if self.config.backend not in (None, "triton"):
             return 0
         # Targets may differ in dtype or device (a model split over GPUs): warm each group up where it runs.
@@ -399,6 +416,7 @@ class MeloEditor:
                 model), or neutral-prompt keys whose median distance is 0 or not finite (no scale to measure).
         """
         with self._lock:
+            self._check_attached()
             if tokenizer is not None:
                 self.tokenizer = tokenizer
             radius, scale = self._radius()
@@ -432,6 +450,7 @@ class MeloEditor:
         For decoder-only models a left-padded batch gets ``position_ids`` from its attention mask, as
         ``generate()`` derives them, so the keys are the ones generation will route with.
         """
+        self._check_attached()
         return read_keys(self.model, self.routing, self.config.router, inputs, self.kind.causal_lm)
 
     def route(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
@@ -485,6 +504,7 @@ class MeloEditor:
             ValueError: the save is corrupt or was made with another patch (the message names what differs).
             RuntimeError: a block is open (commit or abort it first).
         """
+        self._check_attached()
         saved = checkpoint.read(path)
         different = self.config.patch_spec.differences(saved.config.patch_spec)
         if different:
@@ -503,6 +523,7 @@ class MeloEditor:
         Raises ValueError (state unchanged) when anything does not fit this model.
         """
         with self._lock:
+            self._check_attached()
             if self._open is not None:
                 raise RuntimeError("melo_fast: commit() or abort() the open block before replacing the edit state")
             state, banks = restored_state(database, blocks, self.lora_layers, self.db, self.config.router)
