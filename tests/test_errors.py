@@ -401,3 +401,28 @@ def test_an_editor_detached_by_unpatch_says_so_and_still_saves_its_edits(gpt2, t
     editor.save(tmp_path / "after")  # its committed edits stay savable and exportable
     assert editor.export_peft(tmp_path / "export") == {0: "block_0000"}
     assert melo_fast.load(family.model, tmp_path / "after").num_blocks == 1
+
+
+def test_copying_or_pickling_a_patched_model_says_how_to_copy_it(gpt2, tmp_path):
+    import copy
+    import pickle
+
+    family, editor = gpt2
+    editor.edit_texts(PROMPTS[:1], TARGETS[:1], family.tokenizer)
+    how = r"cannot be copied or pickled.*editor.save\(path\).*melo_fast.unpatch\(model\).*melo_fast.load"
+    for attempt in (lambda: copy.deepcopy(family.model), lambda: pickle.dumps(family.model),
+                    lambda: copy.deepcopy(editor), lambda: pickle.dumps(editor),
+                    lambda: pickle.dumps(family.model.generate)):
+        with pytest.raises(TypeError, match=how):
+            attempt()
+    assert set(family.model.state_dict()) == set(build("gpt2").model.state_dict())  # state_dict is unchanged
+
+    # The recipe the message gives: two independent patched models with the same edits.
+    editor.save(tmp_path / "edits")
+    melo_fast.unpatch(family.model)
+    twin = copy.deepcopy(family.model)
+    original, copied = melo_fast.load(family.model, tmp_path / "edits"), melo_fast.load(twin, tmp_path / "edits")
+    copied.edit_texts(["Water boils at"], ["fifty"], family.tokenizer)
+    assert (original.num_blocks, copied.num_blocks) == (1, 2)
+    inputs = family.tokenizer(PROMPTS[:1], return_tensors="pt")
+    assert original.route(inputs).tolist() == copied.route(inputs).tolist() == [0]

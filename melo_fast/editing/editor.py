@@ -41,7 +41,7 @@ from melo_fast.editing.block import OpenBlock
 from melo_fast.editing.restore import restored_state
 from melo_fast.editing.training import train_block
 from melo_fast.io import checkpoint, export
-from melo_fast.routing import BlockLoRAHook, EditState, RouterHook, Routing
+from melo_fast.routing import BlockLoRAHook, EditState, RefusesCopy, RouterHook, Routing
 from melo_fast.routing.keys import read_keys
 from melo_fast.targets import ModelKind
 from melo_fast.vecdb import COINCIDE_FRACTION, InsertCounts, VectorDatabase, coinciding_conflicts
@@ -73,7 +73,7 @@ class EditResult:
     seconds: float
 
 
-class MeloEditor:
+class MeloEditor(RefusesCopy):
     """The editing handle of one patched model (returned by :func:`melo_fast.patch`).
 
     Attributes:

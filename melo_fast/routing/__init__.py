@@ -7,7 +7,7 @@ per-thread routing of a call; ``state.py`` the immutable :class:`EditState` that
 here imports the editing side.
 """
 
-from melo_fast.routing.calls import Call, KeysCaptured, Routing
+from melo_fast.routing.calls import Call, KeysCaptured, RefusesCopy, Routing
 from melo_fast.routing.entry import EntryHook, GenerateWrapper
 from melo_fast.routing.keys import extract_keys
 from melo_fast.routing.lora import BlockLoRAHook
@@ -21,6 +21,7 @@ __all__ = [
     "EntryHook",
     "GenerateWrapper",
     "KeysCaptured",
+    "RefusesCopy",
     "RouterHook",
     "Routing",
     "extract_keys",

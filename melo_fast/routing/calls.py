@@ -59,12 +59,31 @@ class Call:
     sticky: bool = False
 
 
+class RefusesCopy:
+    """Mixin of every object a patched model reaches (hooks, routing, editor, generate wrapper): ``copy.deepcopy``
+    and ``pickle`` raise a TypeError that says how to copy a patched model.
+
+    A copy would not be an independent patched model: the hooks share one routing (a thread-local call
+    state, the published edit state that commits replace while other threads serve) and the editor's
+    lock, and a copy taken while a commit runs could pair one state's database with another's blocks.
+    A save is the consistent snapshot, and loading it attaches fresh hooks.
+    """
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(
+            "melo_fast: a patched model (and its editor) cannot be copied or pickled: its hooks share one live "
+            "edit state. To copy it: editor.save(path); melo_fast.unpatch(model); copy (or pickle) the model; then "
+            "melo_fast.load(model, path) and melo_fast.load(copy, path). model.state_dict() works as usual (the "
+            "model's own weights; the edits are what editor.save writes)"
+        )
+
+
 def _inside_backward() -> bool:
     """True while autograd runs a backward pass on this thread (e.g. activation checkpointing's recompute)."""
     return torch._C._current_graph_task_id() != -1
 
 
-class Routing:
+class Routing(RefusesCopy):
     """Routing state of one patched model.
 
     Attributes:

@@ -9,11 +9,11 @@ import warnings
 import torch
 from torch import nn
 
-from melo_fast.routing.calls import Routing
+from melo_fast.routing.calls import RefusesCopy, Routing
 from melo_fast.routing.keys import prompt_end
 
 
-class EntryHook:
+class EntryHook(RefusesCopy):
     """Forward pre-hook (with kwargs) on the model, and on its encoder for encoder-decoders, that
     starts a call's routing: batch size, attention mask, where causal-LM prompts end, and whether the
     call continues a generation (a filled KV cache, or encoder outputs passed in).
@@ -75,7 +75,7 @@ class EntryHook:
             )
 
 
-class GenerateWrapper:
+class GenerateWrapper(RefusesCopy):
     """Instance-level ``model.generate`` that routes once per generation; ``remove()`` undoes it."""
 
     def __init__(self, model: nn.Module, routing: Routing):

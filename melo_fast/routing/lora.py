@@ -15,11 +15,11 @@ from torch import nn
 
 from melo_fast import ops
 from melo_fast.bank import BlockBank, BlockChunk
-from melo_fast.routing.calls import Routing
+from melo_fast.routing.calls import RefusesCopy, Routing
 from melo_fast.targets import linear_shape
 
 
-class BlockLoRAHook(nn.Module):
+class BlockLoRAHook(RefusesCopy, nn.Module):
     """The forward hook of one ``nn.Linear`` / ``Conv1D`` target (attached as its child ``melo_lora``).
 
     Trained blocks live in ``bank`` (a :class:`~melo_fast.bank.BlockBank`, saved by the editor, not

@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from melo_fast.routing.calls import KeysCaptured, Routing
+from melo_fast.routing.calls import KeysCaptured, RefusesCopy, Routing
 from melo_fast.routing.keys import extract_keys
 
 
-class RouterHook(nn.Module):
+class RouterHook(RefusesCopy, nn.Module):
     """The forward hook of the router module (attached to it as its child ``melo_router``).
 
     Searches the edit state published in ``routing.published`` and records it in the call, so the
