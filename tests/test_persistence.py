@@ -137,11 +137,11 @@ def test_load_errors_name_the_file_and_leave_the_model_unpatched(edited, tmp_pat
 
     fresh = build("gpt2")
     weights.write_bytes(good[: len(good) // 2])  # truncated
-    with pytest.raises(ValueError, match=f"{weights.name} is not a readable safetensors file"):
+    with pytest.raises(ValueError, match=f"{weights.name} is corrupted"):
         melo_fast.load(fresh.model, path)
     assert getattr(fresh.model, "_melo_editor", None) is None
     weights.write_bytes(b"\x00" * 64)  # corrupt
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(ValueError, match=f"{weights.name} is corrupted"):
         melo_fast.load(fresh.model, path)
     weights.unlink()  # missing
     with pytest.raises(FileNotFoundError, match=f"{weights.name} is missing"):
@@ -161,6 +161,7 @@ def test_a_version_1_save_still_loads(edited, tmp_path):
     meta = json.loads((path / checkpoint.CONFIG_FILE).read_text())
     (path / meta.pop("weights_file")).rename(path / checkpoint.VERSION_1_WEIGHTS)
     meta["format_version"] = 1
+    del meta["sha256"]  # recorded since format 2
     (path / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
     fresh = build("gpt2")
     melo_fast.load(fresh.model, path)
@@ -221,3 +222,64 @@ def test_a_load_gives_up_clearly_while_saves_keep_replacing_the_folder(edited, t
     with pytest.raises(FileNotFoundError, match=f"replaced by another save each of the {checkpoint.READ_TRIES} times"):
         checkpoint.read(path)
     assert len(opened) == checkpoint.READ_TRIES
+
+
+def flip_last_byte(file):
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01  # inside the last tensor's data: safetensors still parses the file, a value changes
+    file.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_any_file_of_a_save_is_refused_on_load_and_reload(edited, tmp_path):
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    meta = json.loads((path / checkpoint.CONFIG_FILE).read_text())
+    weights = path / meta["weights_file"]
+    good_weights, good_config = weights.read_bytes(), (path / checkpoint.CONFIG_FILE).read_text()
+    serving = build("gpt2")
+    server = melo_fast.load(serving.model, path)
+    state = server.state
+
+    flip_last_byte(weights)
+    checkpoint.load_file(str(weights))  # still a readable safetensors file: only the checksum tells
+    corrupted = f"{re.escape(str(weights))} is corrupted"
+    fresh = build("gpt2")
+    with pytest.raises(ValueError, match=corrupted):
+        melo_fast.load(fresh.model, path)
+    assert getattr(fresh.model, "_melo_editor", None) is None
+    with pytest.raises(ValueError, match=corrupted):
+        server.reload(path)
+    assert server.state is state
+
+    weights.write_bytes(good_weights)
+    label = meta["database"]["labels"][0]
+    changed = good_config.replace(f"{label[0]}", f"{label[0] + 1}", 1)  # one digit of an edit's label
+    assert changed != good_config and json.loads(changed)["database"]["labels"][0] != label
+    (path / checkpoint.CONFIG_FILE).write_text(changed)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path / checkpoint.CONFIG_FILE))} is corrupted"):
+        melo_fast.load(fresh.model, path)
+    with pytest.raises(ValueError, match="corrupted"):
+        server.reload(path)
+    assert server.state is state
+
+    (path / checkpoint.CONFIG_FILE).write_text(good_config)  # repaired: loads
+    melo_fast.load(fresh.model, path)
+    assert torch.equal(logits(fresh), logits(family))
+
+
+def test_a_save_without_checksums_still_loads(edited, tmp_path):
+    """Saves written before checksums were recorded load unchecked."""
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    meta = json.loads((path / checkpoint.CONFIG_FILE).read_text())
+    del meta["sha256"]
+    (path / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
+    fresh = build("gpt2")
+    melo_fast.load(fresh.model, path)
+    assert torch.equal(logits(fresh), logits(family))
+    weights = path / meta["weights_file"]
+    weights.write_bytes(weights.read_bytes()[:100])  # unchecked, a truncation is still caught by the parser
+    with pytest.raises(ValueError, match=f"{weights.name} is not a readable safetensors file"):
+        melo_fast.load(build("gpt2").model, path)

@@ -1,8 +1,14 @@
 """The on-disk form of an edit state: config, blocks and database, written so no data is ever lost.
 
-A save folder holds ``melo_config.json`` (format version, MeloConfig, database metadata, and the
-name of the weights file) and ``melo_edits.<id>.safetensors`` (every block of every target and the
-database tensors).
+A save folder holds ``melo_config.json`` (format version, MeloConfig, database metadata, the name of
+the weights file, and checksums) and ``melo_edits.<id>.safetensors`` (every block of every target and
+the database tensors).
+
+Checksums (``"sha256"`` in ``melo_config.json``): the SHA-256 of the weights file, and of the config's
+own contents (every other entry, as JSON with sorted keys and no spaces). :func:`read` verifies both
+before it parses anything, so a flipped byte anywhere in a save is an error naming the file, not a
+changed block value or edit label. Saves written before checksums were recorded (no ``"sha256"``)
+are read unchecked.
 
 Guarantees of :func:`write`:
 
@@ -16,13 +22,14 @@ Guarantees of :func:`write`:
   the old one or the new one; at worst a crash leaves an unreferenced weights file behind;
 - files get the usual permissions (0644 under the usual umask; folders 0755), like ``save_pretrained``.
 
-:func:`read` checks everything that can be checked without the model and names the file and the
-problem in its errors. A reader racing a writer may find that the weights file its config named was
+:func:`read` checks everything that can be checked without the model (checksums included) and names
+the file and the problem in its errors. A reader racing a writer may find that the weights file its config named was
 just replaced and deleted; it then reads the new config again, up to ``READ_TRIES`` times in all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -46,6 +53,7 @@ CONFIG_FILE = "melo_config.json"
 VERSION_1_WEIGHTS = "melo_edits.safetensors"
 WEIGHTS_NAME = re.compile(r"melo_edits\.[0-9a-f]{12}\.safetensors")  # what write() names its weights file
 READ_TRIES = 5  # reads of the config by a reader that keeps finding its weights file replaced
+CHECKSUMS = "sha256"  # the config's entry: file name -> SHA-256 hex
 
 
 @dataclass
@@ -104,6 +112,8 @@ def write(
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights_path))
         files.fsync_file(weights_path)
+        meta = json.loads(json.dumps(meta))  # as a reader will parse it (tuples become lists), for the digest
+        meta[CHECKSUMS] = {weights_name: files.sha256_of(weights_path), CONFIG_FILE: _config_digest(meta)}
         with open(config_tmp, "w") as f:
             f.write(json.dumps(meta, indent=2))
             f.flush()
@@ -147,8 +157,23 @@ def weights_file(meta: dict, config_file: Path) -> str:
     return name
 
 
+def _config_digest(meta: dict) -> str:
+    """SHA-256 of a config's entries other than the checksums, as canonical JSON (sorted keys, no spaces)."""
+    entries = {key: value for key, value in meta.items() if key != CHECKSUMS}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def _check_sha256(file: Path, actual: str, recorded) -> None:
+    if actual != recorded:
+        raise ValueError(
+            f"melo_fast: {file} is corrupted (changed since it was saved: damaged on disk or in transfer, or edited "
+            f"by hand): its SHA-256 is not the one {CONFIG_FILE} recorded. Save the edits again, or restore the file "
+            "from a good copy"
+        )
+
+
 def read(path) -> SavedEdits:
-    """Read and check save folder ``path``. Errors name the file and what is wrong with it."""
+    """Read and check save folder ``path`` (the checksums first). Errors name the file and what is wrong with it."""
     path = Path(path)
     weights = None
     for _ in range(READ_TRIES):
@@ -157,7 +182,14 @@ def read(path) -> SavedEdits:
         if named == weights:  # the config still names the file that is gone: it is missing, not replaced
             raise FileNotFoundError(f"melo_fast: {weights} is missing (named by {path / CONFIG_FILE})")
         weights = named
+        checksums = meta.get(CHECKSUMS)
+        if checksums is not None:
+            _check_sha256(path / CONFIG_FILE, _config_digest(meta), _recorded(checksums, CONFIG_FILE))
         try:
+            if checksums is not None:
+                # Files are never rewritten under their name (each save writes a new one), so the bytes
+                # hashed here are the ones loaded next.
+                _check_sha256(weights, files.sha256_of(weights), _recorded(checksums, weights.name))
             tensors = load_file(str(weights))
             break
         except FileNotFoundError:
@@ -175,6 +207,10 @@ def read(path) -> SavedEdits:
         return _parse(meta, tensors)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"melo_fast: {path} is not a consistent melo_fast save: {err}") from err
+
+
+def _recorded(checksums, name: str):
+    return checksums.get(name) if isinstance(checksums, dict) else None
 
 
 def _read_meta(path: Path) -> dict:

@@ -1,11 +1,14 @@
 """Helpers of the writers that must never lose data (a save, ``checkpoint.py``; a PEFT export, ``export.py``):
-refuse a destination that holds someone else's data, and make what was written durable before it is
-published by a rename."""
+refuse a destination that holds someone else's data, make what was written durable before it is
+published by a rename, and checksum it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
+
+_READ_CHUNK = 2**20
 
 
 def refuse_foreign_destination(path: Path, marker: str, kind: str, verb: str) -> bool:
@@ -40,6 +43,15 @@ def fsync_file(path: Path) -> None:
     """Make a file's contents durable."""
     with open(path, "rb") as f:
         os.fsync(f.fileno())
+
+
+def sha256_of(path: Path) -> str:
+    """The SHA-256 of a file's contents, hex; read in 1 MiB pieces, so memory stays flat for any size."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while piece := f.read(_READ_CHUNK):
+            digest.update(piece)
+    return digest.hexdigest()
 
 
 def fsync_folder(path: Path) -> None:
