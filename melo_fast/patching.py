@@ -210,21 +210,27 @@ def unpatch(model: nn.Module) -> nn.Module:
     return model
 
 
-def load(model: nn.Module, path, tokenizer=None) -> MeloEditor:
+def load(model: nn.Module, path, tokenizer=None, check_model: bool = True) -> MeloEditor:
     """Patch ``model`` with the config saved in ``path`` and restore every block and the database.
 
-    The save is read and checked before the model is touched; if it does not fit the model, the
-    model is left unpatched. Returns the model's :class:`~melo_fast.MeloEditor`.
+    The save is read and checked (its checksums) before the model is touched; if it does not fit the
+    model, the model is left unpatched. Returns the model's :class:`~melo_fast.MeloEditor`.
+
+    Args:
+        check_model: refuse a save made on a model with other weights (the fingerprint a save records,
+            ``melo_fast.io.fingerprint``; a copy of the same weights in another dtype or on another
+            device passes). False skips that comparison, for a model whose weights you changed on purpose.
 
     Raises:
         FileNotFoundError: no melo_fast save at ``path``.
-        ValueError: the save is corrupt, or does not fit this model (the message says what differs).
+        ValueError: the save is corrupt, or does not fit this model, or was made on another model (the
+            message says what differs).
         RuntimeError / TypeError: as :func:`patch` (already patched; modules that do not fit).
     """
     saved = checkpoint.read(path)
     editor = patch(model, saved.config, tokenizer=tokenizer)
     try:
-        editor.replace_state(saved.database, saved.blocks)
+        editor.restore(saved, path, check_model)
     except BaseException as err:
         unpatch(model)
         if isinstance(err, ValueError):

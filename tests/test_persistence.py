@@ -283,3 +283,50 @@ def test_a_save_without_checksums_still_loads(edited, tmp_path):
     weights.write_bytes(weights.read_bytes()[:100])  # unchecked, a truncation is still caught by the parser
     with pytest.raises(ValueError, match=f"{weights.name} is not a readable safetensors file"):
         melo_fast.load(build("gpt2").model, path)
+
+
+def test_a_save_is_refused_on_another_model_unless_told(edited, tmp_path):
+    """The database holds one model's keys: on other weights an edited prompt would route to none."""
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    another = r"made on another model.*transformer\.h\.1\.mlp\.c_fc.*check_model=False"
+    other = build("gpt2", seed=1)  # same architecture, other weights
+    with pytest.raises(ValueError, match=another):
+        melo_fast.load(other.model, path)
+    assert getattr(other.model, "_melo_editor", None) is None
+    deeper = build("gpt2")
+    deeper = type(deeper.model)(deeper.model.config.__class__(**{**deeper.model.config.to_dict(), "n_layer": 6}))
+    with pytest.raises(ValueError, match="made on another model"):
+        melo_fast.load(deeper.eval(), path)
+    assert melo_fast.load(other.model, path, check_model=False).num_blocks == 1  # the explicit override
+
+    # reload: a serving editor refuses a save of another model's edits, state unchanged, unless told.
+    other_editor = melo_fast.patch(build("gpt2", seed=1).model, editor.config)
+    other_editor.save(tmp_path / "other")
+    state = editor.state
+    with pytest.raises(ValueError, match=another):
+        editor.reload(tmp_path / "other")
+    assert editor.state is state
+    editor.reload(tmp_path / "other", check_model=False)
+    assert editor.num_blocks == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_save_loads_on_a_copy_of_the_same_weights_in_another_dtype(edited, tmp_path, dtype):
+    family, editor = edited
+    editor.save(tmp_path / "fp32")
+    assert melo_fast.load(build("gpt2").model.to(dtype), tmp_path / "fp32").num_blocks == 1
+    low = melo_fast.patch(build("gpt2").model.to(dtype), editor.config)  # as a GPU bf16 model saves
+    low.save(tmp_path / "low")
+    melo_fast.load(build("gpt2").model, tmp_path / "low")  # onto the fp32 CPU copy
+
+
+def test_a_save_without_a_model_fingerprint_loads_on_any_model_that_fits(edited, tmp_path):
+    _, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    meta = json.loads((path / checkpoint.CONFIG_FILE).read_text())
+    del meta["model_fingerprint"], meta["sha256"]  # as saves before fingerprints were recorded
+    (path / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
+    assert melo_fast.load(build("gpt2", seed=1).model, path).num_blocks == 1

@@ -38,9 +38,11 @@ from melo_fast.config import MeloConfig, TrainSettings
 from melo_fast.editing import calibration
 from melo_fast.editing.batch import EditBatch
 from melo_fast.editing.block import OpenBlock
+from melo_fast.editing.restore import check_model as check_model_of
 from melo_fast.editing.restore import restored_state
 from melo_fast.editing.training import train_block
 from melo_fast.io import checkpoint, export
+from melo_fast.io.fingerprint import Fingerprint
 from melo_fast.routing import BlockLoRAHook, EditState, RefusesCopy, RouterHook, Routing
 from melo_fast.routing.keys import read_keys
 from melo_fast.targets import ModelKind
@@ -488,20 +490,26 @@ class MeloEditor(RefusesCopy):
                 not write (``../x``, an absolute path): it is neither read nor deleted.
         """
         state = self.routing.published  # one snapshot: database and blocks belong together
-        model_type = getattr(getattr(self.model, "config", None), "model_type", None)
-        checkpoint.write(path, self.config, state.database, self._blocks_of(state, "cpu"), model_type)
+        checkpoint.write(path, self.config, state.database, self._blocks_of(state, "cpu"), self._fingerprint())
 
-    def reload(self, path) -> None:
+    def _fingerprint(self) -> Fingerprint:
+        """The model's fingerprint, recorded in saves so that they load only onto this model's weights."""
+        return Fingerprint.of(self.model, [self.config.router, *self.config.targets])
+
+    def reload(self, path, check_model: bool = True) -> None:
         """Replace this editor's edit state (blocks and database) with the one saved in ``path``.
 
         Atomic while other threads run inference: one publish, as a commit. The save must come from
-        a model patched the same way (router, targets, rank, key position, scale, shapes); otherwise
-        a clear error and the state is unchanged. This is how edits trained in one process reach
-        the processes that serve.
+        a model patched the same way (router, targets, rank, key position, scale, shapes) and, unless
+        ``check_model=False``, from a model with these weights (its fingerprint,
+        ``melo_fast.io.fingerprint``: a copy in another dtype or on another device passes); otherwise
+        a clear error and the state is unchanged. This is how edits trained in one process reach the
+        processes that serve.
 
         Raises:
             FileNotFoundError: no melo_fast save at ``path``.
-            ValueError: the save is corrupt or was made with another patch (the message names what differs).
+            ValueError: the save is corrupt (a checksum differs), was made with another patch or on another
+                model (the message names what differs).
             RuntimeError: a block is open (commit or abort it first).
         """
         self._check_attached()
@@ -510,6 +518,17 @@ class MeloEditor(RefusesCopy):
         if different:
             details = ", ".join(different)
             raise ValueError(f"melo_fast: cannot reload {path}: it was made with another patch ({details})")
+        self.restore(saved, path, check_model)
+
+    def restore(self, saved: checkpoint.SavedEdits, path, check_model: bool = True) -> None:
+        """Publish the edit state of a save read from ``path`` (:meth:`reload`, :func:`melo_fast.load`).
+
+        Raises:
+            ValueError: ``check_model`` and the save was made on another model, or the state does not fit
+                (:meth:`replace_state`); nothing changes.
+        """
+        if check_model:
+            check_model_of(saved.fingerprint, self._fingerprint(), path)
         self.replace_state(saved.database, saved.blocks)
 
     def replace_state(self, database: VectorDatabase, blocks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
@@ -551,7 +570,7 @@ class MeloEditor(RefusesCopy):
             state = self.state
             blocks = self.blocks(device="cpu")  # gathered on the host: no second copy of the bank on a GPU
             if self.state is state:  # states are replaced, never modified: same object, same blocks
-                return export.Snapshot(self.model, self.config, self.kind, state, blocks)
+                return export.Snapshot(self.model, self.config, self.kind, state, blocks, self._fingerprint())
 
     def adapter_names(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
         """One exported adapter name per row of ``inputs`` (``"__base__"``: no edit applies), for PEFT's

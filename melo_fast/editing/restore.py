@@ -1,5 +1,5 @@
 """An edit state built elsewhere (a save, an evaluation's replay), checked against a patched model
-before ``MeloEditor.replace_state`` publishes it."""
+before ``MeloEditor.replace_state`` publishes it; and a save's model fingerprint against the model's."""
 
 from __future__ import annotations
 
@@ -8,8 +8,26 @@ from collections.abc import Mapping
 import torch
 
 from melo_fast.bank import BlockBank
+from melo_fast.io.fingerprint import Fingerprint
 from melo_fast.routing import BlockLoRAHook, EditState
 from melo_fast.vecdb import VectorDatabase
+
+
+def check_model(saved: Fingerprint | None, here: Fingerprint, path) -> None:
+    """Refuse the save at ``path`` if it was made on another model than ``here`` (a save without a
+    fingerprint passes: it predates them).
+
+    Raises:
+        ValueError: the fingerprints differ; the message names each module that differs and the override.
+    """
+    differences = [] if saved is None else saved.differences(here)
+    if differences:
+        raise ValueError(
+            f"melo_fast: {path} was made on another model ({'; '.join(differences)}). Its keys are that model's "
+            "router outputs, so its edits would not route here. Load it onto the model it was saved from; if this "
+            "is that model and its weights changed on purpose, pass check_model=False (melo_fast.load(model, path, "
+            "check_model=False) or editor.reload(path, check_model=False))"
+        )
 
 
 def restored_state(

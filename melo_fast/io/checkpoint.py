@@ -4,6 +4,11 @@ A save folder holds ``melo_config.json`` (format version, MeloConfig, database m
 the weights file, and checksums) and ``melo_edits.<id>.safetensors`` (every block of every target and
 the database tensors).
 
+The model's fingerprint (``"model_fingerprint"`` in the config, its samples as ``fingerprint.*``
+tensors in the weights file; ``melo_fast.io.fingerprint``) says which model the edits were made on;
+the loader compares it with the model (``melo_fast.editing.restore.check_model``). Saves without one
+are not compared.
+
 Checksums (``"sha256"`` in ``melo_config.json``): the SHA-256 of the weights file, and of the config's
 own contents (every other entry, as JSON with sorted keys and no spaces). :func:`read` verifies both
 before it parses anything, so a flipped byte anywhere in a save is an error naming the file, not a
@@ -44,6 +49,7 @@ from safetensors.torch import load_file, save_file
 
 from melo_fast.config import MeloConfig
 from melo_fast.io import files
+from melo_fast.io.fingerprint import Fingerprint
 from melo_fast.vecdb import VectorDatabase
 from melo_fast.version import __version__
 
@@ -65,6 +71,7 @@ class SavedEdits:
         num_blocks: number of trained blocks.
         blocks: target name → ``(A [num_blocks, k, d_in], B [num_blocks, k, d_out])`` CPU tensors.
         database: the vector database, on CPU.
+        fingerprint: the model the edits were made on, or None (a save from before fingerprints).
         meta: the raw metadata of ``melo_config.json``.
     """
 
@@ -72,6 +79,7 @@ class SavedEdits:
     num_blocks: int
     blocks: dict[str, tuple[torch.Tensor, torch.Tensor]]
     database: VectorDatabase
+    fingerprint: Fingerprint | None
     meta: dict
 
 
@@ -80,14 +88,14 @@ def write(
     config: MeloConfig,
     database: VectorDatabase,
     blocks: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    model_type: str | None,
+    fingerprint: Fingerprint,
 ) -> None:
     """Write an edit state made with ``config`` to folder ``path``.
 
     Args:
         database: the vector database.
         blocks: target name → ``(A [n, k, d_in], B [n, k, d_out])``, the same ``n`` for every target.
-        model_type: the model's ``config.model_type`` (recorded for the reader's information).
+        fingerprint: the model's (``Fingerprint.of(model, [router, *targets])``).
     """
     path = Path(path)
     previous_weights = _check_destination(path)
@@ -97,16 +105,19 @@ def write(
     tensors = {f"db.{name}": tensor for name, tensor in db_tensors.items()}
     for name, (A, B) in blocks.items():
         tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"] = A, B
+    fingerprint_tensors, fingerprint_meta = fingerprint.to_save()
+    tensors.update(fingerprint_tensors)
     num_blocks = next(iter(blocks.values()))[0].shape[0] if blocks else 0
     weights_name = f"melo_edits.{secrets.token_hex(6)}.safetensors"
     meta = {
         "format_version": FORMAT_VERSION,
         "melo_fast_version": __version__,
-        "model_type": model_type,
+        "model_type": fingerprint.model_type,
         "num_blocks": num_blocks,
         "weights_file": weights_name,
         "config": config.to_dict(),
         "database": db_meta,
+        "model_fingerprint": fingerprint_meta,
     }
     weights_path, config_tmp = path / weights_name, path / f".{CONFIG_FILE}.{secrets.token_hex(6)}.tmp"
     try:
@@ -248,4 +259,5 @@ def _parse(meta: dict, tensors: dict[str, torch.Tensor]) -> SavedEdits:
         blocks[name] = (A, B)
     db_tensors = {name[len("db.") :]: t for name, t in tensors.items() if name.startswith("db.")}
     database = VectorDatabase.from_state_dict(db_tensors, meta["database"], device="cpu")
-    return SavedEdits(config, num_blocks, blocks, database, meta)
+    fingerprint = Fingerprint.from_save(tensors, meta["model_fingerprint"]) if "model_fingerprint" in meta else None
+    return SavedEdits(config, num_blocks, blocks, database, fingerprint, meta)

@@ -72,6 +72,7 @@ from transformers.pytorch_utils import Conv1D
 from melo_fast.config import MeloConfig
 from melo_fast.io import checkpoint
 from melo_fast.io.files import fsync_folder, refuse_foreign_destination
+from melo_fast.io.fingerprint import Fingerprint
 from melo_fast.routing.state import EditState
 from melo_fast.targets import ModelKind
 from melo_fast.version import __version__
@@ -110,6 +111,7 @@ class Snapshot:
         kind: what kind of model it is (the adapters' ``task_type``).
         state: the published edit state.
         blocks: every target's blocks of ``state`` on the host: name → ``(A [n, k, d_in], B [n, k, d_out])``.
+        fingerprint: the model's, recorded in the routing save.
     """
 
     model: nn.Module
@@ -117,6 +119,7 @@ class Snapshot:
     kind: ModelKind
     state: EditState
     blocks: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    fingerprint: Fingerprint
 
 
 def lora_alpha(scale: float, rank: int) -> float:
@@ -263,8 +266,8 @@ def _write_export(staged: Path, snapshot: Snapshot, chosen: list[int], target_mo
         _write_file(folder / ADAPTER_CONFIG, adapter_config)
         fsync_folder(folder)
         names[block] = name
-    model_type = getattr(getattr(snapshot.model, "config", None), "model_type", None)
-    checkpoint.write(staged / ROUTING, snapshot.config, snapshot.state.database, all_blocks, model_type)
+    model_type = snapshot.fingerprint.model_type
+    checkpoint.write(staged / ROUTING, snapshot.config, snapshot.state.database, all_blocks, snapshot.fingerprint)
     files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
     manifest = {
         "format": _KIND,
