@@ -15,6 +15,7 @@ from melo_fast.editing import MeloEditor
 from melo_fast.io import checkpoint
 from melo_fast.ops import registry
 from melo_fast.routing import BlockLoRAHook, EditState, EntryHook, GenerateWrapper, RouterHook, Routing
+from melo_fast.routing.keys import LeftPaddingCheck
 from melo_fast.targets import SUPPORTED_TYPES, ModelKind, NoDefaultModules, choose_modules, linear_shape
 from melo_fast.vecdb import VectorDatabase
 
@@ -159,6 +160,7 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
     router_in_encoder = encoder is not None and any(module is router_module for module in encoder.modules())
     can_generate = hasattr(inner, "can_generate") and inner.can_generate()
 
+    left_padding = LeftPaddingCheck(inner)
     attached = _Attachments()
     # Hooks run in registration order: the router's is registered first so that, if the router
     # module is also a target, the keys come from its unedited output.
@@ -170,7 +172,7 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
     # Entry hooks and the generate wrapper go on the inner model: a wrapper's generate() (PEFT's)
     # calls the inner model's forward directly, so a hook on the wrapper would miss every step.
     for entry in [inner] + ([encoder] if encoder is not None else []):
-        hook = EntryHook(entry, routing, router_in_encoder, kind.causal_lm and entry is inner)
+        hook = EntryHook(entry, routing, router_in_encoder, kind.causal_lm and entry is inner, left_padding)
         attached.handles.append(entry.register_forward_pre_hook(hook, with_kwargs=True))
     if can_generate:
         attached.handles.append(GenerateWrapper(inner, routing))

@@ -305,21 +305,6 @@ def test_edit_works_from_a_serving_loop_without_gradients(gpt2, mode):
     assert family.tokenizer.decode(out[0, -1:]) == " Rome"
 
 
-def test_route_agrees_with_generate_on_left_padded_batches(gpt2):
-    """GPT-2 has absolute positions: generate() derives them from the attention mask; so must route()."""
-    family, editor = gpt2
-    editor.config = editor.config.replace(num_iter=20)
-    editor.edit_texts(["The capital of France is"], ["Rome"], family.tokenizer)
-    family.tokenizer.padding_side = "left"
-    longer = "Dogs bark loudly at the moon on every single night"  # so the edited prompt gets left padding
-    inputs = family.tokenizer(["The capital of France is", longer], return_tensors="pt", padding=True)
-    inputs_flipped = family.tokenizer([longer, "The capital of France is"], return_tensors="pt", padding=True)
-    assert editor.route(inputs).tolist() == [0, -1]
-    assert editor.route(inputs_flipped).tolist() == [-1, 0]
-    out = family.model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=50256)
-    assert family.tokenizer.decode(out[0, -1:]) == " Rome"
-
-
 @pytest.mark.parametrize("name", ["gpt2", "t5", "bert"])
 def test_max_length_truncates_prompts_never_targets(name):
     family = build(name)

@@ -68,11 +68,28 @@ def test_peft_mixed_batch_forward_gives_the_patched_model_logits(served):
     assert torch.equal(served_logits[1], patched[1])  # the unedited row, bit for bit
 
 
+def test_peft_and_the_patched_model_agree_on_left_padded_batches_without_position_ids(served):
+    """adapter_names() reads the keys from the inputs as given, as the patched model's own forward does: on
+    GPT-2 (absolute positions) the left-padded rows sit at shifted positions in both."""
+    family, editor, consumer = served
+    family.tokenizer.padding_side = "left"
+    inputs = family.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    if family.kind == "seq2seq":
+        inputs["decoder_input_ids"] = torch.zeros(len(PROMPTS), 1, dtype=torch.long)
+    names = editor.adapter_names(inputs)
+    with torch.no_grad():
+        patched = family.model(**inputs).logits
+        served_logits = consumer(**inputs, adapter_names=names).logits
+    torch.testing.assert_close(served_logits, patched, rtol=1e-5, atol=1e-5)
+
+
 def test_peft_mixed_batch_generation_gives_the_patched_model_generation(served):
     family, editor, consumer = served
     family.tokenizer.padding_side = "left"  # the batch generate() needs for decoder-only models
     inputs = family.tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    names = editor.adapter_names(inputs)
+    # generate() gives a decoder-only model the positions of the attention mask: route with the same ones.
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    names = editor.adapter_names(inputs if family.kind == "seq2seq" else {**inputs, "position_ids": positions})
     assert names == ROUTED
     settings = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
                     pad_token_id=family.tokenizer.pad_token_id)

@@ -449,14 +449,15 @@ class MeloEditor(RefusesCopy):
     def keys(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``[N, d]`` float32 keys of ``inputs``: an eval-mode, no-grad forward that stops at the router.
 
-        For decoder-only models a left-padded batch gets ``position_ids`` from its attention mask, as
-        ``generate()`` derives them, so the keys are the ones generation will route with.
+        The model sees ``inputs`` exactly as given, so the keys are those of ``model(**inputs)``. On a
+        left-padded batch a model with absolute positions (GPT-2) needs ``position_ids`` to see what
+        ``generate()`` gives it: ``(attention_mask.cumsum(-1) - 1).clamp(min=0)`` (a warning says so once).
         """
         self._check_attached()
-        return read_keys(self.model, self.routing, self.config.router, inputs, self.kind.causal_lm)
+        return read_keys(self.model, self.routing, self.config.router, inputs)
 
     def route(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        """``[N]`` int64 block each input would use (-1: no edit applies). Handy to see which edit fires."""
+        """``[N]`` int64 block each input uses in ``model(**inputs)`` (-1: no edit applies); see :meth:`keys`."""
         return self.db.search(self.keys(inputs), backend=self.config.backend)
 
     # --- persistence --------------------------------------------------------------------------

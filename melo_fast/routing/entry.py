@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from melo_fast.routing.calls import RefusesCopy, Routing
-from melo_fast.routing.keys import prompt_end
+from melo_fast.routing.keys import LeftPaddingCheck, prompt_end
 
 
 class EntryHook(RefusesCopy):
@@ -23,13 +23,19 @@ class EntryHook(RefusesCopy):
         routing: the patched model's routing.
         router_in_encoder: the router runs in the encoder, so a call given ``encoder_outputs`` continues.
         causal_lm: read where each prompt ends from causal-LM labels.
+        left_padding: the patched model's check for left padding that shifts its positions (one per model,
+            shared by its entry hooks, so it warns once).
     """
 
-    def __init__(self, model: nn.Module, routing: Routing, router_in_encoder: bool, causal_lm: bool):
+    def __init__(
+        self, model: nn.Module, routing: Routing, router_in_encoder: bool, causal_lm: bool,
+        left_padding: LeftPaddingCheck,
+    ):
         self.model = model
         self.routing = routing
         self.router_in_encoder = router_in_encoder
         self.causal_lm = causal_lm
+        self.left_padding = left_padding
         self.signature = inspect.signature(model.forward)
         # The padding check reads a tensor on the host: free on CPU, but a device synchronization on a GPU,
         # so there it runs on the first batched call without an attention mask only, not on every request.
@@ -53,8 +59,12 @@ class EntryHook(RefusesCopy):
         continues = past_length > 0 or (self.router_in_encoder and arguments.get("encoder_outputs") is not None)
         ends = prompt_end(arguments.get("labels"), input_ids) if self.causal_lm else None
         batched_without_mask = mask is None and input_ids is not None and input_ids.shape[0] > 1 and not continues
-        if batched_without_mask and not torch.compiler.is_compiling():  # a diagnostic of eager calls
-            self._check_padding(input_ids)
+        if not torch.compiler.is_compiling():  # diagnostics of eager calls
+            if batched_without_mask:
+                self._check_padding(input_ids)
+            elif not continues and not self.left_padding.done:
+                # keys()/route() (stop_after_router) return to the host anyway: they check on every call.
+                self.left_padding(mask, arguments.get("position_ids"), every_call=self.routing.stop_after_router)
         sized = (input_ids, arguments.get("inputs_embeds"), mask)
         batch_size = next((v.shape[0] for v in sized if v is not None), None)
         self.routing.start_call(batch_size, mask, ends, continues)

@@ -4,11 +4,19 @@ MELO reads one key per input from the router's output. The paper's released impl
 position -1, a pad token for the shorter rows of a padded batch; here the position is resolved with
 the attention mask (DESIGN §2.2), and for causal-LM edits the key comes from the prompt only (the
 part a user will send at inference), so a bare prompt finds its edit.
+
+One rule for every path: a key is computed from the inputs exactly as the model is called with them.
+So ``route()``, ``keys()``, ``adapter_names()`` and a plain forward agree on the same inputs (and PEFT
+fed ``adapter_names(inputs)`` serves what the patched model computes), and ``generate()``, which passes
+the model position ids derived from the attention mask, routes with those. Where left padding makes
+the model itself see other positions than the unpadded prompt (absolute position embeddings, without
+``position_ids``), :class:`LeftPaddingCheck` says so once.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -75,22 +83,75 @@ def prompt_end(labels: torch.Tensor | None, input_ids: torch.Tensor | None) -> t
     return torch.where(supervised.any(dim=1) & (first > 0), first, t)
 
 
-def accepts(model: nn.Module, argument: str) -> bool:
-    """Whether ``model.forward`` takes ``argument`` (by name, or through ``**kwargs``)."""
-    parameters = inspect.signature(model.forward).parameters
-    return argument in parameters or any(p.kind is p.VAR_KEYWORD for p in parameters.values())
+def _absolute_position_tables(model: nn.Module) -> list[str]:
+    """Names of the learned position embeddings that number positions from the first token (padding included).
+
+    Rotary, relative and ALiBi models have none: masked left padding shifts nothing their attention sees.
+    Left out too: tables indexed from the attention mask (OPT) or from the non-pad tokens (an embedding
+    with a ``padding_idx``, as RoBERTa's), whose positions left padding does not shift.
+    """
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Embedding)
+        and ("pos" in name.rsplit(".", 1)[-1] or name.endswith("wpe"))
+        and module.padding_idx is None
+        and "attention_mask" not in inspect.signature(module.forward).parameters
+    ]
 
 
-def with_generation_positions(model: nn.Module, inputs: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
-    """``inputs`` of a causal LM with the ``position_ids`` that ``generate()`` derives from a left-padded
-    attention mask, so that keys read here are the ones generation routes with; unchanged otherwise."""
-    mask = inputs.get("attention_mask")
-    if mask is None or "position_ids" in inputs or mask.dim() != 2 or mask.shape[1] == 0:
-        return inputs
-    if bool(mask[:, 0].all()) or not accepts(model, "position_ids"):
-        return inputs  # no left padding: the default positions are generate()'s
-    positions = mask.long().cumsum(-1) - 1
-    return {**inputs, "position_ids": positions.masked_fill(mask == 0, 1)}
+class LeftPaddingCheck:
+    """Warns once per patched model when a left-padded batch without ``position_ids`` reaches a model whose
+    learned absolute positions left padding shifts (GPT-2, BERT; BART's encoder).
+
+    Such a model sees a padded row at other positions than the same prompt unpadded (how edits read their
+    keys; what ``generate()`` gives it), so its key and output differ and an edit may not fire. That is the
+    caller's input, and routing follows the model (module docstring); it is said once rather than silently.
+
+    The check reads the mask on the host. On CPU that is free and runs on every call until it warns; on a
+    GPU it would synchronize, so a forward checks only its first batch there (the entry hook's padding check
+    does the same), while ``keys()``/``route()``/``adapter_names()``, which return to the host anyway, check
+    every call until it warns.
+
+    Args:
+        model: the patched model (the one the user calls; its ``forward`` signature says whether it takes
+            ``position_ids``).
+    """
+
+    def __init__(self, model: nn.Module):
+        tables = _absolute_position_tables(model)
+        self.message = None
+        if tables and "position_ids" in inspect.signature(model.forward).parameters:
+            self.message = (
+                f"melo_fast: a left-padded batch without position_ids: this model's learned positions ({tables[0]}) "
+                "then start at the padding, so its padded rows get other keys and outputs than the same prompts "
+                "unpadded, and an edit may not apply to them (generate() passes position ids from the attention "
+                "mask itself). Routing follows what the model sees. To match generate(), pass "
+                "position_ids=(attention_mask.cumsum(-1) - 1).clamp(min=0) to the model, route(), keys() and "
+                "adapter_names(); or pad on the right. (Said once per patched model.)"
+            )
+        elif tables:
+            self.message = (
+                f"melo_fast: a left-padded batch: this model's learned positions ({tables[0]}) start at the padding "
+                "and it takes no position_ids, so its padded rows get other keys and outputs than the same prompts "
+                "unpadded, and an edit may not apply to them. Pad on the right (tokenizer.padding_side = 'right'). "
+                "(Said once per patched model.)"
+            )
+        self.done = self.message is None  # warned, or nothing to warn about
+        self.device_checked = False
+
+    def __call__(self, attention_mask: torch.Tensor | None, position_ids, every_call: bool) -> None:
+        """Check one call's inputs. ``every_call``: check even on a GPU after the first batch (``keys()``)."""
+        if self.done or position_ids is not None or attention_mask is None or attention_mask.dim() != 2:
+            return
+        if attention_mask.device.type != "cpu" and not every_call:
+            if self.device_checked:
+                return
+            self.device_checked = True
+        if attention_mask.shape[1] == 0 or bool(attention_mask[:, 0].all()):
+            return
+        self.done = True
+        warnings.warn(self.message, UserWarning, stacklevel=3)
 
 
 TOKEN_ID_INPUTS = ("input_ids", "decoder_input_ids")
@@ -117,10 +178,10 @@ def _is_integer(dtype: torch.dtype) -> bool:
     return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
 
 
-def read_keys(
-    model: nn.Module, routing: Routing, router: str, inputs: Mapping[str, torch.Tensor], causal_lm: bool
-) -> torch.Tensor:
+def read_keys(model: nn.Module, routing: Routing, router: str, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """``[N, d]`` float32 keys of ``inputs``: an eval-mode, no-grad forward that stops at the ``router``.
+
+    The model sees ``inputs`` exactly as given, as in a plain forward call (module docstring).
 
     Raises:
         TypeError: ``inputs`` is not the dict the model takes.
@@ -133,8 +194,6 @@ def read_keys(
             f"got {type(inputs).__name__}"
         )
     check_token_ids(inputs, "inputs")
-    if causal_lm:
-        inputs = with_generation_positions(model, inputs)
     was_training = model.training
     model.eval()
     try:
