@@ -276,7 +276,7 @@ class MeloEditor(RefusesCopy):
         """
         with self._lock:  # no edit can start between the check and the removal
             if self._closed:
-                raise RuntimeError("melo_fast: this editor was detached from its model already (unpatch() or close())")
+                raise RuntimeError("melo_fast: this editor is closed already (unpatch() or close() detached it)")
             if self._open is not None:
                 self.abort()
             self._detach()

@@ -28,8 +28,9 @@ Guarantees of :func:`write`:
 - files get the usual permissions (0644 under the usual umask; folders 0755), like ``save_pretrained``.
 
 :func:`read` checks everything that can be checked without the model (checksums included) and names
-the file and the problem in its errors. A reader racing a writer may find that the weights file its config named was
-just replaced and deleted; it then reads the new config again, up to ``READ_TRIES`` times in all.
+the file and the problem in its errors. A reader racing a writer may find that the weights file its
+config named was just replaced and deleted; it then reads the new config again, up to ``READ_TRIES``
+times in all.
 """
 
 from __future__ import annotations
