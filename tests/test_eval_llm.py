@@ -8,6 +8,7 @@ import importlib.metadata
 import json
 import math
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +18,8 @@ from melo_fast.eval import local_model, metrics
 from melo_fast.eval.data import load_records
 from melo_fast.eval.tasks import GenerativeTask
 from tests.test_eval import RepeatLM, hand_record, write
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -302,3 +305,30 @@ def test_demo_on_an_llm_prints_generations_and_both_metric_families(fake_smollm2
     assert report["methods"]["melo"]["db"]["blocks"] == report["batches"] == 3  # 7 edits (1 of 8 held out)
     assert (out / "demo_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert os.path.isdir(fake_smollm2)
+    # EVALUATION.md's generator renders an LLM report: both metric families and the generations.
+    import importlib.util
+    import sys
+
+    from melo_fast.cli import build_parser
+    from melo_fast.eval.arguments import recorded_arguments
+
+    spec = importlib.util.spec_from_file_location("evaluation_report_llm", ROOT / "evaluation" / "report.py")
+    generator = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = generator  # dataclasses look their module up there
+    try:
+        spec.loader.exec_module(generator)
+        run = generator.RUNS["smollm2_demo"]
+        report["arguments"] = recorded_arguments(build_parser().parse_args(run.argv))  # as if made by its command
+        (tmp_path / "runs" / "smollm2_demo").mkdir(parents=True)
+        (tmp_path / "runs" / "smollm2_demo" / "demo_report.json").write_text(json.dumps(report))
+        generator.main(["--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "EVALUATION.md"),
+                        "--plots", str(tmp_path / "docs")])
+    finally:
+        del sys.modules[spec.name]
+    text = (tmp_path / "EVALUATION.md").read_text()
+    melo = report["methods"]["melo"]["metrics"]
+    forced = " | ".join(f"{melo[key]:.3f}" for key in ("rewrite_acc_at_edit", "rewrite_acc", "rephrase_acc"))
+    assert f"| MELO | {forced} |" in text
+    assert f"[edit] {report['generations'][0]['edit']['prompt']}" in text
+    assert "](docs/smollm2_demo_curves.png)" in text
+    assert "not yet run: `python -m melo_fast demo --chat" in text  # the chat comparison needs its own run

@@ -38,7 +38,8 @@ def test_missing_reports_render_their_commands_and_no_figures(generator, tmp_pat
         assert f"not yet run: `{run.command}`" in text
     assert "| MELO |" not in text and "![" not in text and "Database after" not in text
     assert not (tmp_path / "docs" / "dev_sweep.png").exists()  # a picture of a report that is not there
-    assert "python -m melo_fast demo --threads 1 --out evaluation/runs/demo" in text
+    assert "python -m melo_fast demo --model minilm --threads 1 --out evaluation/runs/demo" in text
+    assert "python -m melo_fast demo --threads 1 --out evaluation/runs/smollm2_demo" in text
 
 
 def test_present_report_gives_the_figures_and_a_stale_one_none(generator, tmp_path):
@@ -48,7 +49,11 @@ def test_present_report_gives_the_figures_and_a_stale_one_none(generator, tmp_pa
         shutil.copy(COMMITTED_DEMO, tmp_path / "runs" / name / "demo_report.json")
     text = generate(generator, tmp_path)
     melo = report["methods"]["melo"]["metrics"]
-    row = "| MELO | " + " | ".join(f"{melo[key]:.3f}" for key, _ in generator.TABLE_COLUMNS) + " |"
+    # A report made before --model existed is a MiniLM run, and arguments added since take their defaults.
+    assert "model" not in report["arguments"] and "chat" not in report["arguments"]
+    columns = generator.present_columns(report["methods"])
+    assert [key for key, _ in columns] == [key for key, _ in generator.TABLE_COLUMNS if key in melo]
+    row = "| MELO | " + " | ".join(f"{melo[key]:.3f}" for key, _ in columns) + " |"
     assert row in text
     assert f"{report['total_seconds']:.0f} s" in text
     assert (tmp_path / "docs" / "demo_curves.png").read_bytes()[:4] == b"\x89PNG"

