@@ -231,9 +231,10 @@ def llm_setup() -> list[str]:
         "(`melo_fast/eval/local_model.py`). MELO runs with melo_fast's defaults for the model's structure "
         "(`MeloConfig()`: router `model.layers.19.mlp.up_proj`, key at the last prompt token, LoRA rank 4 per "
         "block on the next two layers' `up_proj`, scale-free radius, Adam 1e-2, 50 steps per batch), edits in "
-        "batches of 10 and holds every 5th record out, as for MiniLM. `make demo` is the `smollm2_demo` run: 37 "
-        "everyday facts the unedited model completes correctly (`melo_fast/eval/data/llm_facts.json`, written "
-        "for this demo; their paraphrases and same-subject questions were not chosen for being known).", "",
+        "batches of 10 and holds every 5th record out, as for MiniLM. `make demo` is the `smollm2_demo` run: "
+        "everyday facts that the unedited model completes correctly, written for this demo "
+        "(`melo_fast/eval/data/llm_facts.json`; their paraphrases and same-subject questions were not chosen for "
+        "being known), as few as fit in about 3 minutes on 2 cores with the LoRA baseline.", "",
         "**Two metric families.** The generation-based scores of the GRACE/MELO protocol above (greedy "
         "generation cut to the wanted answer's token length, token-F1; locality against the unedited model's own "
         "generation), and the teacher-forced token accuracies of the tables built on EasyEdit (WISE, GRACE and "
@@ -277,8 +278,9 @@ def llm_chat_choice(reports: Reports) -> list[str]:
     lines = ["### Raw completions or the chat template?", "",
              "Users talk to a chat model, but MELO reads its key at the last prompt token, and through the chat "
              "template that token is the same for every question (the newline after the assistant header, behind "
-             "a fixed system prompt). `smollm2_chat` asks the same 37 facts as questions through the template "
-             f"(`{QUESTIONS_DATA}`), `smollm2_demo` completes them as plain statements.", ""]
+             "a fixed system prompt). `smollm2_chat` asks the shipped facts as questions through the template "
+             f"(`{QUESTIONS_DATA}`: the same facts, targets and answers), `smollm2_demo` completes them as plain "
+             "statements.", ""]
     names = ("smollm2_demo", "smollm2_chat")
     if not reports.has(*names):
         return lines + reports.missing(*names)

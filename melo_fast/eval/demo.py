@@ -210,13 +210,15 @@ def run(args) -> dict:
         else:
             report["generations"] = generation_examples(harness, count)
             reporting.print_generations(report["generations"])
-        report["key_scale"] = {str(p): harness.key_scale(p) for p in SWEEP_KEY_POSITIONS}
+        sweeping = getattr(args, "sweep", False)
+        positions = SWEEP_KEY_POSITIONS if sweeping else (config.key_position,)  # each costs a pass over the sets
+        report["key_scale"] = {str(p): harness.key_scale(p) for p in positions}
         scale = report["key_scale"][str(config.key_position)]
         print(f"\nkey distances (key '{config.key_position}', medians): question to its rephrase "
               f"{scale['question_to_rephrase']:.3f}, to the nearest other edited question "
               f"{scale['question_to_nearest_question']:.3f}, locality question to the nearest edited question "
               f"{scale['locality_to_nearest_question']:.3f}; init_radius {config.init_radius:.4g}")
-        if getattr(args, "sweep", False):
+        if sweeping:
             report["sweep"] = sweep(harness, config, report["key_scale"])
             locality = results["melo"].metrics["locality"]
             report["sweep_summary"] = sweep_summary(report["sweep"], locality)
