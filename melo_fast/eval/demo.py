@@ -169,7 +169,10 @@ def run(args) -> dict:
     records = load_or_exit(data, args.limit)
     print(f"melo_fast demo: {len(records)} records from "
           + (str(args.data) if args.data else f"the shipped set melo_fast/eval/data/{DATA_FILES[args.model]}"))
-    deployed = (_deploy_smollm2 if args.model == "smollm2" else _deploy_minilm)(args, records)
+    try:
+        deployed = (_deploy_smollm2 if args.model == "smollm2" else _deploy_minilm)(args, records)
+    except (ImportError, FileNotFoundError) as err:  # a model package or file missing: say what to install
+        raise SystemExit(f"melo_fast demo: {err}") from None
     config, task = deployed.config, deployed.task
 
     settings = Settings(batch_size=args.batch_size, holdout=args.holdout, progress=not args.no_progress)
