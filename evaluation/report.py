@@ -301,11 +301,12 @@ def llm_chat_choice(reports: Reports) -> list[str]:
                      f"{f3(scale['question_to_rephrase'])}", f"{report['melo_config']['init_radius']:.4g}"])
     lines += table(header, rows) + [""]
     (raw_loc, raw_ms, raw_gap, raw_conf), (chat_loc, chat_ms, chat_gap, chat_conf) = (figures[n] for n in names)
-    lines.append(f"Through the template the edited questions' keys sit closer together (median distance to the "
-                 f"nearest other edited question {f3(chat_gap)} against {f3(raw_gap)} as plain text), so the same "
-                 f"scale-free radius reaches further among them: {chat_conf} conflicts against {raw_conf}, locality "
-                 f"{f3(chat_loc)} against {f3(raw_loc)}. The template's system prompt and markup lengthen every "
-                 f"row, and an edit costs {chat_ms:.0f} ms against {raw_ms:.0f} ms. "
+    closer = "closer together" if chat_gap < raw_gap else "no closer together"
+    lines.append(f"Through the template the edited questions' keys sit {closer} (median distance to the nearest "
+                 f"other edited question {f3(chat_gap)} against {f3(raw_gap)} as plain text), under the same "
+                 f"scale-free radius: {chat_conf} conflicts (each halves a cluster's radius) against {raw_conf}, "
+                 f"locality {f3(chat_loc)} against {f3(raw_loc)}. The template's system prompt and markup lengthen "
+                 f"every row: an edit costs {chat_ms:.0f} ms against {raw_ms:.0f} ms. "
                  + ("The demo therefore completes plain text; `--chat` asks through the template."
                     if raw_loc >= chat_loc and raw_ms <= chat_ms else
                     "These figures no longer favour plain text on both counts: revisit `SMOLLM2_CHAT` in "

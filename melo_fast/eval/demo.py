@@ -183,7 +183,7 @@ def run(args) -> dict:
           f"rank {config.rank_per_block}/batch, init_radius {config.init_radius!r}{radius_note}, "
           f"{config.num_iter} steps/batch")
     shape = harness.describe()
-    print(f"editing {shape['edited']} questions in {shape['batches']} batches of {shape['batch_size']}; "
+    print(f"editing {shape['edited']} prompts in {shape['batches']} batches of {shape['batch_size']}; "
           f"{shape['held_out']} records held out (never edited) as locality probes")
 
     results = {"unedited": harness.run_unedited()}
