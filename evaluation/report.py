@@ -332,11 +332,11 @@ def portability_table(report: dict) -> list[str]:
                     and not k.endswith("_exact_match")})
     if not kinds:
         return []
-    header = ["method", *(f"{k} (gen / tf)" for k in kinds), "questions"]
     counts = report["probe_questions"]
+    header = ["method", *(f"{k} ({counts.get('portability_' + k, 0)} questions)" for k in kinds)]
     rows = [[method_label(name, r), *(f"{f3(r['metrics'].get('portability_' + k))} / "
-                                      f"{f3(r['metrics'].get('portability_acc_' + k))}" for k in kinds),
-             ", ".join(str(counts.get("portability_" + k, 0)) for k in kinds)] for name, r in methods.items()]
+                                      f"{f3(r['metrics'].get('portability_acc_' + k))}" for k in kinds)]
+            for name, r in methods.items()]
     return ["Portability per kind (generation-based token-F1 / teacher-forced accuracy):", ""] + table(header, rows) + [
         ""]
 

@@ -62,3 +62,27 @@ def test_present_report_gives_the_figures_and_a_stale_one_none(generator, tmp_pa
     assert "stale (runs/demo_scale_20/demo_report.json was made with methods 'unedited,melo,lora' instead of " \
            "'unedited,melo', scale None instead of 20.0); rerun" in text
     assert "scale 20: ES" not in text
+
+
+def test_llm_reports_give_both_metric_families_and_the_portability_kinds(generator, tmp_path):
+    from melo_fast.cli import build_parser
+    from melo_fast.eval.arguments import recorded_arguments
+
+    demo = json.loads((ROOT / "evaluation" / "runs" / "smollm2_demo" / "demo_report.json").read_text())
+    dev = json.loads(json.dumps(demo))  # a dev-shaped report: the same, with portability questions
+    dev["arguments"] = recorded_arguments(build_parser().parse_args(generator.RUNS["smollm2_dev"].argv))
+    dev["probe_questions"].update(portability_reasoning=14, portability_subject_aliasing=10)
+    for i, result in enumerate(dev["methods"].values()):
+        result["metrics"].update(portability_reasoning=0.1 * i, portability_acc_reasoning=0.25,
+                                 portability_subject_aliasing=0.5, portability_acc_subject_aliasing=0.125 * i)
+    for name, report in (("smollm2_demo", demo), ("smollm2_dev", dev)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "demo_report.json").write_text(json.dumps(report))
+    text = generate(generator, tmp_path)
+    assert "| method | reasoning (14 questions) | subject_aliasing (10 questions) |" in text
+    assert "| MELO | 0.100 / 0.250 | 0.500 / 0.125 |" in text
+    melo = demo["methods"]["melo"]["metrics"]
+    assert f"| MELO | {melo['rewrite_acc_at_edit']:.3f} | {melo['rewrite_acc']:.3f} | {melo['rephrase_acc']:.3f} |" \
+        in text
+    assert f"{melo['target_repetition']:.3f}" in text
+    assert "not yet run: `python -m melo_fast demo --chat" in text
