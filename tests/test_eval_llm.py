@@ -289,6 +289,15 @@ def test_missing_packages_say_what_to_install(monkeypatch):
 # --- the LLM demo end to end, on the tiny model ---------------------------------------------------
 
 
+def test_eval_without_a_model_runs_the_demo_model(fake_smollm2, tmp_path):
+    from melo_fast.cli import main
+
+    main(["eval", "--limit", "3", "--batch-size", "2", "--num-iter", "1", "--methods", "unedited,melo", "--out",
+          str(tmp_path), "--no-progress"])
+    report = json.loads((tmp_path / "demo_report.json").read_text())
+    assert report["model"].startswith("SmolLM2") and len(report["generations"]) == 3  # 3 edits, 3 examples
+
+
 def test_demo_on_an_llm_prints_generations_and_both_metric_families(fake_smollm2, tmp_path, capsys):
     from melo_fast.cli import main
 

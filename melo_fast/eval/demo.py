@@ -196,7 +196,8 @@ def run(args) -> dict:
         "seed": args.seed,
         **shape,
     }
-    count = args.examples if args.examples is not None else (3 if task.kind != "classifier" else 5)
+    count = getattr(args, "examples", None)  # `eval` without --model runs the demo, and has no --examples
+    count = count if count is not None else (3 if task.kind != "classifier" else 5)
     if "melo" in methods:
         torch.manual_seed(args.seed)
         results["melo"] = harness.run_melo(config, keep=True)
