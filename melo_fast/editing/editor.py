@@ -2,8 +2,9 @@
 
 Two ways to edit:
 
-- ``editor.edit(batch)``: MELO's own loop (Adam + StepLR over the new block, ``num_iter`` steps;
-  ``training.py``).
+- ``editor.edit(batch)``: MELO's loop (Adam + StepLR over the new block; ``training.py``), stopped once
+  the edit has converged, over the batch extended by the unedited model's continuation after each
+  target for decoder-only models (``continuation.py``).
 - The low-level path for your own training loop (your optimizer, scheduler, AMP, HF Trainer)::
 
       editor.open_block(batch)            # reads the batch's keys; only the new block is trainable
@@ -37,6 +38,7 @@ from melo_fast.config import MeloConfig
 from melo_fast.editing import calibration
 from melo_fast.editing.batch import EditBatch
 from melo_fast.editing.block import OpenBlock
+from melo_fast.editing.continuation import with_continuation
 from melo_fast.editing.restore import restored_state
 from melo_fast.editing.training import train_block
 from melo_fast.io import checkpoint, export
@@ -282,9 +284,14 @@ class MeloEditor:
             try:
                 parameters = self.open_block(batch)
                 try:
+                    settings = self.config.train_settings
+                    training_batch = batch  # keys and edit targets come from the batch as given
+                    if settings.continuation_tokens and self.kind.causal_lm:
+                        with self.routing.disable():
+                            training_batch = with_continuation(self.model, batch, settings.continuation_tokens)
                     targets = [m for name, m in self.model.named_modules() if name in self.lora_layers]
                     trained = train_block(
-                        self.model, batch, parameters, self.config.train_settings, targets,
+                        self.model, training_batch, parameters, settings, targets,
                         lambda: self.routing.training, self.kind.causal_lm,
                     )
                     block_id, counts = self.commit()
