@@ -463,7 +463,7 @@ def check_no_compile_after_warmup(ctx: Ctx) -> list[Row]:
             )
         ]
     torch, ops = ctx.torch, _ops()
-    from melo_fast.ops.triton import compile_report
+    from benchmarks.gpu_stages import compile_report
 
     s = ctx.sizes["warmup"]
     dtypes = (torch.bfloat16, torch.float32)
@@ -978,7 +978,7 @@ def compile_report_main(sizes: dict, out_path: str) -> None:
     compiles every warm-up variant, keeping ptxas's resource report."""
     import torch
 
-    from melo_fast.ops.triton import compile_report
+    from benchmarks.gpu_stages import compile_report
     from melo_fast.ops.triton._launch import record_launches
     from melo_fast.ops.triton.warmup import warmup
 
