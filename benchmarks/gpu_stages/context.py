@@ -24,7 +24,7 @@ NOMINAL_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100": 3.35e12, "A100
 # Problem sizes: the GPU run, and the dry run (same code, tiny shapes).
 SIZES = {
     "gpu": dict(
-        lookup=dict(C=1_000_000, d=768, Q=(32, 1)),
+        lookup=dict(C=(1_000, 100_000, 1_000_000), d=768, Q=(32, 1)),  # the GPU-run issue's 1k/100k/1M keys
         cdist=dict(C=100_000, d=768, Q=32),
         addon=dict(N=64, T=128, d_in=4096, d_out=4096, k=4, blocks=64),
         decode=dict(N=64, T=1, d_in=4096, d_out=4096, k=4, blocks=64),
@@ -44,7 +44,7 @@ SIZES = {
         ),
     ),
     "dry": dict(
-        lookup=dict(C=100, d=16, Q=(4, 1)),
+        lookup=dict(C=(10, 100), d=16, Q=(4, 1)),
         cdist=dict(C=100, d=16, Q=4),
         addon=dict(N=4, T=8, d_in=32, d_out=32, k=4, blocks=4),
         decode=dict(N=4, T=1, d_in=32, d_out=32, k=4, blocks=4),
