@@ -6,7 +6,7 @@ import torch
 
 import melo_fast
 from melo_fast.editing import build_edit_batch
-from melo_fast.editing.continuation import with_continuation
+from melo_fast.editing.continuation import target_then_continuation_loss, with_continuation
 from tests.tiny_models import build
 
 PROMPTS = ["The capital of France is", "Dogs"]
@@ -77,3 +77,27 @@ def test_zero_tokens_is_melos_target_only_training(monkeypatch):
     editor.edit_texts(PROMPTS, TARGETS, family.tokenizer)
     plain = build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer)
     assert all(torch.equal(seen[0][k], plain[k]) for k in plain)
+
+
+def test_the_loss_weighs_the_target_and_the_continuation_as_one_part_each():
+    # Row 0: prompt (2 tokens), target (1 token), continuation (3 tokens); row 1: prompt (3), target (2).
+    inputs = {
+        "input_ids": torch.tensor([[5, 6, 7, 0, 0], [5, 6, 7, 8, 9]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]),
+        "labels": torch.tensor([[-100, -100, 7, -100, -100], [-100, -100, -100, 8, 9]]),
+    }
+    extended = {
+        "input_ids": torch.tensor([[5, 6, 7, 1, 2, 3], [5, 6, 7, 8, 9, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 0]]),
+        "labels": torch.tensor([[-100, -100, 7, 1, 2, 3], [-100, -100, -100, 8, 9, -100]]),
+    }
+    logits = torch.randn(2, 6, 10)
+    token_loss = -torch.log_softmax(logits, dim=-1)  # [2, 6, 10]; position t predicts the label at t + 1
+    target = [token_loss[0, 1, 7], token_loss[1, 2, 8], token_loss[1, 3, 9]]
+    continuation = [token_loss[0, 2, 1], token_loss[0, 3, 2], token_loss[0, 4, 3]]
+    expected = sum(target) / 3 + sum(continuation) / 3
+    loss = target_then_continuation_loss(inputs, extended)({"logits": logits})
+    torch.testing.assert_close(loss, expected)
+    # Nothing continued (every row stopped at once): the target's mean alone.
+    alone = target_then_continuation_loss(inputs, {**inputs})({"logits": logits[:, :5]})
+    torch.testing.assert_close(alone, (token_loss[0, 1, 7] + token_loss[1, 2, 8] + token_loss[1, 3, 9]) / 3)

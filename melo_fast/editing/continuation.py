@@ -8,13 +8,19 @@ extended once per edit: each row's prompt + target is continued greedily for a f
 state the new fact and go on as the model itself would after it (stop, or continue sensibly), which
 is the behaviour an edited answer should have. The keys and the edit targets the database stores are
 read from the batch as given; only training sees the extension.
+
+The target must still be learned as fast as without the extension: averaged together, eight easy
+continuation tokens would outweigh a two-token target and slow its learning (a fixed step budget then
+ends with the target unlearned). So training minimizes ``target_then_continuation_loss``: the mean loss
+over the target tokens plus the mean loss over the continuation tokens, each part weighted as one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -73,6 +79,41 @@ def with_continuation(model: nn.Module, inputs: Mapping[str, torch.Tensor], toke
         out_labels[i, : ids.shape[0]] = row_labels
         out_mask[i, : ids.shape[0]] = 1
     return {"input_ids": out_ids, "attention_mask": out_mask, "labels": out_labels}
+
+
+def target_then_continuation_loss(
+    inputs: Mapping[str, torch.Tensor], extended: Mapping[str, torch.Tensor]
+) -> Callable[[object], torch.Tensor]:
+    """The training loss for ``extended = with_continuation(model, inputs, tokens)``.
+
+    Args:
+        inputs: the causal-LM edit batch as given (``labels`` ``[N, T]``, -100 where unsupervised).
+        extended: its extension (``[N, T']``), whose labels past each row's ``T_i`` real tokens are the
+            continuation.
+
+    Returns:
+        ``loss(output) -> scalar float32 tensor``: mean cross-entropy over the target tokens plus mean
+        cross-entropy over the continuation tokens (the second term is 0 when no row was continued),
+        read from ``output.logits`` (``[N, T', V]``; position ``t`` predicts the label at ``t + 1``).
+    """
+    mask = inputs.get("attention_mask")
+    lengths = inputs["input_ids"].new_full((inputs["input_ids"].shape[0],), inputs["input_ids"].shape[1])
+    if mask is not None:
+        lengths = mask.sum(dim=1)
+    labels = extended["labels"][:, 1:]
+    positions = torch.arange(1, extended["labels"].shape[1], device=labels.device)
+    supervised = labels != -100
+    continued = supervised & (positions[None, :] >= lengths[:, None])
+    parts = [part for part in (supervised & ~continued, continued) if part.any()]
+
+    def loss(output) -> torch.Tensor:
+        logits = output["logits"] if isinstance(output, Mapping) else output.logits
+        per_token = F.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels.flatten(), ignore_index=-100, reduction="none"
+        ).view_as(labels)
+        return sum(per_token[part].mean() for part in parts)
+
+    return loss
 
 
 def _pad_token_id(model: nn.Module, stops: set[int]) -> int:

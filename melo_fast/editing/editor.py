@@ -38,9 +38,9 @@ from melo_fast.config import MeloConfig
 from melo_fast.editing import calibration
 from melo_fast.editing.batch import EditBatch
 from melo_fast.editing.block import OpenBlock
-from melo_fast.editing.continuation import with_continuation
+from melo_fast.editing.continuation import target_then_continuation_loss, with_continuation
 from melo_fast.editing.restore import restored_state
-from melo_fast.editing.training import train_block
+from melo_fast.editing.training import loss_of, train_block
 from melo_fast.io import checkpoint, export
 from melo_fast.routing import BlockLoRAHook, EditState, RouterHook, Routing
 from melo_fast.routing.keys import read_keys
@@ -285,14 +285,15 @@ class MeloEditor:
                 parameters = self.open_block(batch)
                 try:
                     settings = self.config.train_settings
-                    training_batch = batch  # keys and edit targets come from the batch as given
+                    training_batch, loss_fn = batch, loss_of  # keys and edit targets: the batch as given
                     if settings.continuation_tokens and self.kind.causal_lm:
                         with self.routing.disable():
                             training_batch = with_continuation(self.model, batch, settings.continuation_tokens)
+                        loss_fn = target_then_continuation_loss(batch, training_batch)
                     targets = [m for name, m in self.model.named_modules() if name in self.lora_layers]
                     trained = train_block(
                         self.model, training_batch, parameters, settings, targets,
-                        lambda: self.routing.training, self.kind.causal_lm,
+                        lambda: self.routing.training, self.kind.causal_lm, loss_fn,
                     )
                     block_id, counts = self.commit()
                 except BaseException:
