@@ -1,6 +1,6 @@
 """Seconds per edit batch: MELO's fixed loop against melo_fast's default, side by side in one run.
 
-    PYTHONPATH=. python benchmarks/edit_speed.py --smollm2 DIR --threads 2 --out benchmarks/edit_speed.json
+    PYTHONPATH=. python benchmarks/edit_speed.py --threads 2 --out benchmarks/edit_speed.json
 
 MELO's loop (``MeloConfig(stop_loss=None, cache_frozen_prefix=False)``) trains every block for
 ``num_iter`` = 50 steps through the whole model. The default replays the frozen blocks below the first
@@ -39,16 +39,16 @@ CONFIGS = {
 }
 
 
-def _models(smollm2: str | None):
+def _models(smollm2: bool):
     """``(name, model, tokenizer)`` of each benchmarked model (eval mode, fp32)."""
     import torch
     from transformers import AutoConfig, AutoTokenizer, GPT2Config, GPT2LMHeadModel, T5ForConditionalGeneration
 
     torch.manual_seed(0)
     if smollm2:
-        from melo_fast.eval.local_model import load_local_model
+        from melo_fast.eval.local_model import load_smollm2
 
-        model, tokenizer = load_local_model(smollm2)
+        model, tokenizer = load_smollm2()
         yield "SmolLM2-135M-Instruct", model.eval(), tokenizer
     gpt2_tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZERS / "gpt2"))
     gpt2_tokenizer.pad_token = gpt2_tokenizer.eos_token
@@ -94,15 +94,15 @@ def time_batches(model, tokenizer, records, batches: int) -> dict:
     return dict(configs=out, median_seconds={"melo_fixed_loop": fixed, "default": default}, speedup=fixed / default)
 
 
-def quality(smollm2: str, records_path: Path, limit: int) -> dict:
+def quality(records_path: Path, limit: int) -> dict:
     """ES, ERR, generality, locality and edit seconds of both configurations on the same dev records."""
     import melo_fast
     from melo_fast.eval.data import load_records
     from melo_fast.eval.harness import SequentialEval, Settings
-    from melo_fast.eval.local_model import load_local_model
+    from melo_fast.eval.local_model import load_smollm2
     from melo_fast.eval.tasks import task_for
 
-    model, tokenizer = load_local_model(smollm2)
+    model, tokenizer = load_smollm2()
     records = load_records(records_path, limit=limit)
     harness = SequentialEval(task_for(model, tokenizer), records, Settings(progress=False))
     out = {"setup": harness.describe()}
@@ -115,7 +115,7 @@ def quality(smollm2: str, records_path: Path, limit: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--smollm2", default=None, help="local folder of SmolLM2-135M-Instruct (None: skip it)")
+    parser.add_argument("--no-smollm2", action="store_true", help="skip SmolLM2-135M-Instruct (and the quality run)")
     parser.add_argument("--batches", type=int, default=5, help="edit batches of 10 per model")
     parser.add_argument("--quality-records", type=int, default=100, help="dev records of the quality run (0: none)")
     parser.add_argument("--threads", type=int, default=2)
@@ -134,12 +134,12 @@ def main(argv=None) -> int:
         configs=CONFIGS,
         models={},
     )
-    for name, model, tokenizer in _models(args.smollm2):
+    for name, model, tokenizer in _models(not args.no_smollm2):
         print(f"{name}:", flush=True)
         report["models"][name] = time_batches(model, tokenizer, records, args.batches)
         print(f"  speedup (median seconds per batch): {report['models'][name]['speedup']:.2f}x", flush=True)
-    if args.smollm2 and args.quality_records:
-        report["quality"] = quality(args.smollm2, DEV, args.quality_records)
+    if not args.no_smollm2 and args.quality_records:
+        report["quality"] = quality(DEV, args.quality_records)
     Path(args.out).write_text(json.dumps(report, indent=1, default=str))
     print(f"wrote {args.out}")
     return 0

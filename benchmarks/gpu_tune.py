@@ -334,7 +334,8 @@ def profile_training(bench: Bench) -> dict:
 
 def profile_e2e(bench: Bench) -> dict:
     """GPT-2-medium shape, bf16, 10k edits, every sample hitting one: patched vs unpatched forward, by kernel."""
-    from benchmarks.gpu_check import Ctx, build_edited_gpt2
+    from benchmarks.gpu_stages.context import Ctx
+    from benchmarks.gpu_stages.end_to_end import build_edited_gpt2
 
     torch = bench.torch
     s = bench.sizes["e2e"]

@@ -95,6 +95,7 @@ class TrainSettings:
     stop_loss: float | None
     min_iter: int
     cache_frozen_prefix: bool
+    continuation_tokens: int
     scheduler_step: int
     scheduler_gamma: float
 
@@ -113,6 +114,10 @@ class TrainSettings:
             _fail("min_iter", self.min_iter, f"must be an int in [0, num_iter={self.num_iter}]")
         if not isinstance(self.cache_frozen_prefix, bool):
             _fail("cache_frozen_prefix", self.cache_frozen_prefix, "must be True or False")
+        if isinstance(self.continuation_tokens, bool) or not isinstance(self.continuation_tokens, int) or (
+            self.continuation_tokens < 0
+        ):
+            _fail("continuation_tokens", self.continuation_tokens, "must be an int >= 0 (0: train on the target only)")
         if not isinstance(self.scheduler_step, int) or self.scheduler_step < 1:
             _fail("scheduler_step", self.scheduler_step, "must be an int >= 1")
         if not _positive_number(self.scheduler_gamma) or self.scheduler_gamma > 1:
@@ -171,6 +176,12 @@ class MeloConfig:
         cache_frozen_prefix: compute the blocks below the first target once per edit batch and replay
             them at every training step (``melo_fast.editing.frozen_prefix``; exact, checked on the
             first step).
+        continuation_tokens: decoder-only models: also train the block on the unedited model's own
+            greedy continuation of prompt + target, up to this many tokens, so an edited answer states
+            the new fact and goes on as the model would instead of repeating the target
+            (``melo_fast.editing.continuation``); the loss is then the target tokens' mean plus the
+            continuation tokens' mean, so the target is learned as fast as without it. 0: the target
+            tokens only (MELO).
         scheduler_step: StepLR step size.
         scheduler_gamma: StepLR decay.
         scale: effective scale ``s`` of a block: output ``W x + s (x A_b) B_b``. In the MELO paper's
@@ -181,8 +192,8 @@ class MeloConfig:
             to choose the fastest one for the device.
 
     The fields group into :attr:`patch_spec` (router, targets, rank_per_block, key_position, scale),
-    :attr:`train_settings` (edit_lr, num_iter, stop_loss, min_iter, cache_frozen_prefix, scheduler_step,
-    scheduler_gamma) and
+    :attr:`train_settings` (edit_lr, num_iter, stop_loss, min_iter, cache_frozen_prefix, continuation_tokens,
+    scheduler_step, scheduler_gamma) and
     :attr:`radius_policy` (init_radius, relative_radius), plus ``backend``.
     """
 
@@ -197,6 +208,7 @@ class MeloConfig:
     stop_loss: float | None = 0.05
     min_iter: int = 1
     cache_frozen_prefix: bool = True
+    continuation_tokens: int = 8
     scheduler_step: int = 20
     scheduler_gamma: float = 0.5
     scale: float = 20.0

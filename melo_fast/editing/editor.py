@@ -2,8 +2,9 @@
 
 Two ways to edit:
 
-- ``editor.edit(batch)``: MELO's own loop (Adam + StepLR over the new block, ``num_iter`` steps;
-  ``training.py``).
+- ``editor.edit(batch)``: MELO's loop (Adam + StepLR over the new block; ``training.py``), stopped once
+  the edit has converged, over the batch extended by the unedited model's continuation after each
+  target for decoder-only models (``continuation.py``).
 - The low-level path for your own training loop (your optimizer, scheduler, AMP, HF Trainer)::
 
       editor.open_block(batch)            # reads the batch's keys; only the new block is trainable
@@ -38,9 +39,10 @@ from melo_fast.config import MeloConfig, TrainSettings
 from melo_fast.editing import calibration
 from melo_fast.editing.batch import EditBatch
 from melo_fast.editing.block import OpenBlock
+from melo_fast.editing.continuation import target_then_continuation_loss, with_continuation
 from melo_fast.editing.restore import check_model as check_model_of
 from melo_fast.editing.restore import restored_state
-from melo_fast.editing.training import train_block
+from melo_fast.editing.training import loss_of, train_block
 from melo_fast.io import checkpoint, export
 from melo_fast.io.fingerprint import Fingerprint
 from melo_fast.routing import BlockLoRAHook, EditState, RefusesCopy, RouterHook, Routing
@@ -335,10 +337,16 @@ class MeloEditor(RefusesCopy):
             try:
                 parameters = self.open_block(batch)
                 try:
+                    settings = self.config.train_settings
+                    training_batch, loss_fn = batch, loss_of  # keys and edit targets: the batch as given
+                    if settings.continuation_tokens and self.kind.causal_lm:
+                        with self.routing.disable():
+                            training_batch = with_continuation(self.model, batch, settings.continuation_tokens)
+                        loss_fn = target_then_continuation_loss(batch, training_batch)
                     targets = [m for name, m in self.model.named_modules() if name in self.lora_layers]
                     trained = train_block(
-                        self.model, batch, parameters, self.config.train_settings, targets,
-                        lambda: self.routing.training, self.kind.causal_lm,
+                        self.model, training_batch, parameters, settings, targets,
+                        lambda: self.routing.training, self.kind.causal_lm, loss_fn,
                     )
                     block_id, counts = self.commit()
                 except BaseException:

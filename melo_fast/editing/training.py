@@ -59,6 +59,7 @@ def train_block(
     targets: list[nn.Module] = (),
     in_training_thread: Callable[[], bool] = lambda: True,
     causal_lm: bool = False,
+    loss_fn: Callable[[object], torch.Tensor] = loss_of,
 ) -> TrainedBlock:
     """Optimize an open block: Adam + StepLR over ``parameters`` for at most ``num_iter`` steps.
 
@@ -71,6 +72,7 @@ def train_block(
             empty: no replay.
         in_training_thread: whether the calling thread trains the block (only its forwards are replayed).
         causal_lm: the model is decoder-only (its logits predict the next position's label).
+        loss_fn: the scalar loss to minimize, from a model output; default the model's own loss.
 
     Returns:
         The loss of the last forward pass and the number of optimizer steps.
@@ -84,14 +86,14 @@ def train_block(
     )
     prefix = None
     if settings.cache_frozen_prefix and targets:
-        prefix = FrozenPrefix(model, list(targets), lambda: model(**inputs), loss_of, in_training_thread)
+        prefix = FrozenPrefix(model, list(targets), lambda: model(**inputs), loss_fn, in_training_thread)
     forward = prefix.step if prefix is not None else lambda: model(**inputs)
     loss_value, steps = float("nan"), 0
     with prefix or contextlib.nullcontext():
         for step in range(settings.num_iter):
             optimizer.zero_grad(set_to_none=True)
             output = forward()
-            loss = loss_of(output)
+            loss = loss_fn(output)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
                 raise FloatingPointError(

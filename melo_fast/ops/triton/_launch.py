@@ -12,7 +12,7 @@
 - **Recording.** :func:`record_launches` lists every launch (kernel, grid, arguments) made inside
   it, optionally without running anything and with the GPU tile configuration on CPU tensors. The
   tests and ``benchmarks/gpu_check.py`` use it to see which kernel variants a call compiles, and
-  to compile exactly those for a GPU target on a machine without one (``compile_report.py``).
+  to compile exactly those for a GPU target on a machine without one (``benchmarks/gpu_stages/compile_report.py``).
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def _feature_tile(d: int, cap: int) -> int:
 
 # GPU tile sizes, per kernel and dtype: no variant spills registers on sm_90, by the ptxas reports of
 # CUDA 12.8 (Triton 3.6) and 13.4 (Triton 3.9) for fp32/bf16/fp16, d in {16, 32, 64, 128, 4096} and
-# k in {1, 8, 32} (compile_report.py; `benchmarks/gpu_check.py --only compile` prints the report).
+# k in {1, 8, 32} (benchmarks/gpu_stages/compile_report.py; `benchmarks/gpu_check.py --only compile` prints the report).
 # fp32 dots are IEEE FMA loops, which hold more in registers than tensor-core dots, hence the
 # smaller tiles; ptxas's spill decisions move erratically with the tile shape and its version, so
 # each exception below is one a report showed. The interpreter instead prefers few, large tiles:
