@@ -71,11 +71,17 @@ class EditBatch:
 
     @classmethod
     def from_texts(
-        cls, model: nn.Module, prompts: list[str], targets: list, tokenizer, max_length: int | None = None
+        cls,
+        model: nn.Module,
+        prompts: list[str],
+        targets: list,
+        tokenizer,
+        max_length: int | None = None,
+        paraphrases: list[list[str]] | None = None,
     ) -> EditBatch:
         """The edit batch for ``prompts`` → ``targets`` (see :func:`build_edit_batch`)."""
         kind = ModelKind.of(model)
-        return cls(_tokenize(model, kind, prompts, targets, tokenizer, max_length), kind)
+        return cls(_tokenize(model, kind, prompts, targets, tokenizer, max_length, paraphrases), kind)
 
     @property
     def size(self) -> int:
@@ -92,7 +98,14 @@ class EditBatch:
         return [tuple(v for v in row if v != -100) for row in labels.reshape(labels.shape[0], -1).tolist()]
 
 
-def build_edit_batch(model: nn.Module, prompts: list[str], targets: list, tokenizer, max_length: int | None = None):
+def build_edit_batch(
+    model: nn.Module,
+    prompts: list[str],
+    targets: list,
+    tokenizer,
+    max_length: int | None = None,
+    paraphrases: list[list[str]] | None = None,
+):
     """The edit batch for ``prompts`` → ``targets``, on the model's device (the dict the model takes).
 
     - causal LMs: ``prompt + " " + target`` right-padded; labels are -100 on the prompt and padding;
@@ -102,11 +115,18 @@ def build_edit_batch(model: nn.Module, prompts: list[str], targets: list, tokeni
     ``max_length`` (optional) truncates every prompt to that many tokens (on the tokenizer's
     truncation side) for every kind of model; targets are never truncated.
 
+    ``paraphrases`` (optional): one list per prompt (``[]`` for none) of other wordings of that prompt,
+    each one more row with its prompt's target. Rows: the prompts first (row ``i`` is prompt ``i``, as
+    without paraphrases), then ``paraphrases[0]``, ``paraphrases[1]``, ... in order.
+
     Raises TypeError unless ``prompts`` and ``targets`` are lists (or tuples) of the same length, or naming
     the index of a target that is not text (for classifiers: not a label name or an int class id), and
     ValueError naming the index of an empty or whitespace-only prompt or target, or an unknown label.
+    With ``paraphrases``: TypeError if it is not a list, or naming the entry that is not a list or the
+    paraphrase that is not text; ValueError if it has not one entry per prompt, or naming a paraphrase that
+    is empty or repeats a prompt or paraphrase of the batch.
     """
-    return dict(EditBatch.from_texts(model, prompts, targets, tokenizer, max_length).inputs)
+    return dict(EditBatch.from_texts(model, prompts, targets, tokenizer, max_length, paraphrases).inputs)
 
 
 def _check_labels(labels: torch.Tensor, input_ids: torch.Tensor | None, kind: ModelKind) -> None:
@@ -139,7 +159,7 @@ def _check_labels(labels: torch.Tensor, input_ids: torch.Tensor | None, kind: Mo
         raise ValueError(f"melo_fast: edit rows {rows} have no {what}; every row needs a target")
 
 
-def _tokenize(model: nn.Module, kind: ModelKind, prompts, targets, tokenizer, max_length) -> dict:
+def _tokenize(model: nn.Module, kind: ModelKind, prompts, targets, tokenizer, max_length, paraphrases=None) -> dict:
     for name, value in (("prompts", prompts), ("targets", targets)):
         if not isinstance(value, (list, tuple)):
             raise TypeError(f"melo_fast: {name} must be a list (one entry per edit), got {type(value).__name__}")
@@ -154,6 +174,7 @@ def _tokenize(model: nn.Module, kind: ModelKind, prompts, targets, tokenizer, ma
     for i, target in enumerate(targets):
         if isinstance(target, str) and not target.strip():
             raise ValueError(f"melo_fast: target {i} is {target!r}; every target must be non-empty")
+    prompts, targets = _with_paraphrases(prompts, targets, paraphrases)
     device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     truncate = {"truncation": max_length is not None, "max_length": max_length}
@@ -182,6 +203,54 @@ def _tokenize(model: nn.Module, kind: ModelKind, prompts, targets, tokenizer, ma
         inputs = tokenizer(list(prompts), padding=True, return_tensors="pt", **truncate)
         batch = {**inputs, "labels": torch.tensor(_class_ids(model.config, targets), dtype=torch.long)}
     return {name: value.to(device) for name, value in batch.items()}
+
+
+def _with_paraphrases(prompts, targets, paraphrases) -> tuple[list, list]:
+    """The rows of the batch: the prompts, then every paraphrase with its prompt's target (checked first).
+
+    A phrasing given twice is refused rather than dropped: most likely a slip (a paraphrase pasted
+    under the wrong prompt would train it to the wrong answer), and as a second row it would only
+    weigh that wording twice.
+    """
+    if paraphrases is None:
+        return prompts, targets
+    if not isinstance(paraphrases, (list, tuple)):
+        raise TypeError(
+            "melo_fast: paraphrases must be a list with one list of other wordings per prompt, "
+            f"got {type(paraphrases).__name__}"
+        )
+    if len(paraphrases) != len(prompts):
+        raise ValueError(
+            f"melo_fast: {len(prompts)} prompts but {len(paraphrases)} paraphrase lists; give one list per "
+            "prompt ([] for a prompt without paraphrases)"
+        )
+    rows, row_targets = list(prompts), list(targets)
+    seen: dict[str, str] = {}
+    for i, prompt in enumerate(prompts):
+        seen.setdefault(prompt.strip(), f"prompt {i}")
+    for i, wordings in enumerate(paraphrases):
+        if not isinstance(wordings, (list, tuple)):
+            raise TypeError(
+                f"melo_fast: paraphrases[{i}] has type {type(wordings).__name__} ({wordings!r:.60}); each entry "
+                f"must be a list of other wordings of prompt {i} ([] for none)"
+            )
+        for j, text in enumerate(wordings):
+            where = f"paraphrases[{i}][{j}]"
+            if not isinstance(text, str):
+                raise TypeError(
+                    f"melo_fast: {where} has type {type(text).__name__} ({text!r:.60}); a paraphrase must be text (str)"
+                )
+            if not text.strip():
+                raise ValueError(f"melo_fast: {where} is {text!r}; every paraphrase must be non-empty text")
+            first = seen.setdefault(text.strip(), where)
+            if first != where:
+                raise ValueError(
+                    f"melo_fast: {where} ({text!r:.60}) repeats {first}; give each wording once per batch "
+                    "(a paraphrase must differ from every prompt and paraphrase of the batch)"
+                )
+            rows.append(text)
+            row_targets.append(targets[i])
+    return rows, row_targets
 
 
 def _check_target_types(kind: ModelKind, targets) -> None:

@@ -58,7 +58,8 @@ class EditResult:
     Attributes:
         block_id: the block trained for this batch.
         loss: the model's loss at the last training step.
-        keys: number of keys (samples) in the batch.
+        keys: number of keys the batch inserted: one per row (for ``edit_texts``, one per prompt and
+            one per paraphrase).
         new_clusters / merged / conflicts / forgotten / superseded: how the keys entered the database
             (``superseded``: earlier edits of the same inputs that this batch replaced).
         steps: optimizer steps taken (at most ``num_iter``; fewer when the edit converged earlier).
@@ -368,20 +369,45 @@ class MeloEditor(RefusesCopy):
             seconds=time.perf_counter() - start,
         )
 
-    def edit_texts(self, prompts: list[str], targets: list, tokenizer, max_length: int | None = None) -> EditResult:
+    def edit_texts(
+        self,
+        prompts: list[str],
+        targets: list,
+        tokenizer,
+        max_length: int | None = None,
+        paraphrases: list[list[str]] | None = None,
+    ) -> EditResult:
         """Tokenize ``prompts`` → ``targets`` into an edit batch (see :func:`~melo_fast.editing.build_edit_batch`)
         and edit.
 
         The tokenizer is remembered for measuring the key scale (``init_radius="auto"``).
 
+        Args:
+            prompts: the questions to edit, ``N`` non-empty strings.
+            targets: their answers, ``N`` strings (for a classifier: label names or class ids).
+            tokenizer: the model's tokenizer.
+            max_length: truncate every prompt (and paraphrase) to that many tokens.
+            paraphrases: None, or ``N`` lists (``[]`` for none) of other wordings of each prompt, written by
+                you: ``paraphrases[i][j]`` is one more row of this edit with target ``targets[i]``. Its key
+                joins the database with that target and the block trains on it, so the edit also answers
+                that wording (and inputs whose keys fall near its key); an edit of the prompt alone reaches
+                few paraphrases.
+                Rows: the ``N`` prompts first, then the paraphrases in order (row numbers in errors of
+                :meth:`edit` count this way).
+
+        Returns:
+            What :meth:`edit` returns; ``keys`` counts every row (prompts and paraphrases).
+
         Raises:
-            TypeError: ``prompts`` or ``targets`` is not a list, or a target is not text (for a classifier:
-                not a label name or a class id); the message names the row.
-            ValueError: no prompts, a different number of targets, an empty prompt or target; and
-                everything :meth:`edit` raises.
+            TypeError: ``prompts``, ``targets`` or ``paraphrases`` is not a list, an entry of ``paraphrases``
+                is not a list, a paraphrase or a target is not text (for a classifier: a target not a label
+                name or a class id); the message names the row.
+            ValueError: no prompts, a different number of targets or paraphrase lists, an empty prompt, target
+                or paraphrase, or a paraphrase that repeats a prompt or paraphrase of the batch (the message
+                names it); and everything :meth:`edit` raises. All of these before any training.
         """
         self._check_attached()
-        batch = EditBatch.from_texts(self.model, prompts, targets, tokenizer, max_length=max_length)
+        batch = EditBatch.from_texts(self.model, prompts, targets, tokenizer, max_length, paraphrases)
         if self.tokenizer is None:
             self.tokenizer = tokenizer
         return self.edit(dict(batch.inputs))
