@@ -178,10 +178,13 @@ def run(args) -> dict:
     settings = Settings(batch_size=args.batch_size, holdout=args.holdout, progress=not args.no_progress)
     harness = SequentialEval(task, records, settings)
     radius_note = f" ({config.relative_radius} x the key scale)" if config.init_radius == "auto" else ""
+    steps = f"{config.num_iter} steps/batch" if config.stop_loss is None else (
+        f"at most {config.num_iter} steps/batch (stops once every target token is predicted, loss < {config.stop_loss})"
+    )
     print(f"MELO: router {config.router or '(from the model structure)'} (key '{config.key_position}'), LoRA on "
           f"{', '.join(config.targets) if config.targets else '(from the model structure)'}, "
           f"rank {config.rank_per_block}/batch, init_radius {config.init_radius!r}{radius_note}, "
-          f"{config.num_iter} steps/batch")
+          f"{steps}")
     shape = harness.describe()
     print(f"editing {shape['edited']} prompts in {shape['batches']} batches of {shape['batch_size']}; "
           f"{shape['held_out']} records held out (never edited) as locality probes")
