@@ -183,6 +183,13 @@ class GeneralityEval(SequentialEval):
             self.answerer.compute_unedited()
         if radius is not None:
             config = config.replace(init_radius="auto", relative_radius=radius)
+        if variant.projection:
+            # The projection was trained on one key function (module, layer, position): route with it.
+            from evaluation.generality.projection import load_projection
+
+            module, layer, position = common.parse_spec(load_projection(variant.projection)[1])
+            model_name = "minilm" if self.task.kind == "classifier" else "smollm2"
+            config = config.replace(router=common.MODULES[model_name][module].format(L=layer), key_position=position)
         # The answerer caches keys per router and key position; projected keys are another key function.
         caches = self.__dict__.setdefault("_key_caches", {})
         self.answerer._keys = caches.setdefault(variant.projection, {})
@@ -229,9 +236,38 @@ class GeneralityEval(SequentialEval):
                 editor.replace_state(db, blocks)
                 out["replays"][name] = {"relative_radius": relative, **self.final(editor, block_of_record),
                                         "db": db.stats()}
+            out["oracle_routing"] = self.oracle(editor, blocks, block_of_record)
         finally:
             melo_fast.unpatch(self.task.model)
         return out
+
+
+    def oracle(self, editor, blocks, block_of_record: list[int]) -> dict:
+        """Generality when every paraphrase is routed to its own edit's block (a perfect router).
+
+        Measures the other half of generality: does a block give the new answer to a wording it was not
+        trained on, once that wording reaches it? A database whose points are the paraphrases' own keys
+        (a tiny radius, one label per question) routes each of them to its block and nothing else.
+        """
+        scale = editor.db.key_scale
+        db = VectorDatabase(editor.db.dim, 1e-4 * scale, key_scale=scale)
+        owners = {"rephrase": list(range(len(self.edited))), "generate": self.sets["generate"].owners}
+        per_block: dict[int, list] = {}
+        for kind, (name, own) in enumerate(owners.items()):
+            keys = self.answerer.keys(name, editor)
+            for i, owner in enumerate(own):
+                per_block.setdefault(block_of_record[owner], []).append((keys[i], (kind, i)))  # one label each
+        for block in sorted(per_block):
+            keys = torch.stack([k for k, _ in per_block[block]])
+            labels = [label for _, label in per_block[block]]
+            drop = {j for _, j in coinciding_conflicts(keys, labels, COINCIDE_FRACTION * db.init_radius)}
+            keep = [i for i in range(len(labels)) if i not in drop]
+            db.insert(keys[keep], [labels[i] for i in keep], block)
+        editor.replace_state(db, blocks)
+        return {
+            "gen_rephrase": metrics.mean(self.scores("rephrase", self.answerer.routed("rephrase", editor))),
+            "gen_generate": metrics.mean(self.scores("generate", self.answerer.routed("generate", editor))),
+        }
 
 
 def use_projection(editor, path: str) -> None:
