@@ -67,6 +67,7 @@ class Variant:
     projection: str | None = None  # path of a saved projection
     default_radius: bool = False  # the library's default relative radius (0.1) instead of part A's
     per_edit_blocks: bool = False  # one block per edit instead of one per batch of 10
+    text_keys: bool = False  # keys from the prompt's text by MiniLM (+ its projection), not the edited model
     note: str = ""
 
 
@@ -84,6 +85,9 @@ VARIANTS = {
     "proj_prefix": dict(projection="PROJ", prefixes=3),
     "proj_para3_prefix": dict(projection="PROJ", paraphrases=3, prefixes=3),
     "proj_single": dict(projection="PROJ", per_edit_blocks=True),
+    # SmolLM2 routed by MiniLM's keys of the prompt text, through MiniLM's projection (an external key encoder).
+    "text_proj": dict(projection="PROJ_MINILM", text_keys=True),
+    "text_proj_para3": dict(projection="PROJ_MINILM", text_keys=True, paraphrases=3),
 }
 FLOORS = ("locality>=0.99", "locality>=0.98", "locality_clean>=0.99", "locality_clean>=0.98")
 
@@ -183,7 +187,7 @@ class GeneralityEval(SequentialEval):
             self.answerer.compute_unedited()
         if radius is not None:
             config = config.replace(init_radius="auto", relative_radius=radius)
-        if variant.projection:
+        if variant.projection and not variant.text_keys:
             # The projection was trained on one key function (module, layer, position): route with it.
             from evaluation.generality.projection import load_projection
 
@@ -195,7 +199,9 @@ class GeneralityEval(SequentialEval):
         self.answerer._keys = caches.setdefault(variant.projection, {})
         torch.manual_seed(common.SEED)
         editor = melo_fast.patch(self.task.model, config, tokenizer=self.task.tokenizer)
-        if variant.projection:
+        if variant.text_keys:
+            use_text_keys(editor, self.task.tokenizer, variant.projection)
+        elif variant.projection:
             use_projection(editor, variant.projection)
         editor.calibrate(self.task.tokenizer)
         rng = random.Random(common.SEED)
@@ -276,22 +282,74 @@ def use_projection(editor, path: str) -> None:
     from evaluation.generality.projection import load_projection
 
     projection, spec = load_projection(path)
-    router = editor.router
-    original = router._keys
+    original = editor.router._keys
 
     def keys(self, output, call):
         with torch.no_grad():
             return projection(original(output, call))
 
-    router._keys = types.MethodType(keys, router)
-    # The database holds keys of the projected width: start it empty at that width (no edit yet).
+    _swap_keys(editor, keys, projection.weight.shape[0])
+
+
+def _swap_keys(editor, keys, width: int) -> None:
+    """Give the router another key function of width ``width`` (before any edit)."""
     from melo_fast.state import EditState
 
+    editor.router._keys = types.MethodType(keys, editor.router)
+    # The database holds keys of the new width: start it empty at that width (no edit yet).
     state = editor.routing.state
     if len(state.database):
-        raise RuntimeError("use_projection: the editor already holds edits keyed without the projection")
-    database = VectorDatabase(projection.weight.shape[0], None, device=state.database.device)
+        raise RuntimeError("the editor already holds edits keyed by another key function")
+    database = VectorDatabase(width, None, device=state.database.device)
     editor.routing.state = EditState(database, state.blocks, state.num_blocks)
+
+
+def use_text_keys(editor, tokenizer, projection_path: str) -> None:
+    """Route by the prompt's *text*: MiniLM's key of it (the demo router, last token) through MiniLM's
+    projection, whatever model is edited (prototype of an external key encoder).
+
+    The router hook sees hidden states, not text: a forward pre-hook keeps the call's ``input_ids``, and
+    the key function decodes each row's real prompt tokens (attention mask, before the edit target)
+    back to text with the edited model's tokenizer.
+    """
+    import threading
+
+    from evaluation.generality.projection import load_projection
+    from melo_fast.eval.classifier import load_minilm
+    from melo_fast.layers import extract_keys
+
+    projection, spec = load_projection(projection_path)
+    module, layer, position = common.parse_spec(spec)
+    encoder, encoder_tokenizer = load_minilm()
+    router_module = dict(encoder.named_modules())[common.MODULES["minilm"][module].format(L=layer)]
+    local = threading.local()
+
+    def keep_ids(module, args, kwargs):
+        local.input_ids = kwargs.get("input_ids", args[0] if args else None)
+
+    editor.model.register_forward_pre_hook(keep_ids, with_kwargs=True)
+
+    @torch.no_grad()
+    def encode(texts: list[str]) -> torch.Tensor:
+        captured = {}
+        handle = router_module.register_forward_hook(lambda m, a, out: captured.setdefault("out", out))
+        try:
+            inputs = encoder_tokenizer(texts, padding=True, return_tensors="pt")
+            encoder(**inputs)
+        finally:
+            handle.remove()
+        return projection(extract_keys(captured["out"], inputs["attention_mask"], None, position))
+
+    def keys(self, output, call):
+        ids = local.input_ids
+        n, t = ids.shape
+        real = torch.ones(n, t, dtype=torch.bool) if call.attention_mask is None else call.attention_mask.bool()
+        if call.prompt_end is not None:
+            real = real & (torch.arange(t)[None, :] < call.prompt_end[:, None])
+        texts = [tokenizer.decode(ids[i][real[i]], skip_special_tokens=True).strip() for i in range(n)]
+        return encode(texts)
+
+    _swap_keys(editor, keys, projection.weight.shape[0])
 
 
 def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng: random.Random):
@@ -390,11 +448,19 @@ def main(argv=None) -> None:
         fields = dict(VARIANTS[name])
         if fields.get("projection") == "PROJ":
             fields["projection"] = PROJ[args.model]
+        if fields.get("projection") == "PROJ_MINILM":
+            fields["projection"] = PROJ["minilm"]
         variant = Variant(name=name, **fields)
+        key_spec = spec
+        if variant.projection:
+            from evaluation.generality.projection import load_projection
+
+            key_spec = load_projection(variant.projection)[1]
         replays = {}
         for floor in FLOORS:
             for probe_json in probes:
-                found = radius_from_probe(probe_json, spec, variant.projection is not None, variant.paraphrases, floor)
+                found = radius_from_probe(probe_json, key_spec, variant.projection is not None, variant.paraphrases,
+                                          floor)
                 if found is not None:
                     replays[floor] = found
                     break
