@@ -78,6 +78,19 @@ def load_parts(path: Path | str = DEV_DATA, seed: int = SEED) -> dict[str, list[
     }
 
 
+def projection_split(records: list[EditRecord], seed: int = SEED) -> tuple[list[EditRecord], list[EditRecord]]:
+    """``(train, val)``: part A's records split by subject, 20% of the subjects for validation.
+
+    A key projection trains on ``train``; ``val`` picks its step count *and* its radius, because on the
+    projection's own training records locality looks better than on any unseen record (their locality
+    questions were its hard negatives), so a radius chosen there is too large for new subjects.
+    """
+    subjects = sorted({r.subject for r in records})
+    random.Random(seed).shuffle(subjects)
+    val = set(subjects[: len(subjects) // 5])
+    return [r for r in records if r.subject not in val], [r for r in records if r.subject in val]
+
+
 def edited_and_held(records: list[EditRecord]) -> tuple[list[EditRecord], list[EditRecord]]:
     """The harness's split of one part: every 5th record is never edited."""
     return split_edits(list(records), HOLDOUT)

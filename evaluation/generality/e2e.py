@@ -27,10 +27,11 @@ A variant (``VARIANTS``) says what one edit batch is:
   editing and serving alike (the prototype swaps the router's key function);
 - radius: the main run uses the library's default radius (``melo``) or the relative radius the
   routing-bound probe chose on part A for that key function at raw locality >= 0.99 (``--probe``
-  JSONs). The trained blocks do not depend on the radius (each block trains with its batch routed to
-  it), so the run is then *replayed* at part A's radius for each locality floor (raw and clean, 0.99
-  and 0.98): the database is rebuilt from the same keys and the routed answers re-scored, exactly as
-  a run at that radius would score them (ES aside, which is measured in the main run only).
+  JSONs; ``part_A_radius`` records the probe's choice for every floor). The trained blocks do not
+  depend on the radius (each block trains with its batch routed to it), so the run is then *replayed*
+  on the probe's grid of relative radii (``grid``): the database is rebuilt from the same keys and the
+  routed answers re-scored, exactly as a run at that radius would score them (ES aside, which is
+  measured in the main run only). The report reads the grid point at part A's radius for each floor.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import melo_fast  # noqa: E402
 from evaluation.generality import common  # noqa: E402
+from evaluation.generality.probe import RADII  # noqa: E402
 from melo_fast.config import MeloConfig  # noqa: E402
 from melo_fast.editor import build_edit_batch  # noqa: E402
 from melo_fast.eval import metrics  # noqa: E402
@@ -85,6 +87,7 @@ VARIANTS = {
     "proj_prefix": dict(projection="PROJ", prefixes=3),
     "proj_para3_prefix": dict(projection="PROJ", paraphrases=3, prefixes=3),
     "proj_single": dict(projection="PROJ", per_edit_blocks=True),
+    "proj_para3_single": dict(projection="PROJ", paraphrases=3, per_edit_blocks=True),
     # SmolLM2 routed by MiniLM's keys of the prompt text, through MiniLM's projection (an external key encoder).
     "text_proj": dict(projection="PROJ_MINILM", text_keys=True),
     "text_proj_para3": dict(projection="PROJ_MINILM", text_keys=True, paraphrases=3),
@@ -180,9 +183,10 @@ class GeneralityEval(SequentialEval):
         return out
 
     def run_variant(self, config: MeloConfig, variant: Variant, prefixes: list[str], radius: float | None,
-                    replays: dict[str, float]) -> dict:
+                    grid: list[float]) -> dict:
         """Edit part B's batches with ``variant`` at relative radius ``radius`` (None: the config's), score,
-        then replay the routing at each radius of ``replays`` (name -> relative radius)."""
+        then replay the routing at each relative radius of ``grid`` (ascending; it stops once clean locality
+        is below 0.9)."""
         if not self.answerer.unedited:
             self.answerer.compute_unedited()
         if radius is not None:
@@ -231,17 +235,19 @@ class GeneralityEval(SequentialEval):
                        edits=len(self.edited), rows_trained=rows_trained, rows_dropped=dropped,
                        init_radius=editor.db.init_radius, key_scale=editor.db.key_scale,
                        relative_radius=config.relative_radius, db=editor.db.stats(), blocks=editor.num_blocks)
-            out["replays"] = {}
+            out["grid"] = []
             blocks = editor.blocks()
-            for name, relative in replays.items():
+            for relative in grid:
                 db = VectorDatabase(editor.db.dim, relative * editor.db.key_scale, key_scale=editor.db.key_scale)
                 for keys, labels, block in inserts:
                     drop = {j for _, j in coinciding_conflicts(keys, labels, COINCIDE_FRACTION * db.init_radius)}
                     keep = [i for i in range(len(labels)) if i not in drop]
                     db.insert(keys[keep], [labels[i] for i in keep], block)
                 editor.replace_state(db, blocks)
-                out["replays"][name] = {"relative_radius": relative, **self.final(editor, block_of_record),
-                                        "db": db.stats()}
+                point = {"relative_radius": relative, **self.final(editor, block_of_record), **db.stats()}
+                out["grid"].append({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})
+                if point["locality_clean"] < 0.9:
+                    break
             out["oracle_routing"] = self.oracle(editor, blocks, block_of_record)
         finally:
             melo_fast.unpatch(self.task.model)
@@ -416,6 +422,7 @@ def main(argv=None) -> None:
     parser.add_argument("--probe", action="append", default=[],
                         help="probe/projection JSON(s) giving part A's radius per key function")
     parser.add_argument("--floor", default="locality>=0.99", help="which summary of the probe picks the radius")
+    parser.add_argument("--grid-from", type=float, default=0.05, help="smallest relative radius replayed")
     parser.add_argument("--prefixes", default=str(common.RESULTS / "prefixes_smollm2.json"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -456,26 +463,27 @@ def main(argv=None) -> None:
             from evaluation.generality.projection import load_projection
 
             key_spec = load_projection(variant.projection)[1]
-        replays = {}
+        picks = {}  # per locality floor, the relative radius the probe chose on part A for this key function
         for floor in FLOORS:
             for probe_json in probes:
                 found = radius_from_probe(probe_json, key_spec, variant.projection is not None, variant.paraphrases,
                                           floor)
                 if found is not None:
-                    replays[floor] = found
+                    picks[floor] = found
                     break
         if variant.default_radius:
             radius = None
-        elif args.floor in replays:
-            radius = replays[args.floor]
+        elif args.floor in picks:
+            radius = picks[args.floor]
         else:
             print(f"{name}: no part-A radius for it in the probe JSONs given; skipped")
             continue
         if variant.prefixes and not prefixes:
             print(f"{name}: no prefixes file {args.prefixes}; skipped")
             continue
-        print(f"== {name}: relative radius {radius}, replays {replays}", flush=True)
-        result = harness.run_variant(config, variant, prefixes, radius, replays)
+        print(f"== {name}: relative radius {radius}, part A's radii {picks}", flush=True)
+        result = harness.run_variant(config, variant, prefixes, radius, [r for r in RADII if r >= args.grid_from])
+        result["part_A_radius"] = picks
         result["variant"] = asdict(variant)
         report["variants"][name] = result
         shown = {k: v for k, v in result.items() if isinstance(v, float) and not math.isnan(v)}

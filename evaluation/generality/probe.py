@@ -23,7 +23,9 @@ The radius is swept as a multiple of the key scale (``melo_fast.calibration``: t
 between the keys of the built-in neutral prompts), i.e. as ``MeloConfig.relative_radius``, so a
 value found here is a setting the library can ship. For each locality floor (0.99, 0.98) the summary
 gives the best generality on that part (a best case: the radius is chosen on the part itself) and,
-for part B, the generality at the radius chosen on part A (what a shipped setting would give).
+for part B, the generality at the radius chosen on part A (what a shipped setting would give). For a
+projected key function the radius is chosen on the 20% of A's subjects the projection did not train on
+(``A_val``, stored as part "A" with ``fit_part``), since its training records look unrealistically local.
 
 Key functions (``common.spec_names``): a router module of some layer, the last real token or the
 mean over real tokens, Euclidean (``l2``) or cosine (``cos``: keys scaled to unit norm, then
@@ -241,9 +243,12 @@ def probe(store: common.KeyStore, parts: dict, spec: str, metric: str, paraphras
     result = {"key_function": keys.name, "spec": spec, "metric": metric, "paraphrases": paraphrases,
               "projection": projection is not None}
     chosen = None
+    # A projection's radius is chosen on A's subjects it did not train on (common.projection_split).
+    fit = common.projection_split(parts["A"])[1] if projection is not None else parts["A"]
+    result["fit_part"] = "A_val" if projection is not None else "A"
     for part in ("A", "B"):
         start = time.perf_counter()
-        problem = RoutingProblem(parts[part], keys, paraphrases)
+        problem = RoutingProblem(fit if part == "A" else parts[part], keys, paraphrases)
         points = sweep(problem)
         summary = summarize(points, chosen)
         if part == "A":

@@ -18,7 +18,7 @@ projection the dataset's artefact that statement-style wordings "are not the edi
 promises). Loss: supervised InfoNCE on cosine similarities (temperature ``tau``): for each phrasing in a
 minibatch of facts, another phrasing of its fact must be nearer than every phrasing of other facts and
 every hard negative in the minibatch. 20% of A's subjects are held out of training to pick the number of
-steps (early stopping on their held-out loss); B is never looked at.
+steps (early stopping on their held-out loss) and, in the probe, the radius; B is never looked at.
 """
 
 from __future__ import annotations
@@ -98,11 +98,9 @@ def train(store: common.KeyStore, spec: str, records, rank: int = 256, tau: floa
           seed: int = 0) -> tuple[KeyProjection, dict]:
     """Train on ``records`` (part A); 20% of their subjects pick the step count. Returns (projection, log)."""
     start = time.perf_counter()
-    subjects = sorted({r.subject for r in records})
-    random.Random(seed).shuffle(subjects)
-    val_subjects = set(subjects[: len(subjects) // 5])
-    train_groups, train_neg = facts_of([r for r in records if r.subject not in val_subjects])
-    val_groups, val_neg = facts_of([r for r in records if r.subject in val_subjects])
+    train_records, val_records = common.projection_split(records, seed)
+    train_groups, train_neg = facts_of(train_records)
+    val_groups, val_neg = facts_of(val_records)
     train_texts = sorted({t for g in train_groups for t in g} | {t for n in train_neg for t in n})
     x = store.get(spec, train_texts)
     model = KeyProjection(x.mean(0), x.std(0).clamp(min=1e-6), rank, seed)
@@ -166,6 +164,7 @@ def main(argv=None) -> None:
     parser.add_argument("--rank", type=int, default=256)
     parser.add_argument("--tau", type=float, default=0.1)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--save", required=True, help="where the projection goes (kept out of the repository)")
     parser.add_argument("--out", required=True, help="JSON with the training log and the probe of the projection")
     parser.add_argument("--paraphrases", default="0,3", help="user paraphrases per edit for the probe")
@@ -175,7 +174,8 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     parts = common.load_parts()
     store = common.KeyStore(args.model)
-    model, info = train(store, args.spec, parts["A"], rank=args.rank, tau=args.tau, steps=args.steps)
+    model, info = train(store, args.spec, parts["A"], rank=args.rank, tau=args.tau, steps=args.steps,
+                        weight_decay=args.weight_decay)
     save_projection(Path(args.save), model, args.spec)
     from evaluation.generality.probe import line, probe
 
