@@ -46,11 +46,15 @@ def at_a(result: dict, floor: str) -> dict | None:
 
 
 def probe_cells(result: dict) -> list[str]:
-    """generate / rephrase generality on B at A's radius for each floor, then the misroute at raw >= 0.98."""
+    """Per floor: generate / rephrase generality on B at part A's radius, with B's locality there (raw for raw
+    floors, clean for clean ones), and the best generate generality on B itself (radius fitted on B); then the
+    misroute rate at raw >= 0.98."""
     cells = []
     for floor in FLOORS:
-        point = at_a(result, floor)
-        cells.append("–" if point is None else f"{f2(point['generate'])} / {f2(point['rephrase'])}")
+        point, best = at_a(result, floor), result["B"]["summary"][floor]["best"]
+        locality = floor.split(">=")[0]
+        at = "–" if point is None else f"{f2(point['generate'])} / {f2(point['rephrase'])} ({f3(point[locality])})"
+        cells.append(f"{at}; {f2(best and best['generate'])}")
     point = at_a(result, "locality>=0.98")
     cells.append("–" if point is None else f2(point["generate_misroute"]))
     return cells
@@ -61,8 +65,8 @@ PROBE_HEADER = ["key function", "edit paraphrases", "NN own (B)", *(FLOOR_NAMES[
 
 
 def probe_row(result: dict) -> list[str]:
-    return [f"`{result['key_function']}`", str(result["paraphrases"]), f2(result["B"]["nn_generate"]),
-            *probe_cells(result)]
+    name = f"`{result['key_function']}`" + (" (radius on A_val)" if result.get("fit_part") == "A_val" else "")
+    return [name, str(result["paraphrases"]), f2(result["B"]["nn_generate"]), *probe_cells(result)]
 
 
 def key_screen(model: str, top: int = 6) -> str:
@@ -142,24 +146,38 @@ E2E_HEADER = ["variant", "radius (× key scale)", "ES", "ERR", "gen rephrase", "
               "locality clean", "edit CPU s / edit"]
 
 
-def e2e_row(name: str, v: dict, replay: str | None) -> list[str]:
-    r = v if replay is None else v["replays"].get(replay)
+def grid_point(v: dict, floor: str) -> dict | None:
+    """The replayed grid point at the radius the probe chose on part A for ``floor`` (None if not replayed)."""
+    radius = v.get("part_A_radius", {}).get(floor)
+    if radius is None:
+        return None
+    return next((p for p in v["grid"] if abs(p["relative_radius"] - radius) < 1e-6), None)
+
+
+def e2e_variants(model: str) -> dict:
+    """Every variant of the e2e JSONs of a model (``e2e_<model>*.json``), in file then run order."""
+    variants = {}
+    for path in sorted(RESULTS.glob(f"e2e_{model}*.json")):
+        variants.update(json.loads(path.read_text())["variants"])
+    return variants
+
+
+def e2e_row(name: str, v: dict, floor: str | None) -> list[str]:
+    r = v if floor is None else grid_point(v, floor)
     if r is None:
         return [name, "–"] + ["–"] * (len(E2E_HEADER) - 2)
-    radius = v["relative_radius"] if replay is None else r["relative_radius"]
     per_edit = v["edit_cpu_seconds"] / max(1, v["edits"])
-    return [name, f"{radius:.3f}", f3(v["es"]) if replay is None else "(main)", f3(r["err"]), f3(r["gen_rephrase"]),
-            f3(r["gen_generate"]), f3(r["generate_routed_own"]), f3(r["generate_misrouted"]),
+    return [name, f"{r['relative_radius']:.3f}", f3(v["es"]) if floor is None else "", f3(r["err"]),
+            f3(r["gen_rephrase"]), f3(r["gen_generate"]), f3(r["generate_routed_own"]), f3(r["generate_misrouted"]),
             f3(r["gen_generate_given_routed"]), f3(v["oracle_routing"]["gen_generate"]), f3(r["loc_relation"]),
             f3(r["loc_unedited"]), f3(r["locality"]), f3(r["locality_clean"]), f"{per_edit:.2f}"]
 
 
-def e2e_table(model: str, replay: str | None) -> str:
-    data = load(f"e2e_{model}")
-    if data is None:
-        return f"(not run: `e2e_{model}.json` is missing)"
-    rows = [e2e_row(name, v, replay) for name, v in data["variants"].items()]
-    return table(E2E_HEADER, rows)
+def e2e_table(model: str, floor: str | None) -> str:
+    variants = e2e_variants(model)
+    if not variants:
+        return f"(not run: no `e2e_{model}*.json`)"
+    return table(E2E_HEADER, [e2e_row(name, v, floor) for name, v in variants.items()])
 
 
 def e2e_shape(model: str) -> str:
@@ -199,8 +217,8 @@ def main() -> None:
         "commands": commands(),
     }
     for model in ("minilm", "smollm2"):
-        for replay, tag in ((None, "main"), ("locality>=0.98", "raw98"), ("locality_clean>=0.99", "clean99")):
-            values[f"e2e_{model}_{tag}"] = e2e_table(model, replay)
+        for floor, tag in ((None, "main"), ("locality>=0.98", "raw98"), ("locality_clean>=0.99", "clean99")):
+            values[f"e2e_{model}_{tag}"] = e2e_table(model, floor)
     values.update(figures())
     text = template.format(**values)
     (HERE / "REPORT.md").write_text(
