@@ -81,13 +81,14 @@ def key_screen(model: str, top: int = 6) -> str:
         point = at_a(r, "locality_clean>=0.99")
         return -1 if point is None else point["generate"]
 
-    chosen = sorted(results, key=score, reverse=True)[:top]
-    rows = []
-    if paraphrases:
-        rows += [probe_row(r) for r in paraphrases["results"] if r["paraphrases"] == 0]
-    rows += [probe_row(r) for r in chosen if r not in (paraphrases or {}).get("results", [])]
-    best_last = max((r for r in results if r["spec"].endswith(":last")), key=score)
-    rows.append(probe_row(best_last))
+    picked = [r for r in (paraphrases or {}).get("results", []) if r["paraphrases"] == 0]
+    picked += sorted(results, key=score, reverse=True)[:top]
+    picked.append(max((r for r in results if r["spec"].endswith(":last")), key=score))
+    rows, seen = [], set()
+    for r in picked:
+        if r["key_function"] not in seen:
+            seen.add(r["key_function"])
+            rows.append(probe_row(r))
     return table(PROBE_HEADER, rows)
 
 
@@ -227,8 +228,35 @@ def main() -> None:
 
 
 def figures() -> dict:
-    """Single figures quoted in the prose (named ``fig_*`` in the template)."""
-    return {}
+    """Single figures quoted in the prose (named ``fig_*`` in the template) and the prose blocks built on them."""
+    out: dict = {}
+    probe = load("probe_minilm_paraphrases")
+    a, b = probe["results"][0]["A"], probe["results"][0]["B"]
+    q, sf = b["questions"], b["same_fact_locality_questions"]
+    n_loc = q["relation"] + q["unedited"]
+    out.update(
+        fig_a_records=a["records"], fig_b_records=b["records"], fig_b_edited=b["edited"], fig_b_batches=b["batches"],
+        fig_b_held=b["never_edited"], fig_b_rel=q["relation"], fig_b_une=q["unedited"], fig_b_sf_rel=sf["relation"],
+        fig_b_sf_une=sf["unedited"], fig_b_sf_share=f"{(sf['relation'] + sf['unedited']) / n_loc:.1%}",
+        fig_b_raw_budget=f"{0.02 * n_loc:.0f}", fig_b_loc=n_loc,
+        fig_top=6,
+    )
+    for model in ("minilm", "smollm2"):
+        screen = load(f"probe_{model}_keys")
+        out[f"fig_screen_{model}_n"] = len(screen["results"]) if screen else "–"
+        out[f"fig_extract_{model}"] = f"{screen['key_extraction']['seconds']:.0f}" if screen else "–"
+        out["fig_extract_texts"] = screen["key_extraction"]["texts"] if screen else "–"
+    prefixes = load("prefixes_smollm2")
+    out["fig_prefixes"] = len(prefixes["prefixes"]) if prefixes else "–"
+    out.update(prose(out))
+    return out
+
+
+def prose(fig: dict) -> dict:
+    """The prose blocks of the template (filled in by the findings; see REPORT_TEMPLATE.md)."""
+    return {name: "" for name in ("summary", "probe_findings", "paraphrase_findings", "projection_findings",
+                                   "prefix_findings", "e2e_findings", "did_not_work", "recommendation",
+                                   "cost_note", "cost_text")}
 
 
 if __name__ == "__main__":
