@@ -24,7 +24,7 @@ import melo_fast  # noqa: E402
 from evaluation.generality import common, projection  # noqa: E402
 from melo_fast.config import MeloConfig  # noqa: E402
 
-SPECS = {"minilm": "attn@5:last", "smollm2": "ln2@3:mean"}
+SPECS = {"minilm": "attn@5:last", "smollm2": "up@3:mean"}
 
 
 def measure(model_name: str, spec: str, parts: dict) -> dict:

@@ -423,6 +423,8 @@ def main(argv=None) -> None:
                         help="probe/projection JSON(s) giving part A's radius per key function")
     parser.add_argument("--floor", default="locality>=0.99", help="which summary of the probe picks the radius")
     parser.add_argument("--grid-from", type=float, default=0.05, help="smallest relative radius replayed")
+    parser.add_argument("--grid", choices=("full", "picks"), default="full",
+                        help="replay every radius of the probe's grid, or only part A's picks (cheaper: generation)")
     parser.add_argument("--prefixes", default=str(common.RESULTS / "prefixes_smollm2.json"))
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
@@ -482,7 +484,8 @@ def main(argv=None) -> None:
             print(f"{name}: no prefixes file {args.prefixes}; skipped")
             continue
         print(f"== {name}: relative radius {radius}, part A's radii {picks}", flush=True)
-        result = harness.run_variant(config, variant, prefixes, radius, [r for r in RADII if r >= args.grid_from])
+        grid = [r for r in RADII if r >= args.grid_from] if args.grid == "full" else sorted(set(picks.values()))
+        result = harness.run_variant(config, variant, prefixes, radius, grid)
         result["part_A_radius"] = picks
         result["variant"] = asdict(variant)
         report["variants"][name] = result
