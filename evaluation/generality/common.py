@@ -99,8 +99,8 @@ def edited_and_held(records: list[EditRecord]) -> tuple[list[EditRecord], list[E
 def paraphrases(record: EditRecord) -> list[str]:
     """The record's real ``generate_prompt`` paraphrases, in file order.
 
-    Why filtered: 59 dev records interleave their paraphrases with punctuation-only entries (".", ")",
-    "/": 467 of the file's generate prompts). They are not questions, they coincide across records, and
+    Why filtered: some dev records interleave their paraphrases with punctuation-only entries (".", ")",
+    "/"; counts in ``results/data_facts.json``). They are not questions, they coincide across records, and
     the harness's ``generality_generate`` counts them; here a paraphrase needs two words of letters.
     """
     return [g for g in record.generate_prompts if len(re.findall(r"[A-Za-z]+", g)) >= 2]
@@ -126,11 +126,12 @@ def same_fact(subject: str, ground_truth: list[str], edited: list[EditRecord]) -
     """Whether a locality question (about ``subject``, answer ``ground_truth``) asks a fact that is edited.
 
     A proxy, since zsRE records carry no relation id: same subject and a shared original answer as an
-    edited record. Why it matters: 264 of the dev file's 1,780 Relation_Specificity questions ask their
-    own record's edited fact in another wording ("The constellation of Butterfly Cluster is" for the edit
-    "What constellation is home to Butterfly Cluster?"), and some never-edited records ask an edited
-    record's fact ("What war did Lloyd Thomas fight in?" / "What war was Lloyd Thomas in?"). An edit that
-    reaches its paraphrases changes those answers, which raw locality counts as failures; the reports
+    edited record. Why it matters: many dev Relation_Specificity questions ask their own record's edited
+    fact in another wording (``results/data_facts.json`` counts them): "The constellation of Butterfly
+    Cluster is" for the edit "What constellation is home to Butterfly Cluster?". And some never-edited
+    records ask an edited record's fact ("What war did Lloyd Thomas fight in?" / "What war was Lloyd Thomas
+    in?"). An edit that reaches its paraphrases changes those answers, which raw locality counts as
+    failures; the reports
     give locality with and without them (``clean``).
     """
     answers = _answers(ground_truth)

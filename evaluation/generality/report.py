@@ -246,17 +246,183 @@ def figures() -> dict:
         out[f"fig_screen_{model}_n"] = len(screen["results"]) if screen else "–"
         out[f"fig_extract_{model}"] = f"{screen['key_extraction']['seconds']:.0f}" if screen else "–"
         out["fig_extract_texts"] = screen["key_extraction"]["texts"] if screen else "–"
+    facts = load("data_facts")
+    out.update(fig_junk_records=facts["records_with_such_prompts"], fig_junk=facts["generate_prompts_not_questions"],
+               fig_generate=facts["generate_prompts"], fig_own=facts["relation_questions_of_own_fact"],
+               fig_relation=facts["relation_questions"],
+               fig_own_share=f"{facts['relation_questions_of_own_fact'] / facts['relation_questions']:.0%}")
     prefixes = load("prefixes_smollm2")
     out["fig_prefixes"] = len(prefixes["prefixes"]) if prefixes else "–"
     out.update(prose(out))
     return out
 
 
+def find_probe(name: str, key_function: str, paraphrases: int) -> dict | None:
+    data = load(name)
+    if data is None:
+        return None
+    return next((r for r in data["results"] if r["key_function"] == key_function and r["paraphrases"] == paraphrases),
+                None)
+
+
+def e2e_point(model: str, variant: str, floor: str | None) -> dict | None:
+    v = e2e_variants(model).get(variant)
+    if v is None:
+        return None
+    return v if floor is None else grid_point(v, floor)
+
+
+def oracle(model: str, variant: str) -> str:
+    """Generate generality of a variant's blocks under the oracle router."""
+    v = e2e_variants(model).get(variant)
+    return "(not run)" if v is None else f2(v["oracle_routing"]["gen_generate"])
+
+
+def gg(point: dict | None, locality: str = "locality") -> str:
+    """``generate / rephrase (locality X)`` of a probe or e2e point."""
+    if point is None:
+        return "(not run)"
+    generate = point.get("gen_generate", point.get("generate"))
+    rephrase = point.get("gen_rephrase", point.get("rephrase"))
+    kind = "clean locality" if locality == "locality_clean" else "locality"
+    return f"{f2(generate)} / {f2(rephrase)} ({kind} {f3(point[locality])})"
+
+
 def prose(fig: dict) -> dict:
-    """The prose blocks of the template (filled in by the findings; see REPORT_TEMPLATE.md)."""
-    return {name: "" for name in ("summary", "probe_findings", "paraphrase_findings", "projection_findings",
-                                   "prefix_findings", "e2e_findings", "did_not_work", "recommendation",
-                                   "cost_note", "cost_text")}
+    """The prose blocks of the template. Every number is read from the results; the words are fixed."""
+    out = {}
+    proj_m = "projection_minilm"
+    proj_s = "projection_smollm2_up_3_mean"
+    p_melo_m = find_probe("probe_minilm_paraphrases", "attn@5:last/l2", 0)
+    p_para_m = find_probe("probe_minilm_paraphrases", "attn@5:last/l2", 3)
+    p_proj_m0 = find_probe(proj_m, "attn@5:last/cos+proj", 0)
+    p_proj_m3 = find_probe(proj_m, "attn@5:last/cos+proj", 3)
+    p_melo_s = find_probe("probe_smollm2_paraphrases", "up@19:last/l2", 0)
+    p_proj_s0 = find_probe(proj_s, "up@3:mean/cos+proj", 0)
+    p_proj_s3 = find_probe(proj_s, "up@3:mean/cos+proj", 3)
+    screen = {m: screen_stats(m) for m in ("minilm", "smollm2")}
+    raw98, clean99 = "locality>=0.98", "locality_clean>=0.99"
+
+    def b(result, floor):
+        return None if result is None else at_a(result, floor)
+
+    def best(result, floor):
+        return None if result is None else result["B"]["summary"][floor]["best"]
+
+    e = {(m, v, f): e2e_point(m, v, f) for m in ("minilm", "smollm2")
+         for v in ("melo", "para3", "prefix", "para3_prefix", "proj", "proj_para3", "proj_prefix", "proj_single",
+                   "text_proj", "text_proj_para3")
+         for f in (None, raw98, clean99)}
+    out["summary"] = f"""\
+Held-out generality is given as `generate / rephrase`: the held-out `generate_prompt` paraphrases (about 7 per
+edit, never given) and `rephrase_prompt`. All figures are on part B, with every radius chosen on part A.
+
+- **Plain MELO does not generalize, and no key function fixes it.** End to end, MELO as configured today gives
+  {gg(e["minilm", "melo", None])} on MiniLM and {gg(e["smollm2", "melo", None])} on SmolLM2 (100 records). Over
+  {screen["minilm"].get("functions")} MiniLM and {screen["smollm2"].get("functions")} SmolLM2 key functions (layer,
+  module, last/mean token, Euclidean/cosine) the routing bound on held-out generate prompts at raw locality ≥ 0.98
+  is at most {f2(screen["minilm"].get(raw98))} (MiniLM) and {f2(screen["smollm2"].get(raw98))} (SmolLM2). SmolLM2's
+  default key (last token of `layers.19.mlp.up_proj`) is the worst of all: a held-out paraphrase's nearest edit
+  key is its own edit's only {f2(p_melo_s and p_melo_s["B"]["nn_generate"])} of the time.
+- **A trained key projection is the lever** (section 2b): a linear map on the router keys, trained once per model
+  on part A's paraphrase groups with same-subject hard negatives (under a minute of CPU), then frozen. MiniLM end to
+  end at part A's radius for clean locality ≥ 0.99: {gg(e["minilm", "proj", clean99], "locality_clean")}; with 3 user
+  paraphrases per edit {gg(e["minilm", "proj_para3", clean99], "locality_clean")}. SmolLM2 (key: mean of
+  `layers.3.mlp.up_proj`, projected), routing bound {gg(b(p_proj_s3, clean99), "locality_clean")} with 3
+  paraphrases; end to end {gg(e["smollm2", "proj_para3", clean99], "locality_clean")}.
+- **User paraphrases help most together with the projection**; alone they barely move the bound (MiniLM:
+  {gg(b(p_melo_m, clean99), "locality_clean")} without, {gg(b(p_para_m, clean99), "locality_clean")} with 3), because
+  a merged cluster's radius grows to its paraphrases' spread and it then captures same-subject questions.
+- **Once routed, blocks already answer paraphrases** on MiniLM (oracle routing: {oracle("minilm", "melo")}); on
+  SmolLM2 the oracle gives
+  {oracle("smollm2", "melo")} for plain blocks and
+  {oracle("smollm2", "prefix")} for blocks trained
+  under generated prefixes, {oracle("smollm2", "para3")}
+  with 3 paraphrases (section 2c).
+- **The target (generality ≥ 0.6 at locality ≥ 0.98) is met on clean locality, not on raw locality.**
+  {fig["fig_b_sf_share"]} of B's locality questions ask an edited fact in other words ({fig["fig_own_share"]} of
+  the dev file's relation questions ask their own record's edit); on raw locality no method reaches the target,
+  and none can without refusing real paraphrases: with the radius fitted on B itself, the best routing bound at
+  raw locality ≥ 0.98 is {f2(best(p_proj_m3, raw98)["generate"] if best(p_proj_m3, raw98) else None)} (MiniLM,
+  projection + 3 paraphrases).
+
+**Recommendation** (section 5): ship `paraphrases=` in `edit_texts` and a trained key projection (with a
+mean-token router in an early layer for decoder LMs) as options, default off until a projection ships with the
+model; report clean locality beside raw locality. MELO's behaviour stays the default setting."""
+    out["probe_findings"] = f"""\
+What the probe shows:
+- No key function gets near the target: at raw locality ≥ 0.98 the best held-out generate generality on B is
+  {f2(screen["minilm"].get(raw98))} on MiniLM and {f2(screen["smollm2"].get(raw98))} on SmolLM2; even on clean
+  locality ≥ 0.99 it is {f2(screen["minilm"].get(clean99))} and {f2(screen["smollm2"].get(clean99))}. Rephrase
+  generality is higher (rephrases are shorter edits of the question), up to {f2(screen["minilm"].get(raw98 + "_reph"))}
+  and {f2(screen["smollm2"].get(raw98 + "_reph"))} at raw ≥ 0.98.
+- The ordering is mostly right and the radius is what fails: for MiniLM's demo router a held-out paraphrase's
+  nearest edit key is its own edit's {f2(p_melo_m and p_melo_m["B"]["nn_generate"])} of the time, yet a radius that
+  reaches it also reaches questions about the same subject. Misrouting (a paraphrase landing in another edit's
+  block) stays small at these radii; locality is the binding constraint.
+- SmolLM2's last-token keys do not identify the question (NN own {f2(p_melo_s and p_melo_s["B"]["nn_generate"])}
+  for the default router): at a question's final "?" the state of a 135M model carries little of the subject.
+  Mean keys of early layers order paraphrases well (NN own up to about 0.9) but put same-subject questions even
+  closer.
+- The radius transfers from A to B as a multiple of the neutral-prompt key scale: the locality at A's radius on B
+  stays close to the floor for raw keys."""
+    out["paraphrase_findings"] = f"""\
+Three user paraphrases per edit raise the routing bound only a little on raw keys (MiniLM demo router, clean
+locality ≥ 0.99: {gg(b(p_melo_m, clean99), "locality_clean")} → {gg(b(p_para_m, clean99), "locality_clean")}).
+Why: MELO's insert merges a paraphrase into its edit's cluster and sets the radius to the cluster's spread, so the
+ball around the mean of the phrasings grows to cover the gaps between them, where same-subject questions also lie;
+paraphrases of different edits also conflict and split each other's clusters. With the projection the phrasings of
+a fact sit close together, the spread stays small and the gain is real (MiniLM
+{gg(b(p_proj_m0, clean99), "locality_clean")} → {gg(b(p_proj_m3, clean99), "locality_clean")}; SmolLM2
+{gg(b(p_proj_s0, clean99), "locality_clean")} → {gg(b(p_proj_s3, clean99), "locality_clean")})."""
+    cost = load("cost")
+    if cost:
+        cm, cs = cost["results"]["minilm"], cost["results"]["smollm2"]
+        out["cost_note"] = "`cost.json`, CPU time of one thread"
+        out["cost_text"] = (
+            f"the keys of the {cm['texts']} training texts through the library's `MeloEditor.keys` (the forward "
+            f"pass stops at the router) take {cm['key_cpu_seconds']:.0f} s on MiniLM and {cs['key_cpu_seconds']:.0f} s "
+            f"on SmolLM2 (router in layer 3); {cm['train_steps']} training steps take {cm['train_cpu_seconds']:.0f} s "
+            f"and {cs['train_cpu_seconds']:.0f} s. The projection has {cm['parameters']:,} and {cs['parameters']:,} "
+            f"parameters (plus the keys' mean and std), a few hundred kilobytes to save with the edits. Editing "
+            f"and serving add one small matrix product per key.")
+    else:
+        out["cost_note"], out["cost_text"] = "not run", "(cost.json missing)"
+    out["projection_findings"] = f"""\
+- On subjects it never saw, the projection turns MiniLM's routing bound at clean locality ≥ 0.99 from
+  {gg(b(find_probe(proj_m, "attn@5:last/cos", 0), clean99), "locality_clean")} into
+  {gg(b(p_proj_m0, clean99), "locality_clean")}, and SmolLM2's (mean of `layers.3.mlp.up_proj`) from
+  {gg(b(find_probe(proj_s, "up@3:mean/cos", 0), clean99), "locality_clean")} into
+  {gg(b(p_proj_s0, clean99), "locality_clean")}.
+- The radius must be chosen on subjects the projection did not train on: on its own training records locality
+  looks too good (their same-subject questions were its negatives); chosen there, the radius broke the locality
+  floor on B. `A_val` (20% of A's subjects) fixes that, at the price of a noisy choice (about 200 locality
+  questions): B's locality at A_val's radius is printed in every cell.
+- Which key to project (chosen by the validation loss on A_val, table above): SmolLM2's last-token keys stay poor
+  even projected; mean keys of an early layer are best. The library's router must be an `nn.Linear`, so
+  `layers.3.mlp.up_proj` (a linear image of the normalised residual stream, same information) is used rather than
+  `layers.3.post_attention_layernorm`.
+- Unseen relations: B shares most relations with A (zsRE has few), so this split does not test a new relation;
+  the subjects, and so the records, are new. The SmolLM2 projection overfits more than MiniLM's (A_val loss vs
+  training loss in the JSON): a 135M LM's states are a weaker basis than a sentence encoder's."""
+    out["prefix_findings"] = f"""\
+- MiniLM: blocks already give the new answer to almost every paraphrase that reaches them (oracle
+  {oracle("minilm", "melo")} for plain MELO blocks), so
+  prefixes have nothing to add (`prefix`: {oracle("minilm", "prefix")}).
+- SmolLM2: plain blocks {oracle("smollm2", "melo")} under
+  the oracle router, blocks trained under prefixes
+  {oracle("smollm2", "prefix")}, with 3 paraphrases
+  {oracle("smollm2", "para3")}. Prefix rows cost 4× the
+  training rows (edit CPU time per edit in the tables).
+- A margin for never-edited questions has nothing left to catch on this data: at every radius chosen here the
+  *clean* never-edited locality is at or near 1.000 (probe JSON `loc_unedited_clean`); the never-edited questions
+  that get routed are the ones that repeat an edited fact. The same-subject relation questions are the clean
+  failures, and the projection's hard negatives are what keeps them out (a margin learned once per model rather
+  than per edit)."""
+    out["e2e_findings"] = ""
+    out["did_not_work"] = ""
+    out["recommendation"] = ""
+    return out
 
 
 if __name__ == "__main__":
