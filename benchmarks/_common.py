@@ -168,9 +168,9 @@ def bench(benchmark, fn, *, group, case, baseline, target_s=2.0, min_rounds=3, m
         **{key: _jsonable(value) for key, value in info.items()},
     )
     if info.get("backend") == "cpp":
-        from melo_fast.ops import cpu
+        from melo_fast.ops import cpp
 
-        benchmark.extra_info["isa"] = cpu.isa()
+        benchmark.extra_info["isa"] = cpp.isa()
     rounds = min_rounds
     for _ in range(warmup):
         before_round()

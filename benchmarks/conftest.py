@@ -60,9 +60,9 @@ def run_bench(benchmark):
             **{key: (str(value) if isinstance(value, torch.dtype) else value) for key, value in extra.items()},
         )
         if backend == "cpp":
-            from melo_fast.ops import cpu
+            from melo_fast.ops import cpp
 
-            benchmark.extra_info["isa"] = cpu.isa()
+            benchmark.extra_info["isa"] = cpp.isa()
         if setup is not None or rounds is not None:
             pedantic_setup = None if setup is None else (lambda: (setup(), {}))
             benchmark.pedantic(

@@ -22,8 +22,11 @@ from collections import OrderedDict
 from pathlib import Path
 
 try:
+    from benchmarks import edit_speed_report, gpu_report
     from benchmarks import lifelong_report as lifelong
 except ImportError:  # run as a script from benchmarks/
+    import edit_speed_report
+    import gpu_report
     import lifelong_report as lifelong
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -730,6 +733,8 @@ def render(rows: list[Row], metas: list[dict], stat: str, plots: list[Path], out
         if title.startswith("Layer"):
             parts += peft_adapter_note(rows)
     parts += lifelong.section()
+    parts += edit_speed_report.section()
+    parts += gpu_report.section()
     return "\n".join(parts)
 
 

@@ -14,7 +14,7 @@ onto models that fit a CPU run (the sizes of the LoRA banks are the paper's):
 
 Cases: ``block-only`` (melo_fast's default backend: only the new block is a parameter) vs
 ``reference`` (``MeloConfig(backend="reference")``: the plain-loop ops, and
-``BlockLoRALinear.open_block`` makes the whole bank, every earlier block plus the new one, the
+``BlockLoRAHook.open_block`` makes the whole bank, every earlier block plus the new one, the
 trainable parameter: the full-rank training DESIGN §1 describes for MELO).
 
 The bank is pre-filled so the edit is the last block of the paper's bank: random blocks and a

@@ -3,7 +3,7 @@
     pytest -q benchmarks/test_bench_layer.py --benchmark-only
 
 Shape: B x T = 64 x 128 tokens, 768 -> 3072, rank k = 4 per block (per adapter), fp32, inference
-(no grad). melo_fast: the real ``BlockLoRALinear`` forward hook on an ``nn.Linear``, a bank of 64
+(no grad). melo_fast: the real ``BlockLoRAHook`` forward hook on an ``nn.Linear``, a bank of 64
 blocks, the routing set to 1 distinct block for the whole batch or 64 distinct blocks (one per
 sample). PEFT: a ``peft`` LoRA ``Linear`` with 64 adapters of rank 4; the single-adapter case is
 PEFT's ordinary forward with one active adapter, the per-sample case passes ``adapter_names=``
@@ -27,9 +27,7 @@ import pytest
 import torch
 from torch import nn
 
-from melo_fast.layers import BlockLoRALinear
-from melo_fast.routing import Routing
-from melo_fast.state import EditState
+from melo_fast.routing import BlockLoRAHook, EditState, Routing
 from melo_fast.vecdb import VectorDatabase
 
 try:
@@ -83,13 +81,13 @@ def test_melo_layer(benchmark, data, backend, distinct):
     module.load_state_dict(linear.state_dict())
     empty_database = VectorDatabase(D_IN, 1.0, device=DEVICE)  # unused: the router's decision is set below
     routing = Routing(EditState(empty_database, {"fc": ()}, 0))
-    lora = BlockLoRALinear("fc", module, routing, RANK, SCALE, backend)
+    lora = BlockLoRAHook("fc", module, routing, RANK, SCALE, backend)
     g = torch.Generator().manual_seed(1)
     lora.bank.extend((torch.randn(BANK, RANK, D_IN, generator=g) / D_IN**0.5).to(DEVICE),
                      (torch.randn(BANK, RANK, D_OUT, generator=g) * 0.01).to(DEVICE))
     handle = module.register_forward_hook(lora.hook)
     # What the router would have decided for this batch, in the state it would have read.
-    routing.call.state = EditState(empty_database, {"fc": lora.bank.chunks()}, BANK)
+    routing.call.edit_state = EditState(empty_database, {"fc": lora.bank.chunks()}, BANK)
     routing.call.block_ids = block_ids(distinct)
     baseline = PEFT_SINGLE if distinct == 1 else PEFT_MIXED
     slow = backend == "reference"

@@ -271,7 +271,7 @@ LAYER_CASES = [(CPU_LORA[0], 1), (CPU_LORA[0], 4), (CPU_LORA[1], 1)]  # (shape, 
 @pytest.mark.parametrize("variant", ["linear", "out-of-place", "inplace"])
 @pytest.mark.parametrize("case", LAYER_CASES, ids=lambda c: f"{lora_id(c[0])}-edited1in{c[1]}")
 def test_layer_inference_cpu(benchmark, run_bench, case, variant):
-    """nn.Linear then the cpp add-on, as BlockLoRALinear.hook runs it under no_grad, vs nn.Linear alone.
+    """nn.Linear then the cpp add-on, as BlockLoRAHook.hook runs it under no_grad, vs nn.Linear alone.
 
     Every round of an add-on variant is preceded (untimed by pytest-benchmark) by a timed call of
     nn.Linear alone, so the two alternate and machine-load drift cannot bias their ratio."""

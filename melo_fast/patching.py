@@ -8,20 +8,15 @@ model, and a router or target that PEFT already wrapped is resolved to the layer
 
 from __future__ import annotations
 
-import functools
-import inspect
-import warnings
-
-import torch
 from torch import nn
 
-from melo_fast import checkpoint
 from melo_fast.config import MeloConfig
-from melo_fast.editor import MeloEditor
-from melo_fast.layers import SUPPORTED_TYPES, BlockLoRALinear, RouterLayer, linear_shape
-from melo_fast.routing import Routing
-from melo_fast.state import EditState
-from melo_fast.targets import NoDefaultModules, choose_modules
+from melo_fast.editing import MeloEditor
+from melo_fast.io import checkpoint
+from melo_fast.ops import registry
+from melo_fast.routing import BlockLoRAHook, EditState, EntryHook, GenerateWrapper, RouterHook, Routing
+from melo_fast.routing.keys import LeftPaddingCheck
+from melo_fast.targets import SUPPORTED_TYPES, ModelKind, NoDefaultModules, choose_modules, linear_shape
 from melo_fast.vecdb import VectorDatabase
 
 EDITOR_ATTRIBUTE = "_melo_editor"
@@ -80,79 +75,22 @@ def default_names(model: nn.Module) -> tuple[str, list[str]]:
     return choice.router, list(choice.targets)
 
 
-def _entry_hook(model: nn.Module, routing: Routing, router_in_encoder: bool, causal_lm: bool):
-    """Forward pre-hook that starts a call's routing (attention mask, prompt end, stickiness)."""
-    signature = inspect.signature(model.forward)
-    # The padding check reads a tensor on the host: free on CPU, but a device synchronization on a GPU,
-    # so there it runs on the first batched call without an attention mask only, not on every request.
-    # On CPU it runs until it warns (once).
-    padding_checked = []
+class _Attachments:
+    """What :func:`patch` attached to a model, and how to take all of it off again (``MeloEditor.close``)."""
 
-    def hook(module, args, kwargs):
-        try:
-            arguments = signature.bind_partial(*args, **kwargs).arguments
-        except TypeError:
-            arguments = dict(kwargs)
-        arguments.update(arguments.pop("kwargs", {}) or {})
-        mask = arguments.get("attention_mask")
-        input_ids = arguments.get("input_ids")
-        past = arguments.get("past_key_values")
-        past_length = 0
-        if past is not None and hasattr(past, "get_seq_length"):
-            past_length = past.get_seq_length()
-        elif isinstance(past, (tuple, list)) and past and past[0] is not None:
-            past_length = past[0][0].shape[-2]
-        continues = past_length > 0 or (router_in_encoder and arguments.get("encoder_outputs") is not None)
+    def __init__(self):
+        self.handles = []  # hook handles and the generate wrapper: each has remove()
+        self.attributes: list[tuple[object, str]] = []  # melo_router, melo_lora, the model's editor
 
-        prompt_end = None
-        labels = arguments.get("labels")
-        if causal_lm and labels is not None and input_ids is not None and labels.shape == input_ids.shape:
-            supervised = labels != -100
-            t = labels.shape[1]
-            first = supervised.int().argmax(dim=1)  # first supervised token (argmax keeps the first max)
-            # No prompt part (no labels, or a plain LM loss from token 0): the whole sequence gives the key.
-            prompt_end = torch.where(supervised.any(dim=1) & (first > 0), first, t)
-
-        pad_token_id = getattr(getattr(model, "config", None), "pad_token_id", None)
-        batched_without_mask = mask is None and input_ids is not None and input_ids.shape[0] > 1 and not continues
-        if batched_without_mask and not padding_checked and pad_token_id is not None:
-            padded = bool((input_ids == pad_token_id).any())
-            if padded or input_ids.device.type != "cpu":
-                padding_checked.append(True)
-            if padded:
-                warnings.warn(
-                    "melo_fast: input_ids contain padding but no attention_mask was passed; keys are taken as if "
-                    "every token were real. Pass attention_mask so each key comes from the last real token.",
-                    stacklevel=3,
-                )
-        sized = (input_ids, arguments.get("inputs_embeds"), mask)
-        batch_size = next((v.shape[0] for v in sized if v is not None), None)
-        routing.start_call(batch_size, mask, prompt_end, continues)
-        return None
-
-    return hook
-
-
-class _GenerateWrapper:
-    """Instance-level ``model.generate`` that routes once per generation; ``remove()`` undoes it."""
-
-    def __init__(self, model: nn.Module, routing: Routing):
-        self.model, self.routing = model, routing
-        self.generate = model.generate
-        functools.update_wrapper(self, self.generate)
-
-    def __call__(self, *args, **kwargs):
-        with self.routing.generation():
-            return self.generate(*args, **kwargs)
+    def set(self, owner, name: str, value) -> None:
+        setattr(owner, name, value)
+        self.attributes.append((owner, name))
 
     def remove(self) -> None:
-        del self.model.generate
-
-
-def _wrap_generate(model: nn.Module, routing: Routing) -> _GenerateWrapper:
-    wrapper = _GenerateWrapper(model, routing)
-    model.generate = wrapper
-    return wrapper
+        for handle in self.handles:
+            handle.remove()
+        for owner, name in self.attributes:
+            delattr(owner, name)
 
 
 def _base_model(model: nn.Module) -> nn.Module:
@@ -208,53 +146,60 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
             )
     config = config.replace(router=router_name, targets=[name for name, _ in targets])
 
-    radius = None if config.init_radius == "auto" else config.init_radius
+    radius = config.radius_policy.absolute  # resolved here, or measured before the first edit (None)
     database = VectorDatabase(linear_shape(router_module)[1], radius, device=router_module.weight.device)
     routing = Routing(EditState(database, {name: () for name, _ in targets}, 0))
-    router = RouterLayer(router_name, routing, config.key_position, config.backend)
+    router = RouterHook(router_name, routing, config.key_position, config.backend)
     lora_layers = {
-        name: BlockLoRALinear(name, module, routing, config.rank_per_block, config.scale, config.backend)
+        name: BlockLoRAHook(name, module, routing, config.rank_per_block, config.scale, config.backend)
         for name, module in targets
     }
 
-    config_of_model = getattr(inner, "config", None)
-    is_encoder_decoder = bool(getattr(config_of_model, "is_encoder_decoder", False))
-    encoder = inner.get_encoder() if is_encoder_decoder and hasattr(inner, "get_encoder") else None
+    kind = ModelKind.of(inner)
+    encoder = inner.get_encoder() if kind.seq2seq and hasattr(inner, "get_encoder") else None
     router_in_encoder = encoder is not None and any(module is router_module for module in encoder.modules())
     can_generate = hasattr(inner, "can_generate") and inner.can_generate()
-    causal_lm = can_generate and not is_encoder_decoder
 
+    left_padding = LeftPaddingCheck(inner)
+    attached = _Attachments()
     # Hooks run in registration order: the router's is registered first so that, if the router
     # module is also a target, the keys come from its unedited output.
-    handles = [router_module.register_forward_hook(router.hook)]
-    router_module.melo_router = router
+    attached.handles.append(router_module.register_forward_hook(router.hook))
+    attached.set(router_module, "melo_router", router)
     for name, module in targets:
-        module.melo_lora = lora_layers[name]
-        handles.append(module.register_forward_hook(lora_layers[name].hook))
+        attached.set(module, "melo_lora", lora_layers[name])
+        attached.handles.append(module.register_forward_hook(lora_layers[name].hook))
     # Entry hooks and the generate wrapper go on the inner model: a wrapper's generate() (PEFT's)
     # calls the inner model's forward directly, so a hook on the wrapper would miss every step.
-    entry_points = [inner] + ([encoder] if encoder is not None else [])
-    for entry in entry_points:
-        hook = _entry_hook(entry, routing, router_in_encoder, causal_lm and entry is inner)
-        handles.append(entry.register_forward_pre_hook(hook, with_kwargs=True))
-
+    for entry in [inner] + ([encoder] if encoder is not None else []):
+        hook = EntryHook(entry, routing, router_in_encoder, kind.causal_lm and entry is inner, left_padding)
+        attached.handles.append(entry.register_forward_pre_hook(hook, with_kwargs=True))
     if can_generate:
-        handles.append(_wrap_generate(inner, routing))
+        attached.handles.append(GenerateWrapper(inner, routing))
 
-    editor = MeloEditor(
-        model, config, routing, router, lora_layers, handles, causal_lm=causal_lm, seq2seq=is_encoder_decoder,
-        tokenizer=tokenizer,
-    )
-    setattr(model, EDITOR_ATTRIBUTE, editor)
+    editor = MeloEditor(model, config, routing, router, lora_layers, kind, attached.remove, tokenizer=tokenizer)
+    attached.set(model, EDITOR_ATTRIBUTE, editor)
+    _resolve_backends(config.backend, {router_module.weight.device} | {m.weight.device for _, m in targets})
     if router_module.weight.device.type == "cuda":
         editor.warmup()  # compile the Triton kernels now, not on the first request
     return editor
 
 
+def _resolve_backends(backend: str | None, devices: set) -> None:
+    """Resolve the op backend for every device the model runs on, now: a model that torch.compile
+    traces before any eager call finds it resolved (tracing cannot load a backend). A backend that
+    cannot run here says so at its first op, as it would without this."""
+    for device in devices:
+        try:
+            registry.resolve(backend, device)
+        except ImportError:
+            pass
+
+
 def unpatch(model: nn.Module) -> nn.Module:
     """Remove everything :func:`patch` attached; the model is then exactly as before patching.
 
-    A block this thread opened is aborted first.
+    A block this thread opened is aborted first (``MeloEditor.close``).
 
     Raises:
         RuntimeError: the model is not patched, or another thread has a block open (it may be training
@@ -263,34 +208,31 @@ def unpatch(model: nn.Module) -> nn.Module:
     editor = getattr(model, EDITOR_ATTRIBUTE, None)
     if editor is None:
         raise RuntimeError("melo_fast: this model is not patched")
-    with editor._lock:  # no edit can start between the check and the removal
-        if editor.block_is_open:
-            editor.abort()
-        for handle in editor.handles:
-            handle.remove()
-        modules = dict(model.named_modules())
-        del modules[editor.config.router].melo_router
-        for name in editor.config.targets:
-            del modules[name].melo_lora
-        delattr(model, EDITOR_ATTRIBUTE)
+    editor.close()
     return model
 
 
-def load(model: nn.Module, path, tokenizer=None) -> MeloEditor:
+def load(model: nn.Module, path, tokenizer=None, check_model: bool = True) -> MeloEditor:
     """Patch ``model`` with the config saved in ``path`` and restore every block and the database.
 
-    The save is read and checked before the model is touched; if it does not fit the model, the
-    model is left unpatched. Returns the model's :class:`~melo_fast.MeloEditor`.
+    The save is read and checked (its checksums) before the model is touched; if it does not fit the
+    model, the model is left unpatched. Returns the model's :class:`~melo_fast.MeloEditor`.
+
+    Args:
+        check_model: refuse a save made on a model with other weights (the fingerprint a save records,
+            ``melo_fast.io.fingerprint``; a copy of the same weights in another dtype or on another
+            device passes). False skips that comparison, for a model whose weights you changed on purpose.
 
     Raises:
         FileNotFoundError: no melo_fast save at ``path``.
-        ValueError: the save is corrupt, or does not fit this model (the message says what differs).
+        ValueError: the save is corrupt, or does not fit this model, or was made on another model (the
+            message says what differs).
         RuntimeError / TypeError: as :func:`patch` (already patched; modules that do not fit).
     """
     saved = checkpoint.read(path)
     editor = patch(model, saved.config, tokenizer=tokenizer)
     try:
-        editor.replace_state(saved.database, saved.blocks)
+        editor.restore(saved, path, check_model)
     except BaseException as err:
         unpatch(model)
         if isinstance(err, ValueError):

@@ -29,13 +29,43 @@ from collections import Counter
 from dataclasses import dataclass
 
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
-from melo_fast.layers import SUPPORTED_TYPES, linear_shape
+SUPPORTED_TYPES = (nn.Linear, Conv1D)  # what can be a router or a target
 
 # Config attributes that give a layer count (HF's attribute maps cover most aliases; these are the rest).
 _LAYER_COUNT_FIELDS = (
     "num_hidden_layers", "num_layers", "num_decoder_layers", "encoder_layers", "decoder_layers", "n_layer", "n_layers"
 )
+
+
+def linear_shape(module: nn.Module) -> tuple[int, int]:
+    """``(d_in, d_out)`` of an ``nn.Linear`` or HF ``Conv1D`` (whose weight is stored ``[d_in, d_out]``)."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    return module.weight.shape[0], module.nf
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """What kind of model is patched; it decides an edit batch's labels and how keys are read.
+
+    Attributes:
+        causal_lm: a decoder-only model that generates: labels ``[N, T]`` with -100 on the prompt, and
+            the key is read at the last prompt token.
+        seq2seq: an encoder-decoder: labels ``[N, T_target]`` of decoder tokens.
+        Neither: a classifier (labels ``[N]`` class ids).
+    """
+
+    causal_lm: bool
+    seq2seq: bool
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelKind:
+        """The kind of a Hugging Face model (not a PEFT wrapper: pass its base model)."""
+        seq2seq = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        can_generate = hasattr(model, "can_generate") and model.can_generate()
+        return cls(causal_lm=can_generate and not seq2seq, seq2seq=seq2seq)
 
 
 class NoDefaultModules(ValueError):
@@ -173,15 +203,29 @@ def _layer_counts(config) -> set[int]:
     return counts
 
 
-def _find_stacks(model: nn.Module, config) -> tuple[list[tuple[str, nn.ModuleList, str]], str]:
-    """``[(path, blocks, role)]`` with the router's stack first, and why these. The role of a single stack
-    (decoder-only or encoder-only) is left empty: the caller tells it from the attention."""
+def named_block_lists(model: nn.Module) -> list[tuple[str, nn.ModuleList]]:
+    """Every outermost ``nn.ModuleList`` of same-type blocks holding projections, with its name, in model order.
+
+    A list inside another one (a block's experts) is not a stack of its own.
+    """
     found: list[tuple[str, nn.ModuleList]] = []
     for name, module in model.named_modules():
         if any(name.startswith(path + ".") for path, _ in found):
-            continue  # inside a stack already found (e.g. a block's expert list): not a stack of its own
+            continue
         if _is_block_list(module):
             found.append((name, module))
+    return found
+
+
+def block_lists(model: nn.Module) -> list[nn.ModuleList]:
+    """The block stacks of :func:`named_block_lists`, without their names."""
+    return [blocks for _, blocks in named_block_lists(model)]
+
+
+def _find_stacks(model: nn.Module, config) -> tuple[list[tuple[str, nn.ModuleList, str]], str]:
+    """``[(path, blocks, role)]`` with the router's stack first, and why these. The role of a single stack
+    (decoder-only or encoder-only) is left empty: the caller tells it from the attention."""
+    found = named_block_lists(model)
     if not found:
         raise NoDefaultModules(
             f"melo_fast: no default router/targets for {type(model).__name__}: it has no stack of transformer "

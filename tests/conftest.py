@@ -13,9 +13,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-if not SHARED.exists():  # a checkout named differently: look beside the repository root
-    SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+# The project's shared folder lies beside the checkout (../shared); MELO_FAST_SHARED names another place
+# (benchmarks/gpu_check.py's device run carries the tokenizers to a machine that has no ../shared).
+SHARED = Path(os.environ.get("MELO_FAST_SHARED") or Path(__file__).resolve().parents[1].parent / "shared")
 TOKENIZERS = SHARED / "assets" / "tokenizers"
 ZSRE_DEV = SHARED / "data" / "zsre_knowedit_dev.json"
 

@@ -36,7 +36,7 @@ def test_inspect_a_saved_model_prints_what_patch_chooses(capsys, tmp_path):
     shown = inspected(capsys, tmp_path)
     editor = melo_fast.patch(family.model)
     assert shown["router"] == editor.config.router
-    assert shown["targets"] == editor.config.targets
+    assert shown["targets"] == list(editor.config.targets)
     assert shown["key width"] == "64"
     assert shown["layers"] == "model.encoder.layers (4 layers, encoder), model.decoder.layers (4 layers, decoder)"
 

@@ -295,28 +295,13 @@ def test_route_and_keys_need_the_input_dict(gpt2):
 @pytest.mark.parametrize("mode", ["no_grad", "inference_mode"])
 def test_edit_works_from_a_serving_loop_without_gradients(gpt2, mode):
     family, editor = gpt2
-    editor.config.num_iter = 20
+    editor.config = editor.config.replace(num_iter=20)
     context = torch.no_grad() if mode == "no_grad" else torch.inference_mode()
     with context:
         batch = build_edit_batch(family.model, ["The capital of France is"], ["Rome"], family.tokenizer)
         editor.edit(batch)
         inputs = family.tokenizer(["The capital of France is"], return_tensors="pt")
         out = family.model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=50256)
-    assert family.tokenizer.decode(out[0, -1:]) == " Rome"
-
-
-def test_route_agrees_with_generate_on_left_padded_batches(gpt2):
-    """GPT-2 has absolute positions: generate() derives them from the attention mask; so must route()."""
-    family, editor = gpt2
-    editor.config.num_iter = 20
-    editor.edit_texts(["The capital of France is"], ["Rome"], family.tokenizer)
-    family.tokenizer.padding_side = "left"
-    longer = "Dogs bark loudly at the moon on every single night"  # so the edited prompt gets left padding
-    inputs = family.tokenizer(["The capital of France is", longer], return_tensors="pt", padding=True)
-    inputs_flipped = family.tokenizer([longer, "The capital of France is"], return_tensors="pt", padding=True)
-    assert editor.route(inputs).tolist() == [0, -1]
-    assert editor.route(inputs_flipped).tolist() == [-1, 0]
-    out = family.model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=50256)
     assert family.tokenizer.decode(out[0, -1:]) == " Rome"
 
 
@@ -334,3 +319,95 @@ def test_max_length_truncates_prompts_never_targets(name):
     else:
         assert cut["input_ids"].shape[1] == 4
     assert torch.equal(cut["labels"][cut["labels"] != -100], full["labels"][full["labels"] != -100])
+
+
+@pytest.mark.parametrize("name, target, what", [
+    ("gpt2", None, "NoneType"), ("gpt2", 42, "int"), ("gpt2", ["a", "b"], "list"),
+    ("t5", None, "NoneType"), ("t5", 3.5, "float"),
+    ("bert", None, "NoneType"), ("bert", True, "bool"), ("bert", 1.0, "float"),
+])
+def test_a_target_that_is_not_text_is_refused_naming_the_row(name, target, what, monkeypatch):
+    """str(None) would train the answer " None": refused before any tokenization."""
+    family = build(name)
+    calls = []
+    monkeypatch.setattr(type(family.tokenizer), "__call__", lambda *a, **k: calls.append(a))
+    with pytest.raises(TypeError, match=rf"target 1 has type {what}\b"):
+        build_edit_batch(family.model, ["The sky is", "Grass is"], [1 if name == "bert" else "blue", target],
+                         family.tokenizer)
+    assert calls == []  # nothing was tokenized
+
+
+def test_classifier_targets_may_be_label_names_or_class_ids():
+    import numpy as np
+
+    family = build("bert")
+    family.model.config.label2id = {f"LABEL_{i}": i for i in range(6)}
+    batch = build_edit_batch(family.model, ["a", "b", "c"], ["LABEL_2", 3, np.int64(4)], family.tokenizer)
+    assert batch["labels"].tolist() == [2, 3, 4]
+
+
+def test_token_ids_that_are_not_integers_are_refused_naming_the_dtype(gpt2):
+    family, editor = gpt2
+    batch = build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer)
+    with pytest.raises(ValueError, match=r"input_ids.*torch.float32.*token ids"):
+        editor.edit({**batch, "input_ids": batch["input_ids"].float()})
+    inputs = family.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    for call in (editor.route, editor.keys, editor.adapter_names):
+        with pytest.raises(ValueError, match=r"input_ids.*torch.float64.*token ids"):
+            call({**inputs, "input_ids": inputs["input_ids"].double()})
+    assert editor.num_blocks == 0
+
+
+def test_an_editor_detached_by_unpatch_says_so_and_still_saves_its_edits(gpt2, tmp_path):
+    family, editor = gpt2
+    editor.edit_texts(PROMPTS[:1], TARGETS[:1], family.tokenizer)
+    editor.save(tmp_path / "before")
+    melo_fast.unpatch(family.model)
+    batch = build_edit_batch(family.model, PROMPTS, TARGETS, family.tokenizer)
+    inputs = family.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    calls = {
+        "edit": lambda: editor.edit(batch),
+        "edit_texts": lambda: editor.edit_texts(PROMPTS, TARGETS, family.tokenizer),
+        "open_block": lambda: editor.open_block(batch),
+        "commit": editor.commit,
+        "abort": editor.abort,
+        "route": lambda: editor.route(inputs),
+        "keys": lambda: editor.keys(inputs),
+        "adapter_names": lambda: editor.adapter_names(inputs),
+        "calibrate": lambda: editor.calibrate(family.tokenizer),
+        "warmup": editor.warmup,
+        "reload": lambda: editor.reload(tmp_path / "before"),
+        "replace_state": lambda: editor.replace_state(editor.db, editor.blocks()),
+    }
+    for name, call in calls.items():
+        with pytest.raises(RuntimeError, match=r"detached from its model by unpatch\(\).*melo_fast.load") as error:
+            call()
+        assert "did not run" not in str(error.value), name
+    editor.save(tmp_path / "after")  # its committed edits stay savable and exportable
+    assert editor.export_peft(tmp_path / "export") == {0: "block_0000"}
+    assert melo_fast.load(family.model, tmp_path / "after").num_blocks == 1
+
+
+def test_copying_or_pickling_a_patched_model_says_how_to_copy_it(gpt2, tmp_path):
+    import copy
+    import pickle
+
+    family, editor = gpt2
+    editor.edit_texts(PROMPTS[:1], TARGETS[:1], family.tokenizer)
+    how = r"cannot be copied or pickled.*editor.save\(path\).*melo_fast.unpatch\(model\).*melo_fast.load"
+    for attempt in (lambda: copy.deepcopy(family.model), lambda: pickle.dumps(family.model),
+                    lambda: copy.deepcopy(editor), lambda: pickle.dumps(editor),
+                    lambda: pickle.dumps(family.model.generate)):
+        with pytest.raises(TypeError, match=how):
+            attempt()
+    assert set(family.model.state_dict()) == set(build("gpt2").model.state_dict())  # state_dict is unchanged
+
+    # The recipe the message gives: two independent patched models with the same edits.
+    editor.save(tmp_path / "edits")
+    melo_fast.unpatch(family.model)
+    twin = copy.deepcopy(family.model)
+    original, copied = melo_fast.load(family.model, tmp_path / "edits"), melo_fast.load(twin, tmp_path / "edits")
+    copied.edit_texts(["Water boils at"], ["fifty"], family.tokenizer)
+    assert (original.num_blocks, copied.num_blocks) == (1, 2)
+    inputs = family.tokenizer(PROMPTS[:1], return_tensors="pt")
+    assert original.route(inputs).tolist() == copied.route(inputs).tolist() == [0]

@@ -38,7 +38,8 @@ def test_missing_reports_render_their_commands_and_no_figures(generator, tmp_pat
         assert f"not yet run: `{run.command}`" in text
     assert "| MELO |" not in text and "![" not in text and "Database after" not in text
     assert not (tmp_path / "docs" / "dev_sweep.png").exists()  # a picture of a report that is not there
-    assert "python -m melo_fast demo --threads 1 --out evaluation/runs/demo" in text
+    assert "python -m melo_fast demo --model minilm --threads 1 --out evaluation/runs/demo" in text
+    assert "python -m melo_fast demo --threads 1 --out evaluation/runs/smollm2_demo" in text
 
 
 def test_present_report_gives_the_figures_and_a_stale_one_none(generator, tmp_path):
@@ -48,7 +49,11 @@ def test_present_report_gives_the_figures_and_a_stale_one_none(generator, tmp_pa
         shutil.copy(COMMITTED_DEMO, tmp_path / "runs" / name / "demo_report.json")
     text = generate(generator, tmp_path)
     melo = report["methods"]["melo"]["metrics"]
-    row = "| MELO | " + " | ".join(f"{melo[key]:.3f}" for key, _ in generator.TABLE_COLUMNS) + " |"
+    # A report made before --model existed is a MiniLM run, and arguments added since take their defaults.
+    assert "model" not in report["arguments"] and "chat" not in report["arguments"]
+    columns = generator.present_columns(report["methods"])
+    assert [key for key, _ in columns] == [key for key, _ in generator.TABLE_COLUMNS if key in melo]
+    row = "| MELO | " + " | ".join(f"{melo[key]:.3f}" for key, _ in columns) + " |"
     assert row in text
     assert f"{report['total_seconds']:.0f} s" in text
     assert (tmp_path / "docs" / "demo_curves.png").read_bytes()[:4] == b"\x89PNG"
@@ -57,3 +62,27 @@ def test_present_report_gives_the_figures_and_a_stale_one_none(generator, tmp_pa
     assert "stale (runs/demo_scale_20/demo_report.json was made with methods 'unedited,melo,lora' instead of " \
            "'unedited,melo', scale None instead of 20.0); rerun" in text
     assert "scale 20: ES" not in text
+
+
+def test_llm_reports_give_both_metric_families_and_the_portability_kinds(generator, tmp_path):
+    from melo_fast.cli import build_parser
+    from melo_fast.eval.arguments import recorded_arguments
+
+    demo = json.loads((ROOT / "evaluation" / "runs" / "smollm2_demo" / "demo_report.json").read_text())
+    dev = json.loads(json.dumps(demo))  # a dev-shaped report: the same, with portability questions
+    dev["arguments"] = recorded_arguments(build_parser().parse_args(generator.RUNS["smollm2_dev"].argv))
+    dev["probe_questions"].update(portability_reasoning=14, portability_subject_aliasing=10)
+    for i, result in enumerate(dev["methods"].values()):
+        result["metrics"].update(portability_reasoning=0.1 * i, portability_acc_reasoning=0.25,
+                                 portability_subject_aliasing=0.5, portability_acc_subject_aliasing=0.125 * i)
+    for name, report in (("smollm2_demo", demo), ("smollm2_dev", dev)):
+        (tmp_path / "runs" / name).mkdir(parents=True)
+        (tmp_path / "runs" / name / "demo_report.json").write_text(json.dumps(report))
+    text = generate(generator, tmp_path)
+    assert "| method | reasoning (14 questions) | subject_aliasing (10 questions) |" in text
+    assert "| MELO | 0.100 / 0.250 | 0.500 / 0.125 |" in text
+    melo = demo["methods"]["melo"]["metrics"]
+    assert f"| MELO | {melo['rewrite_acc_at_edit']:.3f} | {melo['rewrite_acc']:.3f} | {melo['rephrase_acc']:.3f} |" \
+        in text
+    assert f"{melo['target_repetition']:.3f}" in text
+    assert "not yet run: `python -m melo_fast demo --chat" in text

@@ -1,7 +1,7 @@
 """Exported blocks served by a real consumer (PEFT's mixed-batch forward) give the patched model's outputs.
 
 Plus the export's own promises: the scale reproduced by lora_alpha, PEFT's file layout, and the
-folder rules of melo_fast.export (never destructive, the old or the new export always in place).
+folder rules of melo_fast.io.export (never destructive, the old or the new export always in place).
 """
 
 import copy
@@ -21,7 +21,7 @@ from safetensors import safe_open
 from torch import nn
 
 import melo_fast
-from melo_fast import checkpoint, export
+from melo_fast.io import checkpoint, export
 from tests.tiny_models import build
 
 EDITS = (["The capital of France is"], ["Rome"]), (["Water boils at"], ["fifty degrees"])
@@ -68,11 +68,28 @@ def test_peft_mixed_batch_forward_gives_the_patched_model_logits(served):
     assert torch.equal(served_logits[1], patched[1])  # the unedited row, bit for bit
 
 
+def test_peft_and_the_patched_model_agree_on_left_padded_batches_without_position_ids(served):
+    """adapter_names() reads the keys from the inputs as given, as the patched model's own forward does: on
+    GPT-2 (absolute positions) the left-padded rows sit at shifted positions in both."""
+    family, editor, consumer = served
+    family.tokenizer.padding_side = "left"
+    inputs = family.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    if family.kind == "seq2seq":
+        inputs["decoder_input_ids"] = torch.zeros(len(PROMPTS), 1, dtype=torch.long)
+    names = editor.adapter_names(inputs)
+    with torch.no_grad():
+        patched = family.model(**inputs).logits
+        served_logits = consumer(**inputs, adapter_names=names).logits
+    torch.testing.assert_close(served_logits, patched, rtol=1e-5, atol=1e-5)
+
+
 def test_peft_mixed_batch_generation_gives_the_patched_model_generation(served):
     family, editor, consumer = served
     family.tokenizer.padding_side = "left"  # the batch generate() needs for decoder-only models
     inputs = family.tokenizer(PROMPTS, return_tensors="pt", padding=True)
-    names = editor.adapter_names(inputs)
+    # generate() gives a decoder-only model the positions of the attention mask: route with the same ones.
+    positions = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
+    names = editor.adapter_names(inputs if family.kind == "seq2seq" else {**inputs, "position_ids": positions})
     assert names == ROUTED
     settings = dict(max_new_tokens=4, do_sample=False, output_scores=True, return_dict_in_generate=True,
                     pad_token_id=family.tokenizer.pad_token_id)
@@ -116,7 +133,7 @@ def test_adapter_files_are_those_peft_writes_and_routing_loads(gpt2_editor, tmp_
     assert sorted(p.name for p in path.iterdir()) == ["block_0001", export.MANIFEST, export.ROUTING]
     config = json.loads((path / "block_0001" / export.ADAPTER_CONFIG).read_text())
     assert (config["r"], config["lora_alpha"], config["fan_in_fan_out"]) == (4, 80.0, True)  # Conv1D
-    assert config["target_modules"] == editor.config.targets
+    assert config["target_modules"] == list(editor.config.targets)
 
     # PEFT's own save of a LoRA with this config: the same tensor names, shapes and dtypes.
     reference = peft.get_peft_model(build("gpt2").model, peft.LoraConfig(**{

@@ -100,3 +100,20 @@ def test_budget_exhausted_checks_are_not_run(script, tmp_path):
 def test_unknown_check_name_is_refused(script, tmp_path):
     with pytest.raises(SystemExit, match="unknown check"):
         script.main(["--dry-run", "--only", "no_such_check", "--out", str(tmp_path)])
+
+
+def test_tuning_sweep_dry_run_writes_every_sweep(tmp_path):
+    """``benchmarks/gpu_tune.py --dry-run``: every sweep runs through the production launchers and checks its
+    result against the torch backend (ids equal, small relative error), so the GPU call cannot break on plumbing."""
+    if torch.cuda.is_available():
+        pytest.skip("the dry run is the CPU stand-in")
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
+    command = [sys.executable, str(ROOT / "benchmarks" / "gpu_tune.py"), "--dry-run", "--out", str(tmp_path)]
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu_tune.json").read_text())
+    for row in report["lookup"]:
+        assert row["ids_equal"] == row["of"] and not row["error"]
+    for row in report["lora"] + report["dw"]:
+        assert row["rel_l2"] < 1e-2 and not row["error"]
+    assert set(report["host"]) and report["e2e_profile"]["patched"]["wall_ms_per_step"] > 0

@@ -52,6 +52,8 @@ def test_forward_with_edits_present_never_syncs(monkeypatch, backend, family_nam
     inputs = family.tokenizer(PROMPTS, return_tensors="pt", padding=True)
     if family.kind == "seq2seq":
         inputs["decoder_input_ids"] = torch.zeros(len(PROMPTS), 2, dtype=torch.long)
+    else:  # the positions generate() gives the left-padded rows, which the edits' keys were read at
+        inputs["position_ids"] = (inputs["attention_mask"].cumsum(-1) - 1).clamp(min=0)
     assert sorted(editor.route(inputs).tolist()) == [-1, 0, 0]  # two rows really run the block LoRA
     with torch.no_grad():
         expected = family.model(**inputs).logits

@@ -243,7 +243,7 @@ def test_editing_with_reference_and_torch_backends_gives_the_same_model():
 @pytest.mark.parametrize("backend", ["reference", "torch"])
 def test_block_lora_with_each_samples_own_block_equals_the_whole_bank(backend):
     """``routed_blocks`` (what a layer casts under autocast instead of its whole bank) changes nothing."""
-    from melo_fast.layers import routed_blocks
+    from melo_fast.routing.lora import routed_blocks
 
     x, A, B, ids, base = _inplace_inputs(n=6, n_blocks=9)
     whole = ops.block_lora(x, A, B, ids, 2.0, base=base, backend=backend)

@@ -15,10 +15,10 @@ import torch
 
 import melo_fast
 from melo_fast import ops
-from melo_fast.ops import cpu
+from melo_fast.ops import cpp
 
 try:
-    cpu.load()
+    cpp.load()
     _EXT_ERROR = None
 except ImportError as err:  # not built here: only the fallback tests run
     _EXT_ERROR = str(err)
@@ -529,11 +529,11 @@ def test_package_works_without_the_extension():
 def test_loader_reports_a_missing_build(monkeypatch):
     """An absent (or broken) melo_fast._C gives ImportError("extension not built: ..."), no crash."""
     monkeypatch.delenv("MELO_FAST_NO_EXT", raising=False)
-    monkeypatch.setattr(cpu, "_ext", None)
+    monkeypatch.setattr(cpp, "_ext", None)
     monkeypatch.delattr(melo_fast, "_C", raising=False)
     monkeypatch.setitem(sys.modules, "melo_fast._C", None)  # makes `from melo_fast import _C` fail
     with pytest.raises(ImportError, match="extension not built"):
-        cpu.load()
+        cpp.load()
     assert ops.backend_status()["cpp"].startswith("unavailable: extension not built")
     x = torch.randn(2, 3, 4)
     out = ops.block_lora(x, torch.randn(1, 1, 4), torch.randn(1, 1, 5), torch.tensor([0, -1]), 1.0, backend="torch")
@@ -543,8 +543,8 @@ def test_loader_reports_a_missing_build(monkeypatch):
 ISA_PARITY_SCRIPT = textwrap.dedent("""
     import torch
     from melo_fast import ops
-    from melo_fast.ops import cpu
-    print(cpu.isa())
+    from melo_fast.ops import cpp
+    print(cpp.isa())
     g = torch.Generator().manual_seed(0)
 
     # Search: odd sizes (not multiples of any vector width), clusters of 1-3 points, hits and misses.
@@ -600,6 +600,6 @@ def cpu_isa_path(request):
     if _EXT_ERROR is not None:
         pytest.skip(f"cpp backend unavailable: {_EXT_ERROR}")
     order = ["baseline", "avx2", "avx512"]
-    if order.index(request.param) > order.index(cpu.isa()):
+    if order.index(request.param) > order.index(cpp.isa()):
         pytest.skip(f"this CPU has no {request.param}")
     return request.param

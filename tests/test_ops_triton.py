@@ -582,7 +582,8 @@ def test_tile_buckets_and_warmup_cover_them():
 
 _VARIANTS_SCRIPT = """
 import torch
-from melo_fast.ops.triton import _launch, compile_report
+from benchmarks.gpu_stages import compile_report
+from melo_fast.ops.triton import _launch
 from melo_fast.ops.triton.warmup import warmup
 
 dtypes = (torch.bfloat16, torch.float32)

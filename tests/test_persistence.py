@@ -1,4 +1,4 @@
-"""Saving and loading never destroy data (melo_fast.checkpoint's guarantees), and bad saves fail clearly."""
+"""Saving and loading never destroy data (melo_fast.io.checkpoint's guarantees), and bad saves fail clearly."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import melo_fast
-from melo_fast import checkpoint
+from melo_fast.io import checkpoint
 from tests.tiny_models import build
 
 PROMPT = "The capital of France is"
@@ -137,11 +137,11 @@ def test_load_errors_name_the_file_and_leave_the_model_unpatched(edited, tmp_pat
 
     fresh = build("gpt2")
     weights.write_bytes(good[: len(good) // 2])  # truncated
-    with pytest.raises(ValueError, match=f"{weights.name} is not a readable safetensors file"):
+    with pytest.raises(ValueError, match=f"{weights.name} is corrupted"):
         melo_fast.load(fresh.model, path)
     assert getattr(fresh.model, "_melo_editor", None) is None
     weights.write_bytes(b"\x00" * 64)  # corrupt
-    with pytest.raises(ValueError, match="not a readable safetensors file"):
+    with pytest.raises(ValueError, match=f"{weights.name} is corrupted"):
         melo_fast.load(fresh.model, path)
     weights.unlink()  # missing
     with pytest.raises(FileNotFoundError, match=f"{weights.name} is missing"):
@@ -161,6 +161,7 @@ def test_a_version_1_save_still_loads(edited, tmp_path):
     meta = json.loads((path / checkpoint.CONFIG_FILE).read_text())
     (path / meta.pop("weights_file")).rename(path / checkpoint.VERSION_1_WEIGHTS)
     meta["format_version"] = 1
+    del meta["sha256"]  # recorded since format 2
     (path / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
     fresh = build("gpt2")
     melo_fast.load(fresh.model, path)
@@ -221,3 +222,111 @@ def test_a_load_gives_up_clearly_while_saves_keep_replacing_the_folder(edited, t
     with pytest.raises(FileNotFoundError, match=f"replaced by another save each of the {checkpoint.READ_TRIES} times"):
         checkpoint.read(path)
     assert len(opened) == checkpoint.READ_TRIES
+
+
+def flip_last_byte(file):
+    data = bytearray(file.read_bytes())
+    data[-1] ^= 0x01  # inside the last tensor's data: safetensors still parses the file, a value changes
+    file.write_bytes(bytes(data))
+
+
+def test_a_flipped_byte_in_any_file_of_a_save_is_refused_on_load_and_reload(edited, tmp_path):
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    meta = json.loads((path / checkpoint.CONFIG_FILE).read_text())
+    weights = path / meta["weights_file"]
+    good_weights, good_config = weights.read_bytes(), (path / checkpoint.CONFIG_FILE).read_text()
+    serving = build("gpt2")
+    server = melo_fast.load(serving.model, path)
+    state = server.state
+
+    flip_last_byte(weights)
+    checkpoint.load_file(str(weights))  # still a readable safetensors file: only the checksum tells
+    corrupted = f"{re.escape(str(weights))} is corrupted"
+    fresh = build("gpt2")
+    with pytest.raises(ValueError, match=corrupted):
+        melo_fast.load(fresh.model, path)
+    assert getattr(fresh.model, "_melo_editor", None) is None
+    with pytest.raises(ValueError, match=corrupted):
+        server.reload(path)
+    assert server.state is state
+
+    weights.write_bytes(good_weights)
+    label = meta["database"]["labels"][0]
+    changed = good_config.replace(f"{label[0]}", f"{label[0] + 1}", 1)  # one digit of an edit's label
+    assert changed != good_config and json.loads(changed)["database"]["labels"][0] != label
+    (path / checkpoint.CONFIG_FILE).write_text(changed)
+    with pytest.raises(ValueError, match=f"{re.escape(str(path / checkpoint.CONFIG_FILE))} is corrupted"):
+        melo_fast.load(fresh.model, path)
+    with pytest.raises(ValueError, match="corrupted"):
+        server.reload(path)
+    assert server.state is state
+
+    (path / checkpoint.CONFIG_FILE).write_text(good_config)  # repaired: loads
+    melo_fast.load(fresh.model, path)
+    assert torch.equal(logits(fresh), logits(family))
+
+
+def test_a_save_without_checksums_still_loads(edited, tmp_path):
+    """Saves written before checksums were recorded load unchecked."""
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    meta = json.loads((path / checkpoint.CONFIG_FILE).read_text())
+    del meta["sha256"]
+    (path / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
+    fresh = build("gpt2")
+    melo_fast.load(fresh.model, path)
+    assert torch.equal(logits(fresh), logits(family))
+    weights = path / meta["weights_file"]
+    weights.write_bytes(weights.read_bytes()[:100])  # unchecked, a truncation is still caught by the parser
+    with pytest.raises(ValueError, match=f"{weights.name} is not a readable safetensors file"):
+        melo_fast.load(build("gpt2").model, path)
+
+
+def test_a_save_is_refused_on_another_model_unless_told(edited, tmp_path):
+    """The database holds one model's keys: on other weights an edited prompt would route to none."""
+    family, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    another = r"made on another model.*transformer\.h\.1\.mlp\.c_fc.*check_model=False"
+    other = build("gpt2", seed=1)  # same architecture, other weights
+    with pytest.raises(ValueError, match=another):
+        melo_fast.load(other.model, path)
+    assert getattr(other.model, "_melo_editor", None) is None
+    deeper = build("gpt2")
+    deeper = type(deeper.model)(deeper.model.config.__class__(**{**deeper.model.config.to_dict(), "n_layer": 6}))
+    with pytest.raises(ValueError, match="made on another model"):
+        melo_fast.load(deeper.eval(), path)
+    assert melo_fast.load(other.model, path, check_model=False).num_blocks == 1  # the explicit override
+
+    # reload: a serving editor refuses a save of another model's edits, state unchanged, unless told.
+    other_editor = melo_fast.patch(build("gpt2", seed=1).model, editor.config)
+    other_editor.save(tmp_path / "other")
+    state = editor.state
+    with pytest.raises(ValueError, match=another):
+        editor.reload(tmp_path / "other")
+    assert editor.state is state
+    editor.reload(tmp_path / "other", check_model=False)
+    assert editor.num_blocks == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_save_loads_on_a_copy_of_the_same_weights_in_another_dtype(edited, tmp_path, dtype):
+    family, editor = edited
+    editor.save(tmp_path / "fp32")
+    assert melo_fast.load(build("gpt2").model.to(dtype), tmp_path / "fp32").num_blocks == 1
+    low = melo_fast.patch(build("gpt2").model.to(dtype), editor.config)  # as a GPU bf16 model saves
+    low.save(tmp_path / "low")
+    melo_fast.load(build("gpt2").model, tmp_path / "low")  # onto the fp32 CPU copy
+
+
+def test_a_save_without_a_model_fingerprint_loads_on_any_model_that_fits(edited, tmp_path):
+    _, editor = edited
+    path = tmp_path / "edits"
+    editor.save(path)
+    meta = json.loads((path / checkpoint.CONFIG_FILE).read_text())
+    del meta["model_fingerprint"], meta["sha256"]  # as saves before fingerprints were recorded
+    (path / checkpoint.CONFIG_FILE).write_text(json.dumps(meta))
+    assert melo_fast.load(build("gpt2", seed=1).model, path).num_blocks == 1

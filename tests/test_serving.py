@@ -257,7 +257,7 @@ def test_warmup_covers_every_target_dtype(monkeypatch):
     editor = melo_fast.patch(family.model, melo_fast.MeloConfig(
         targets=["transformer.h.2.mlp.c_fc", "transformer.h.3.mlp.c_fc"]))
     requested = []
-    monkeypatch.setattr(melo_fast.editor.ops, "warmup",
+    monkeypatch.setattr(melo_fast.ops, "warmup",
                         lambda shapes, key_dim, dtype, device, training: requested.append((dtype, shapes)) or 1)
     assert editor.warmup() == 2
     assert sorted(requested, key=str) == sorted([(torch.float32, [(64, 256, 4)]), (torch.bfloat16, [(64, 256, 4)])],
@@ -290,7 +290,7 @@ def test_autocast_serving_casts_only_the_routed_blocks(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "to", recording_to)
     gathered = run()
     assert cast_rows and max(cast_rows) <= 2  # never the whole bank (editor.num_blocks rows)
-    monkeypatch.setattr(melo_fast.layers, "routed_blocks", lambda A, B, ids: (A, B, ids))
+    monkeypatch.setattr(melo_fast.routing.lora, "routed_blocks", lambda A, B, ids: (A, B, ids))
     whole_bank = run()
     assert torch.equal(gathered, whole_bank)
     with editor.disabled(), torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):

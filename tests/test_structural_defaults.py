@@ -91,7 +91,7 @@ def test_default_patch_edits_one_fact_and_leaves_unrelated_inputs_bitwise(name):
     editor = melo_fast.patch(family.model, melo_fast.MeloConfig(**EDIT_CONFIG))
     patterns = EXPECTED[name]
     assert editor.config.router == patterns[0].format(1)
-    assert editor.config.targets == [pattern.format(i) for pattern in patterns for i in (2, 3)]
+    assert list(editor.config.targets) == [pattern.format(i) for pattern in patterns for i in (2, 3)]
 
     edit_batch(family, editor, [FACT])
     assert editor.route(encode(family, [FACT[0]])).tolist() == [0]

@@ -1,4 +1,4 @@
-"""``VectorDatabase.insert`` against the plain oracle of ``tests/vecdb_oracle.py``, over thousands of keys.
+"""``VectorDatabase.insert`` against the plain oracle ``melo_fast/vecdb/naive.py``, over thousands of keys.
 
 The edit stream is drawn so that every rule fires many times: inputs sit close enough together that
 edits of the same fact merge and edits of different facts conflict at a real distance (shrinking
@@ -18,7 +18,7 @@ import torch
 
 from melo_fast import ops
 from melo_fast.vecdb import VectorDatabase
-from tests.vecdb_oracle import COINCIDE_FRACTION, OracleDatabase
+from melo_fast.vecdb.naive import COINCIDE_FRACTION, OracleDatabase
 
 DIM = 8
 RADIUS = 1.0

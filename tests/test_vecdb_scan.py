@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from melo_fast.vecdb import VectorDatabase
-from melo_fast.vecdb_scan import scan, squared_norms
+from melo_fast.vecdb.scan import scan, squared_norms
 from tests.conftest import requires_cuda
 
 
@@ -73,7 +73,7 @@ def test_identical_keys_of_large_norm_with_two_targets_are_refused():
 @requires_cuda
 @pytest.mark.parametrize(("kind", "expected"), [("new", 6), ("merges", 7)])
 def test_an_insert_synchronizes_the_host_a_fixed_number_of_times(kind, expected):
-    """The count documented in melo_fast/vecdb_insert.py (not run where this was written: no GPU there)."""
+    """The count documented in melo_fast/vecdb/insert.py (not run where this was written: no GPU there)."""
     import warnings
 
     g = torch.Generator().manual_seed(0)

@@ -6,6 +6,8 @@ fields (:func:`config_overrides`, :func:`preset`).
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 
 from melo_fast.config import MeloConfig
@@ -66,7 +68,9 @@ def load_or_exit(path, limit) -> list[EditRecord]:
 
 def add_common_arguments(parser, batch_size_default: int | None = 10) -> None:
     """Arguments shared by ``demo`` and ``eval``."""
-    parser.add_argument("--data", default=None, help="KnowEdit zsRE JSON file (default: the shipped demo set)")
+    parser.add_argument("--data", default=None,
+                        help="KnowEdit-format JSON file (zsRE, WikiData counterfact/recent, ...; default: the "
+                             "shipped demo set)")
     parser.add_argument("--limit", type=int, default=None, help="use only the first N records")
     parser.add_argument("--batch-size", type=int, default=batch_size_default, help="edits per batch")
     parser.add_argument("--num-iter", type=int, default=None, help="optimization steps per batch (MeloConfig)")
@@ -83,6 +87,9 @@ def add_common_arguments(parser, batch_size_default: int | None = 10) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="melo_out", help="output folder (JSON report, PNG plot)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
+                        help="ask every question (edits, probes) as a user turn of the model's chat template "
+                             "(generative models with one; default: the demo's choice for SmolLM2, off for eval)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared machine)")
 

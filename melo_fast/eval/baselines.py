@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from melo_fast import ops
-from melo_fast.layers import linear_shape
 from melo_fast.patching import find_module
+from melo_fast.targets import linear_shape
 
 
 class SequentialLoRA:

@@ -164,8 +164,8 @@ def train_head(
 def build_deployed_model(records, seed: int = 0, steps: int = 30) -> tuple[QAClassifier, object, HeadTraining]:
     """The demo's deployed model for ``records``: MiniLM + a head over every answer of the records.
 
-    Trained so that each record's question predicts its original answer (``ground_truth[0]``) and
-    each locality question predicts its answer (and each answer's text itself, see
+    Trained so that each record's question predicts its original answer (``original_answer``) and
+    each locality question (of every kind) predicts its answer (and each answer's text itself, see
     :func:`train_head`). Returns ``(model, tokenizer, head_training)``.
     """
     from melo_fast.eval.data import label_space
@@ -178,9 +178,10 @@ def build_deployed_model(records, seed: int = 0, steps: int = 30) -> tuple[QACla
     questions, answers = [], []
     for record in records:
         questions.append(record.prompt)
-        answers.append(record.ground_truth[0])
-        for probe in record.locality:
-            questions.append(probe.prompt)
-            answers.append(probe.ground_truth[0])
+        answers.append(record.original_answer)
+        for probes in record.locality.values():
+            for probe in probes:
+                questions.append(probe.prompt)
+                answers.append(probe.ground_truth[0])
     training = train_head(model, tokenizer, questions, answers, steps=steps)
     return model, tokenizer, training

@@ -1,9 +1,21 @@
-"""Edit records in the KnowEdit zsRE format: load, validate (clear errors), split.
+"""Edit records in the KnowEdit format: load, validate (clear errors), split.
 
-A KnowEdit file is one JSON list; each record has ``prompt``, ``ground_truth`` (list of strings),
-``target_new``, ``rephrase_prompt``, ``generate_prompt`` (list) and
-``locality.Relation_Specificity`` (list of ``{prompt, ground_truth}``). ``subject``, ``portability``
-and ``cond`` may be present and are ignored. See ../shared/data/README.md.
+A KnowEdit file is one JSON list of records. What is read from a record:
+
+- ``prompt`` (required): the question or sentence to edit; ``target_new`` (required): the answer the
+  edit must install;
+- ``ground_truth``: the original answer, as a string, a list of strings, or a list of lists of
+  aliases (KnowEdit's WikiData files); absent in knowledge-insertion files (wiki_recent);
+- ``rephrase_prompt`` (optional): one paraphrase (zsRE's generality probe);
+- ``generate_prompt`` (optional): more paraphrases (a list; blank entries are dropped);
+- ``locality`` (optional): an object mapping a probe kind (``Relation_Specificity``,
+  ``Forgetfulness``, ...) to a list of ``{prompt, ground_truth}``: questions an edit must not change;
+- ``portability`` (optional): the same shape (``Reasoning``, ``Subject_Aliasing``,
+  ``Logical_Generalization``, ...): questions whose answer should follow from the edit;
+- ``subject`` (optional); anything else (``cond`` ...) is ignored.
+
+Every record is checked before anything runs: a malformed one raises :class:`DataError` naming the
+file, the record index and the field. See ../shared/data/README.md for the zsRE dev file.
 """
 
 from __future__ import annotations
@@ -13,10 +25,12 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+PROBE_GROUPS = ("locality", "portability")
+
 
 @dataclass
-class LocalityProbe:
-    """A question whose answer an edit must not change."""
+class Probe:
+    """A question of a locality or portability group and its accepted answers (first: canonical)."""
 
     prompt: str
     ground_truth: list[str]
@@ -29,11 +43,13 @@ class EditRecord:
     Attributes:
         index: position of the record in its file (for error messages and reports).
         prompt: the question to edit.
-        ground_truth: the original answer(s); the first is the canonical one.
+        ground_truth: the original answer(s), first the canonical one; empty when the file has none
+            (knowledge insertion).
         target_new: the answer the edit must install.
-        rephrase_prompt: one held-out paraphrase (the classic generality probe).
+        rephrase_prompt: one held-out paraphrase (the classic generality probe), or None.
         generate_prompts: more paraphrases (a stronger generality probe); may be empty.
-        locality: questions about the same subject, other relations (must not change).
+        locality: probe kind (e.g. ``"Relation_Specificity"``) → questions that must not change.
+        portability: probe kind (e.g. ``"Reasoning"``) → questions whose answer follows from the edit.
         subject: the record's subject, or "".
     """
 
@@ -41,26 +57,37 @@ class EditRecord:
     prompt: str
     ground_truth: list[str]
     target_new: str
-    rephrase_prompt: str
+    rephrase_prompt: str | None = None
     generate_prompts: list[str] = field(default_factory=list)
-    locality: list[LocalityProbe] = field(default_factory=list)
+    locality: dict[str, list[Probe]] = field(default_factory=dict)
+    portability: dict[str, list[Probe]] = field(default_factory=dict)
     subject: str = ""
+
+    @property
+    def original_answer(self) -> str:
+        """The answer the unedited model is expected to give: ``ground_truth[0]``, else ``target_new``."""
+        return self.ground_truth[0] if self.ground_truth else self.target_new
 
 
 class DataError(ValueError):
-    """A data file that is not in the KnowEdit zsRE format; the message names the record and field."""
+    """A data file that is not in the KnowEdit format; the message names the record and field."""
+
+
+def shipped_data_path(name: str) -> Path:
+    """A JSON file shipped as package data in ``melo_fast/eval/data/``."""
+    return Path(str(resources.files("melo_fast.eval").joinpath("data", name)))
 
 
 def demo_data_path() -> Path:
-    """The demo's own edit set, shipped as package data (``melo_fast/eval/data/demo_facts.json``)."""
-    return Path(str(resources.files("melo_fast.eval").joinpath("data", "demo_facts.json")))
+    """The MiniLM demo's edit set, shipped as package data (``melo_fast/eval/data/demo_facts.json``)."""
+    return shipped_data_path("demo_facts.json")
 
 
 def load_records(path: str | Path | None = None, limit: int | None = None) -> list[EditRecord]:
-    """Read and validate a KnowEdit zsRE file.
+    """Read and validate a KnowEdit file.
 
     Args:
-        path: the JSON file; None loads the shipped demo set.
+        path: the JSON file; None loads the shipped MiniLM demo set.
         limit: keep only the first ``limit`` records (None or 0: all).
 
     Raises:
@@ -95,55 +122,73 @@ def _parse(path: Path, index: int, item) -> EditRecord:
     if not isinstance(item, dict):
         raise DataError(f"{where}: a record must be a JSON object, found a {type(item).__name__}")
 
-    def text(name: str, value=None, required=True) -> str:
-        value = item.get(name) if value is None else value
+    def text(name: str, value, required: bool = True) -> str | None:
         if value is None:
             if required:
                 fail(name, "is missing")
-            return ""
-        if not isinstance(value, str) or (required and not value.strip()):
+            return None
+        if not isinstance(value, str) or not value.strip():
             fail(name, f"must be a non-empty string, found {value!r}")
         return value
 
-    def texts(name: str, value, allow_empty: bool, skip_blank: bool = False) -> list[str]:
-        if isinstance(value, str):  # some KnowEdit dumps store a single answer as a bare string
+    def answers(name: str, value, required: bool) -> list[str]:
+        """A string, a list of strings, or a list of lists of aliases → the accepted answers, in order."""
+        if value is None:
+            if required:
+                fail(name, "is missing")
+            return []
+        items = [value] if isinstance(value, str) else value
+        if not isinstance(items, list):
+            fail(name, f"must be a string or a list of strings, found {value!r}")
+        flat = [a for item in items for a in (item if isinstance(item, list) else [item])]
+        if not all(isinstance(a, str) and a.strip() for a in flat):
+            fail(name, f"must hold non-empty strings (or lists of them), found {value!r}")
+        if not flat:
+            fail(name, "must not be empty")
+        return list(dict.fromkeys(flat))  # aliases repeated across lists count once
+
+    def paraphrases(name: str, value) -> list[str]:
+        if value is None:
+            return []
+        if isinstance(value, str):
             value = [value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             fail(name, f"must be a list of strings, found {value!r}")
-        if skip_blank:  # the KnowEdit zsRE dump interleaves some paraphrase lists with " " entries
-            value = [v for v in value if v.strip()]
-        elif not all(v.strip() for v in value):
-            fail(name, f"must hold non-empty strings, found {value!r}")
-        if not value and not allow_empty:
-            fail(name, "must not be empty")
-        return list(value)
+        return [v for v in value if v.strip()]  # the KnowEdit zsRE dump interleaves some lists with " "
 
-    locality_raw = item.get("locality", {})
-    if not isinstance(locality_raw, dict):
-        fail("locality", f"must be an object with a 'Relation_Specificity' list, found {locality_raw!r}")
-    probes_raw = locality_raw.get("Relation_Specificity", [])
-    if not isinstance(probes_raw, list):
-        fail("locality.Relation_Specificity", f"must be a list, found {type(probes_raw).__name__}")
-    probes = []
-    for j, probe in enumerate(probes_raw):
-        name = f"locality.Relation_Specificity[{j}]"
-        if not isinstance(probe, dict):
-            fail(name, f"must be an object with 'prompt' and 'ground_truth', found {probe!r}")
-        probes.append(
-            LocalityProbe(
-                prompt=text(f"{name}.prompt", probe.get("prompt", "")),
-                ground_truth=texts(f"{name}.ground_truth", probe.get("ground_truth"), allow_empty=False),
-            )
-        )
+    def probe_groups(group: str) -> dict[str, list[Probe]]:
+        raw = item.get(group)
+        if raw is None:
+            return {}
+        if not isinstance(raw, dict):
+            fail(group, f"must be an object mapping a probe kind (e.g. 'Relation_Specificity') to a list, "
+                        f"found {raw!r}")
+        kinds = {}
+        for kind, probes in raw.items():
+            if not isinstance(probes, list):
+                fail(f"{group}.{kind}", f"must be a list of {{prompt, ground_truth}}, found {type(probes).__name__}")
+            parsed = []
+            for j, probe in enumerate(probes):
+                name = f"{group}.{kind}[{j}]"
+                if not isinstance(probe, dict):
+                    fail(name, f"must be an object with 'prompt' and 'ground_truth', found {probe!r}")
+                parsed.append(Probe(text(f"{name}.prompt", probe.get("prompt")),
+                                    answers(f"{name}.ground_truth", probe.get("ground_truth"), required=True)))
+            if parsed:
+                kinds[kind] = parsed
+        return kinds
+
+    subject = item.get("subject")
     return EditRecord(
         index=index,
-        prompt=text("prompt"),
-        ground_truth=texts("ground_truth", item.get("ground_truth"), allow_empty=False),
-        target_new=text("target_new"),
-        rephrase_prompt=text("rephrase_prompt"),
-        generate_prompts=texts("generate_prompt", item.get("generate_prompt", []), allow_empty=True, skip_blank=True),
-        locality=probes,
-        subject=text("subject", required=False) if isinstance(item.get("subject", ""), str) else "",
+        prompt=text("prompt", item.get("prompt")),
+        ground_truth=answers("ground_truth", item.get("ground_truth"), required=False),
+        target_new=text("target_new", item.get("target_new")),
+        rephrase_prompt=text("rephrase_prompt", item.get("rephrase_prompt"), required=False),
+        generate_prompts=paraphrases("generate_prompt", item.get("generate_prompt")),
+        locality=probe_groups("locality"),
+        portability=probe_groups("portability"),
+        subject=subject if isinstance(subject, str) else "",
     )
 
 
@@ -170,6 +215,7 @@ def label_space(records: list[EditRecord]) -> list[str]:
     for record in records:
         answers.update(record.ground_truth)
         answers.add(record.target_new)
-        for probe in record.locality:
-            answers.update(probe.ground_truth)
+        for probes in record.locality.values():
+            for probe in probes:
+                answers.update(probe.ground_truth)
     return sorted(answers)

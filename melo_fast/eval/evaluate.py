@@ -1,10 +1,12 @@
-"""``python -m melo_fast eval``: the protocol (all methods) on a local Hugging Face model.
+"""``python -m melo_fast eval``: the protocol (all methods) on a local model: a Hugging Face folder or
+a GGUF file.
 
 Without ``--model`` it runs the demo (:mod:`melo_fast.eval.demo`) with the demo's defaults.
 """
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 import torch
@@ -29,8 +31,8 @@ def add_arguments(parser) -> None:
     """Arguments of ``python -m melo_fast eval``."""
     parser.add_argument("--task", default="zsre", choices=["zsre"], help="task (KnowEdit zsRE question answering)")
     parser.add_argument("--model", default=None,
-                        help="local HF model folder (seq2seq, causal LM or sequence classifier); "
-                             "default: the demo's MiniLM classifier")
+                        help="local model: a Hugging Face folder (seq2seq, causal LM or sequence classifier) or a "
+                             ".gguf file (tokenizer from the same file); default: the demo's model")
     parser.add_argument("--preset", default=None, choices=sorted(PRESETS),
                         help="the paper's configuration (router, targets, blocks x rank, batch size, radius, lr)")
     add_common_arguments(parser, batch_size_default=None)
@@ -38,22 +40,28 @@ def add_arguments(parser) -> None:
 
 
 def run_eval(args) -> dict:
-    """``python -m melo_fast eval``: all methods on a local model (or the demo classifier).
+    """``python -m melo_fast eval``: all methods on a local model (or the demo's model).
 
     Writes ``<out>/eval_report.json`` (always first) and ``<out>/eval_curves.png`` (needs matplotlib).
     """
-    if args.model is None:  # the demo's MiniLM classifier, with the demo's defaults
+    if args.model is None:  # the demo's model, with the demo's defaults
         if args.preset:
             raise SystemExit(f"--preset {args.preset} configures a paper checkpoint: give its folder with --model")
-        return demo.run(args)
+        return demo.run(argparse.Namespace(**{**vars(args), "model": demo.DEFAULT_MODEL}))
     apply_threads(args)
     report.check_plotting("eval")
     torch.manual_seed(args.seed)
     records = load_or_exit(args.data, args.limit)
     config, batch_size = preset(args.preset) if args.preset else (MeloConfig(), 10)
     config = config.replace(**config_overrides(args))
-    model, tokenizer = load_local_model(args.model)
-    task = task_for(model, tokenizer)
+    try:
+        model, tokenizer = load_local_model(args.model)
+    except (FileNotFoundError, ImportError) as err:
+        raise SystemExit(f"melo_fast eval: {err}") from None
+    try:
+        task = task_for(model, tokenizer, chat=bool(args.chat))
+    except ValueError as err:
+        raise SystemExit(f"melo_fast eval: --chat: {err}") from None
     settings = Settings(batch_size=args.batch_size or batch_size, holdout=args.holdout,
                         progress=not args.no_progress)
     harness = SequentialEval(task, records, settings)
@@ -61,6 +69,9 @@ def run_eval(args) -> dict:
     print(f"melo_fast eval: {args.model} ({task.kind}), {harness.describe()}, init_radius {config.init_radius!r}")
     results = {name: result.to_dict() for name, result in harness.run(config, methods).items()}
     print(report.format_table(results))
+    if task.kind != "classifier":
+        print("teacher-forced token accuracies:")
+        print(report.format_table(results, report.FORCED_COLUMNS, seconds=False))
     out = Path(args.out)
     summary = {
         "command": "eval",
@@ -68,6 +79,7 @@ def run_eval(args) -> dict:
         "provenance": report.provenance(),
         "model": args.model,
         "task": task.kind,
+        "prompting": "chat" if args.chat else "raw",
         "primary_score": task.primary,
         "data": args.data or "demo_facts.json",
         **harness.describe(),

@@ -6,14 +6,28 @@ Protocol, for every method on the same data and the same batches:
 - edited records are edited in sequential batches of ``batch_size``;
 - **ES**: the edited questions of a batch, right after that batch's edit (mean over all edits);
 - **ERR**: all edited questions after the last batch (did old edits survive?);
-- **generality**: ``rephrase_prompt`` and, separately, every ``generate_prompt`` of the edited
-  records, after the last batch, must give ``target_new``;
-- **locality**: Relation_Specificity questions of every record and the held-out records' questions
-  (prompt and rephrase) must keep the unedited model's answers (``locality`` is the mean over both
-  sets; each set is also reported);
+- **generality**: ``rephrase_prompt`` (records that have one) and, separately, every
+  ``generate_prompt`` of the edited records, after the last batch, must give ``target_new``;
+- **locality**: the questions of every ``locality`` kind of every record (``locality_relation`` for
+  Relation_Specificity, ``locality_<kind>`` for the others) and the held-out records' questions
+  (prompt and rephrase, ``locality_unedited``) must keep the unedited model's answers (``locality``
+  is the mean over the questions of all these sets; each set is also reported);
+- **portability** (generative tasks): the questions of every ``portability`` kind of the edited
+  records, after the last batch, must give their own ground truth (``portability_<kind>``, and
+  ``portability`` over all of them);
 - the score of one answer is accuracy for classifiers and token-F1 (also exact match) of the greedy
   generation for seq2seq/causal LMs, as MELO reports for zsRE; generative tasks also report the
   teacher-forced perplexity of ``target_new`` before and after editing;
+- **teacher-forced accuracies** (generative tasks; the measurement of EasyEdit-style tables such as
+  WISE's, GRACE's and ELDER's): one forward pass over ``question + answer``, the argmax token at each
+  answer position. ``rewrite_acc``: edited prompt + ``target_new``, fraction of target tokens
+  predicted, mean over records, after the last batch (``rewrite_acc_at_edit``: right after each
+  batch); ``rephrase_acc``: the same on the rephrase prompt; ``locality_acc`` (and per set
+  ``locality_acc_<set>``): locality question + its ground truth, fraction of the answer positions
+  whose argmax equals the unedited model's; ``portability_acc`` (and per kind): portability
+  question + its first ground truth, fraction of its tokens predicted;
+- **target repetition** (generative tasks): the share of edited prompts whose 20-token greedy
+  continuation names ``target_new`` more than once (:func:`metrics.mentions`);
 - a curve of ES/ERR/generality/locality against the number of edits so far (on fixed samples of
   ``curve_sample`` questions per set, so that the baseline's curve stays affordable).
 
@@ -27,6 +41,7 @@ the command lines in :mod:`melo_fast.eval.demo` and :mod:`melo_fast.eval.evaluat
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -41,7 +56,7 @@ from melo_fast.eval.data import EditRecord, split_edits
 from melo_fast.eval.probes import Answerer, ProbeSet
 
 METHODS = ("unedited", "melo", "lora")
-LOCALITY_SETS = ("locality_relation", "locality_unedited")
+CONTINUATION_TOKENS = 20  # tokens generated per edited prompt for the target-repetition metric
 
 
 @dataclass
@@ -55,6 +70,8 @@ class Settings:
         curve_points: number of points of the metrics-vs-edits curve (besides the end).
         curve_sample: questions per set on which curve points are measured.
         progress: show a tqdm progress bar.
+        continuation_tokens: tokens of the greedy continuation of each edited prompt in which target
+            repetition is counted (generative tasks).
     """
 
     batch_size: int = 10
@@ -63,6 +80,7 @@ class Settings:
     curve_points: int = 8
     curve_sample: int = 200
     progress: bool = True
+    continuation_tokens: int = CONTINUATION_TOKENS
 
     def __post_init__(self):
         if self.batch_size < 1:
@@ -102,6 +120,23 @@ def _evenly(n: int, k: int) -> list[int]:
     return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
 
 
+def probe_set_name(group: str, kind: str) -> str:
+    """The probe set (and metric) name of a locality or portability kind of a KnowEdit file:
+    ``locality_relation`` for Relation_Specificity, else ``<group>_<kind in snake case>``."""
+    if group == "locality" and kind == "Relation_Specificity":
+        return "locality_relation"
+    return f"{group}_" + re.sub(r"[^0-9a-z]+", "_", kind.lower()).strip("_")
+
+
+def forced_name(set_name: str) -> str:
+    """The teacher-forced metric of a set: ``rewrite_acc`` (edit), ``rephrase_acc``, ``locality_acc_<set>``,
+    ``portability_acc_<kind>``."""
+    if set_name in ("edit", "rephrase"):
+        return {"edit": "rewrite_acc", "rephrase": "rephrase_acc"}[set_name]
+    group, _, rest = set_name.partition("_")
+    return f"{group}_acc_{rest}"
+
+
 class SequentialEval:
     """Sequential editing of one task's model on KnowEdit records, for several methods.
 
@@ -119,36 +154,65 @@ class SequentialEval:
             raise ValueError("no records to edit")
         size = self.settings.batch_size
         self.batches = [self.edited[i : i + size] for i in range(0, len(self.edited), size)]
+        self.generative = hasattr(task, "forced_tokens")
         self.sets = self._probe_sets()
+        self.locality_sets = [name for name in self.sets if name.startswith("locality_")]
+        self.portability_sets = [name for name in self.sets if name.startswith("portability_")]
         self.answerer = Answerer(task, list(self.sets.values()), self.settings.eval_batch_size)
+        # Teacher-forced readings (generative tasks): the sets EasyEdit-style tables score.
+        self.forced_sets = ["edit", "rephrase", *self.locality_sets, *self.portability_sets] if self.generative else []
+        self.forcer = Answerer(task, [self.sets[n] for n in self.forced_sets], self.settings.eval_batch_size,
+                               forced=True) if self.generative else None
         self.editor = None  # the MELO editor of the last run_melo(keep=True)
         self._curve_batches = set(_evenly(len(self.batches), self.settings.curve_points + 1))
 
     # --- probe sets ---------------------------------------------------------------------------
     def _probe_sets(self) -> dict[str, ProbeSet]:
+        """Every probe set of the records: ``edit``, ``rephrase``, ``generate``, a ``locality_*`` set per
+        locality kind, ``locality_unedited``, and for generative tasks a ``portability_*`` set per
+        portability kind and ``continuation``. The fixed sets exist even when empty (their metrics
+        are then NaN), so that reports keep the same keys."""
         lengths = self.task.token_lengths
 
-        def make(name, texts, references, owners, expected):
-            max_tokens = lengths(expected) if expected is not None else None
-            return ProbeSet(name, texts, references, owners, max_tokens)
+        def make(name, items, references):
+            """``items``: ``(question, owner, expected answer)``; ``references``: accepted answers per
+            question, or None (locality: the unedited model's answer is the reference)."""
+            expected = [e for _, _, e in items]
+            return ProbeSet(name, [q for q, _, _ in items], references, [o for _, o, _ in items],
+                            lengths(expected), expected)
 
         edited = self.edited
-        targets = [r.target_new for r in edited]
-        gen_owner = [i for i, r in enumerate(edited) for _ in r.generate_prompts]
-        relation = [(r, p) for r in edited + self.held for p in r.locality]
-        held_texts = [r.prompt for r in self.held] + [r.rephrase_prompt for r in self.held]
-        held_expected = [r.ground_truth[0] for r in self.held] * 2
-        sets = [
-            make("edit", [r.prompt for r in edited], [[t] for t in targets], list(range(len(edited))), targets),
-            make("rephrase", [r.rephrase_prompt for r in edited], [[t] for t in targets], list(range(len(edited))),
-                 targets),
-            make("generate", [g for r in edited for g in r.generate_prompts], [[targets[i]] for i in gen_owner],
-                 gen_owner, [targets[i] for i in gen_owner]),
-            make("locality_relation", [p.prompt for _, p in relation], None, [-1] * len(relation),
-                 [p.ground_truth[0] for _, p in relation]),
-            make("locality_unedited", held_texts, None, [-1] * len(held_texts), held_expected),
-        ]
+        edits = [(r.prompt, i, r.target_new) for i, r in enumerate(edited)]
+        rephrases = [(r.rephrase_prompt, i, r.target_new) for i, r in enumerate(edited) if r.rephrase_prompt]
+        generate = [(g, i, r.target_new) for i, r in enumerate(edited) for g in r.generate_prompts]
+        sets = [make("edit", edits, [[e] for _, _, e in edits]),
+                make("rephrase", rephrases, [[e] for _, _, e in rephrases]),
+                make("generate", generate, [[e] for _, _, e in generate])]
+        locality: dict[str, list] = {"locality_relation": []}
+        for r in edited + self.held:
+            for kind, probes in r.locality.items():
+                locality.setdefault(probe_set_name("locality", kind), []).extend(
+                    (p.prompt, -1, p.ground_truth[0]) for p in probes)
+        held = [(r.prompt, -1, r.original_answer) for r in self.held]
+        held += [(r.rephrase_prompt, -1, r.original_answer) for r in self.held if r.rephrase_prompt]
+        locality["locality_unedited"] = held
+        sets += [make(name, items, None) for name, items in locality.items()]
+        if self.generative:
+            portability: dict[str, tuple[list, list]] = {}
+            for i, r in enumerate(edited):
+                for kind, probes in r.portability.items():
+                    items, references = portability.setdefault(probe_set_name("portability", kind), ([], []))
+                    items.extend((p.prompt, i, p.ground_truth[0]) for p in probes)
+                    references.extend(p.ground_truth for p in probes)
+            sets += [make(name, items, references) for name, (items, references) in portability.items()]
+            n = self.settings.continuation_tokens
+            sets.append(ProbeSet("continuation", [r.prompt for r in edited], [[r.target_new] for r in edited],
+                                 list(range(len(edited))), [n] * len(edited)))
         return {s.name: s for s in sets}
+
+    def owned_by(self, name: str, records: int) -> list[int]:
+        """Indices of the questions of set ``name`` that belong to the first ``records`` edited records."""
+        return [i for i, owner in enumerate(self.sets[name].owners) if 0 <= owner < records]
 
     # --- scoring ------------------------------------------------------------------------------
     def _score(self, name: str, answers: Sequence[str], indices: Sequence[int]) -> dict[str, float]:
@@ -169,19 +233,40 @@ class SequentialEval:
         for key, value in scores.items():
             out[metric if key == self.task.primary else f"{metric}_{key}"] = value
 
-    def final_metrics(self, answer, es_scores: dict[str, float]) -> dict[str, float]:
+    def _score_forced(self, name: str, readings: Sequence, indices: Sequence[int]) -> float:
+        """Mean teacher-forced accuracy of ``readings`` (``(argmax tokens, answer tokens)`` per question)
+        of set ``name``: against the answer's tokens, or for a locality set against the unedited
+        model's argmax tokens."""
+        unedited = self.forcer.unedited.get(name) if name in self.locality_sets else None
+        return metrics.mean([
+            metrics.token_accuracy(predicted, unedited[i][0] if unedited is not None else reference)
+            for i, (predicted, reference) in zip(indices, readings, strict=True)
+        ])
+
+    def repetition(self, continuations: Sequence[str]) -> float:
+        """Share of edited prompts whose continuation names its ``target_new`` more than once."""
+        return metrics.mean([float(metrics.mentions(text, record.target_new) > 1)
+                             for text, record in zip(continuations, self.edited, strict=True)])
+
+    def final_metrics(self, answer, es_scores: dict[str, float], forced=None,
+                      forced_at_edit: float | None = None) -> dict[str, float]:
         """Every end-of-run metric of a model, from its answers now.
 
         Args:
             answer: ``answer(set_name, indices) -> list[str]``, the model's answers to those questions
                 of a probe set (``self.sets``); any editing method can be scored this way.
             es_scores: the ES scores measured batch by batch (primary score and the others).
+            forced: ``forced(set_name, indices)``, the model's teacher-forced readings of those questions
+                (generative tasks; None: no teacher-forced metrics).
+            forced_at_edit: ``rewrite_acc_at_edit``, measured batch by batch.
 
         Returns:
             ``es``, ``err``, ``generality_rephrase``, ``generality_generate`` (a mean over every
-            generate prompt, not per record), ``locality_relation``, ``locality_unedited`` and
-            ``locality`` (the mean over the questions of both locality sets), each also as
-            ``<metric>_<score>`` for the task's secondary scores.
+            generate prompt, not per record), one entry per locality set (``locality_relation``,
+            ``locality_<kind>``, ``locality_unedited``) and ``locality`` (the mean over the questions of
+            all of them), one per portability set and ``portability`` (likewise), each also as
+            ``<metric>_<score>`` for the task's secondary scores; for generative tasks
+            ``target_repetition``; with ``forced`` the teacher-forced accuracies (module docstring).
         """
         out: dict[str, float] = {}
         self._put(out, "es", es_scores)
@@ -189,26 +274,42 @@ class SequentialEval:
                              ("generality_generate", "generate")):
             indices = range(len(self.sets[name]))
             self._put(out, metric, self._score(name, answer(name, indices), indices))
-        weighted: dict[str, list[tuple[float, int]]] = {}
-        for name in LOCALITY_SETS:
-            indices = range(len(self.sets[name]))
-            scores = self._score(name, answer(name, indices), indices)
-            self._put(out, name, scores)
-            for key, value in scores.items():
-                if not math.isnan(value):
-                    weighted.setdefault(key, []).append((value, len(indices)))
-        overall = {key: sum(v * n for v, n in pairs) / sum(n for _, n in pairs) for key, pairs in weighted.items()}
-        self._put(out, "locality", overall)
+        for overall, names in (("locality", self.locality_sets), ("portability", self.portability_sets)):
+            weighted: dict[str, list[tuple[float, int]]] = {}
+            for name in names:
+                indices = range(len(self.sets[name]))
+                scores = self._score(name, answer(name, indices), indices)
+                self._put(out, name, scores)
+                for key, value in scores.items():
+                    if not math.isnan(value):
+                        weighted.setdefault(key, []).append((value, len(indices)))
+            if names:
+                self._put(out, overall, {key: sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
+                                         for key, pairs in weighted.items()})
+        if "continuation" in self.sets:
+            out["target_repetition"] = self.repetition(answer("continuation", range(len(self.edited))))
+        if forced is not None:
+            out["rewrite_acc_at_edit"] = forced_at_edit
+            totals: dict[str, list[float]] = {}
+            for name in self.forced_sets:
+                indices = range(len(self.sets[name]))
+                value = self._score_forced(name, forced(name, indices), indices)
+                out[forced_name(name)] = value
+                group = name.partition("_")[0]
+                if group in ("locality", "portability") and not math.isnan(value):
+                    totals.setdefault(f"{group}_acc", []).extend([value] * len(indices))
+            out.update({key: metrics.mean(values) for key, values in totals.items()})
         return out
 
     def _curve_point(self, answer, edits_so_far: int, es_values: list[float]) -> dict:
         sample = self.settings.curve_sample
         point = {"edits": edits_so_far, "es": metrics.mean(es_values)}
         for metric, name in (("err", "edit"), ("generality_rephrase", "rephrase")):
-            indices = _evenly(edits_so_far, sample)
+            owned = self.owned_by(name, edits_so_far)
+            indices = [owned[j] for j in _evenly(len(owned), sample)]
             point[metric] = self._score(name, answer(name, indices), indices)[self.task.primary]
         scores, count = 0.0, 0
-        for name in LOCALITY_SETS:
+        for name in self.locality_sets:
             indices = _evenly(len(self.sets[name]), sample // 2)
             if indices:
                 scores += self._score(name, answer(name, indices), indices)[self.task.primary] * len(indices)
@@ -226,17 +327,64 @@ class SequentialEval:
         return tqdm(range(len(self.batches)), desc=description, unit="batch", disable=not self.settings.progress)
 
     # --- methods ------------------------------------------------------------------------------
+    def _sequential(self, result: MethodResult, description: str, edit, answer, forced, postfix=dict):
+        """Edit batch after batch; ES (and ``rewrite_acc_at_edit``) right after each batch; curve points.
+
+        ``edit(batch) -> seconds`` edits one batch; ``answer``/``forced`` read the model now (see
+        :meth:`final_metrics`); ``postfix()`` adds fields to the progress bar. Returns the ES scores
+        and the mean ``rewrite_acc_at_edit`` (None without ``forced``).
+        """
+        es_values: list[float] = []
+        es_totals: dict[str, list[float]] = {}
+        forced_values: list[float] = []
+        bar = self._progress(description)
+        for b in bar:
+            result.edit_seconds += edit(self.task.edit_batch(self.batches[b]))
+            indices = self._batch_indices(b)
+            scores = self._score("edit", answer("edit", indices), indices)
+            for key, value in scores.items():
+                es_totals.setdefault(key, []).extend([value] * len(indices))
+            es_values.extend([scores[self.task.primary]] * len(indices))
+            if forced is not None:
+                forced_values.extend([self._score_forced("edit", forced("edit", indices), indices)] * len(indices))
+            bar.set_postfix(ES=f"{metrics.mean(es_values):.3f}", **postfix())
+            if b in self._curve_batches:
+                result.curve.append(self._curve_point(answer, indices[-1] + 1, es_values))
+        es = {key: metrics.mean(values) for key, values in es_totals.items()}
+        return es, (metrics.mean(forced_values) if forced is not None else None)
+
+    def _readers(self, full: bool, editor=None):
+        """``(answer, forced)`` of the model now: every question through it (``full``), or MELO's routed
+        fast path with ``editor``; ``forced`` is None for tasks without teacher forcing."""
+        if full:
+            return self.answerer.full, (self.forcer.full if self.forcer else None)
+
+        def answer(name, indices):
+            return self.answerer.routed(name, editor, indices)
+
+        def forced(name, indices):
+            return self.forcer.routed(name, editor, indices)
+
+        return answer, (forced if self.forcer else None)
+
     def run_unedited(self) -> MethodResult:
         """The unedited model's answers to every probe set (also the locality reference)."""
         start = time.perf_counter()
         if not self.answerer.unedited:
             self.answerer.compute_unedited()
+            if self.forcer:
+                self.forcer.compute_unedited()
 
         def answer(name, indices):
             return [self.answerer.unedited[name][i] for i in indices]
 
-        es = self._score("edit", answer("edit", range(len(self.edited))), range(len(self.edited)))
-        result = MethodResult("unedited", self.final_metrics(answer, es))
+        def forced(name, indices):
+            return [self.forcer.unedited[name][i] for i in indices]
+
+        everything = range(len(self.edited))
+        es = self._score("edit", answer("edit", everything), everything)
+        at_edit = self._score_forced("edit", forced("edit", everything), everything) if self.forcer else None
+        result = MethodResult("unedited", self.final_metrics(answer, es, forced if self.forcer else None, at_edit))
         result.eval_seconds = time.perf_counter() - start
         if self.task.kind != "classifier":
             ppl = self.task.perplexity(self.edited)
@@ -250,29 +398,15 @@ class SequentialEval:
         start_all = time.perf_counter()
         editor = melo_fast.patch(self.task.model, config, tokenizer=self.task.tokenizer)
         result = MethodResult("melo")
-        es_values: list[float] = []
-        es_totals: dict[str, list[float]] = {}
-        edit_results = []
+        answer, forced = self._readers(full=False, editor=editor)
 
-        def answer(name, indices):
-            return self.answerer.routed(name, editor, indices)
+        def edit(batch):
+            return editor.edit(batch).seconds
 
         try:
-            bar = self._progress("MELO edits")
-            for b in bar:
-                batch = self.task.edit_batch(self.batches[b])
-                edit_results.append(editor.edit(batch))
-                result.edit_seconds += edit_results[-1].seconds
-                indices = self._batch_indices(b)
-                scores = self._score("edit", answer("edit", indices), indices)
-                for key, value in scores.items():
-                    es_totals.setdefault(key, []).extend([value] * len(indices))
-                es_values.extend([scores[self.task.primary]] * len(indices))
-                bar.set_postfix(ES=f"{metrics.mean(es_values):.3f}", clusters=editor.db.num_clusters)
-                if b in self._curve_batches:
-                    result.curve.append(self._curve_point(answer, indices[-1] + 1, es_values))
-            es = {key: metrics.mean(values) for key, values in es_totals.items()}
-            result.metrics = self.final_metrics(answer, es)
+            es, at_edit = self._sequential(result, "MELO edits", edit, answer, forced,
+                                           postfix=lambda: {"clusters": editor.db.num_clusters})
+            result.metrics = self.final_metrics(answer, es, forced, at_edit)
             result.db = editor.db.stats()
             result.db["blocks"] = editor.num_blocks
             result.extra["config"] = editor.config.to_dict()
@@ -314,20 +448,25 @@ class SequentialEval:
 
         saved_db, saved_blocks, saved_position = editor.db, editor.blocks(), editor.router.key_position
         result = MethodResult("melo")
+        answer, forced = self._readers(full=False, editor=editor)
         es_totals: dict[str, list[float]] = {}
+        forced_values: list[float] = []
         try:
             editor.router.key_position = key_position
             db = VectorDatabase(saved_db.dim, init_radius, device=saved_db.device)
             for b in range(len(self.batches)):
                 batch = self.task.edit_batch(self.batches[b])
-                db.insert(editor.keys(batch), editor._edit_labels(batch), b)
+                db.insert(editor.keys(batch), editor.edit_batch(batch).targets, b)
                 editor.replace_state(db, saved_blocks)
                 indices = self._batch_indices(b)
-                scores = self._score("edit", self.answerer.routed("edit", editor, indices), indices)
+                scores = self._score("edit", answer("edit", indices), indices)
                 for key, value in scores.items():
                     es_totals.setdefault(key, []).extend([value] * len(indices))
+                if forced is not None:
+                    forced_values.extend([self._score_forced("edit", forced("edit", indices), indices)] * len(indices))
             es = {key: metrics.mean(values) for key, values in es_totals.items()}
-            result.metrics = self.final_metrics(lambda n, i: self.answerer.routed(n, editor, i), es)
+            result.metrics = self.final_metrics(answer, es, forced,
+                                                metrics.mean(forced_values) if forced is not None else None)
             result.db = db.stats()
             result.extra["config"] = {"key_position": key_position, "init_radius": init_radius}
         finally:
@@ -339,9 +478,9 @@ class SequentialEval:
         """Distances between keys, to choose ``init_radius`` for a router (needs a kept editor).
 
         Returns medians over edited records of: a question to its own rephrase
-        (``question_to_rephrase``) and to the nearest other edited question
-        (``question_to_nearest_question``), and of a locality question to the nearest edited
-        question (``locality_to_nearest_question``).
+        (``question_to_rephrase``, over the records that have one; NaN if none does) and to the nearest
+        other edited question (``question_to_nearest_question``), and of a locality question to the
+        nearest edited question (``locality_to_nearest_question``).
         """
         editor = self.editor
         saved = editor.router.key_position
@@ -349,12 +488,14 @@ class SequentialEval:
             if key_position is not None:
                 editor.router.key_position = key_position
             questions = self.answerer.keys("edit", editor)
-            rephrases = self.answerer.keys("rephrase", editor)
+            owners = self.sets["rephrase"].owners
+            rephrase = (questions[owners] - self.answerer.keys("rephrase", editor)).norm(dim=1) if owners else None
             between = torch.cdist(questions, questions)
             between.fill_diagonal_(float("inf"))
-            locality = torch.cat([self.answerer.keys(name, editor) for name in LOCALITY_SETS])
+            locality = torch.cat([self.answerer.keys(name, editor) for name in self.locality_sets
+                                  if len(self.sets[name])])
             return {
-                "question_to_rephrase": (questions - rephrases).norm(dim=1).median().item(),
+                "question_to_rephrase": rephrase.median().item() if rephrase is not None else float("nan"),
                 "question_to_nearest_question": between.min(1).values.median().item(),
                 "locality_to_nearest_question": torch.cdist(locality, questions).min(1).values.median().item(),
             }
@@ -379,30 +520,17 @@ class SequentialEval:
         )
         start_all = time.perf_counter()
         result = MethodResult("lora")
-        es_values: list[float] = []
-        es_totals: dict[str, list[float]] = {}
         losses = []
+        answer, forced = self._readers(full=True)
 
-        def answer(name, indices):
-            return self.answerer.full(name, indices)
+        def edit(batch):
+            start = time.perf_counter()
+            losses.append(lora.edit(batch))
+            return time.perf_counter() - start
 
         try:
-            bar = self._progress("LoRA baseline")
-            for b in bar:
-                batch = self.task.edit_batch(self.batches[b])
-                start = time.perf_counter()
-                losses.append(lora.edit(batch))
-                result.edit_seconds += time.perf_counter() - start
-                indices = self._batch_indices(b)
-                scores = self._score("edit", answer("edit", indices), indices)
-                for key, value in scores.items():
-                    es_totals.setdefault(key, []).extend([value] * len(indices))
-                es_values.extend([scores[self.task.primary]] * len(indices))
-                bar.set_postfix(ES=f"{metrics.mean(es_values):.3f}")
-                if b in self._curve_batches:
-                    result.curve.append(self._curve_point(answer, indices[-1] + 1, es_values))
-            es = {key: metrics.mean(values) for key, values in es_totals.items()}
-            result.metrics = self.final_metrics(answer, es)
+            es, at_edit = self._sequential(result, "LoRA baseline", edit, answer, forced)
+            result.metrics = self.final_metrics(answer, es, forced, at_edit)
             if self.task.kind != "classifier":
                 result.extra["perplexity_target_new"] = metrics.mean(self.task.perplexity(self.edited))
         finally:

@@ -1,4 +1,5 @@
-"""Metric functions of the GRACE/MELO protocol: token-F1, exact match, accuracy, perplexity.
+"""Metric functions: the GRACE/MELO protocol's (token-F1, exact match, accuracy, perplexity), the
+teacher-forced token accuracies of EasyEdit-style tables, and target repetition in a generation.
 
 Pure functions on strings, ids or tensors, so each can be checked on hand-made cases.
 """
@@ -100,3 +101,57 @@ def perplexity(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     count = mask.sum(1)
     mean_nll = (nll * mask).sum(1) / count.clamp(min=1)
     return torch.where(count > 0, mean_nll.exp(), torch.full_like(mean_nll, math.nan))
+
+
+def forced_predictions(logits: torch.Tensor, labels: torch.Tensor) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+    """Teacher forcing: the model's argmax token at every supervised position, and the label there.
+
+    Args:
+        logits: ``[N, T, V]`` scores aligned with ``labels`` (position t predicts labels[t]; shift
+            causal-LM logits before calling).
+        labels: ``[N, T]`` int64 token ids, -100 where not supervised.
+
+    Returns:
+        Per row, ``(predicted, reference)``: two equally long tuples of token ids, in position order.
+        Ties in the argmax go to the lowest token id.
+    """
+    if logits.shape[:2] != labels.shape:
+        raise ValueError(f"forced_predictions: logits {tuple(logits.shape)} do not align with labels "
+                         f"{tuple(labels.shape)}")
+    predicted = logits.argmax(-1).tolist()
+    rows = []
+    for row_predicted, row_labels in zip(predicted, labels.tolist(), strict=True):
+        kept = [(p, t) for p, t in zip(row_predicted, row_labels, strict=True) if t != -100]
+        rows.append((tuple(p for p, _ in kept), tuple(t for _, t in kept)))
+    return rows
+
+
+def token_accuracy(predicted: Sequence[int], reference: Sequence[int]) -> float:
+    """Fraction of positions where two equally long token sequences agree; NaN when both are empty.
+
+    With ``reference`` the answer's tokens this is a teacher-forced accuracy (rewrite, rephrase,
+    portability); with ``reference`` the unedited model's argmax tokens it is teacher-forced locality.
+    """
+    if len(predicted) != len(reference):
+        raise ValueError(f"token_accuracy: {len(predicted)} predicted tokens but {len(reference)} reference tokens")
+    if not predicted:
+        return float("nan")
+    return sum(p == r for p, r in zip(predicted, reference, strict=True)) / len(predicted)
+
+
+def mentions(text: str, answer: str) -> int:
+    """How many times ``answer`` occurs in ``text``, as a whole run of normalised words.
+
+    Both are normalised as in :func:`normalize_answer` (case, punctuation and articles do not count);
+    occurrences do not overlap. ``mentions("Saturn, Saturn and saturn!", "Saturn") == 3``.
+    """
+    words, target = normalize_answer(text).split(), normalize_answer(answer).split()
+    if not target:
+        return 0
+    count, i = 0, 0
+    while i + len(target) <= len(words):
+        if words[i : i + len(target)] == target:
+            count, i = count + 1, i + len(target)
+        else:
+            i += 1
+    return count

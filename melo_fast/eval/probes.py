@@ -14,6 +14,10 @@ together), and a routed subset is run as rows sliced from its chunk's padded ten
 (even position -1, MELO's released choice and a pad token for short rows) is the same as in a full pass.
 :meth:`Answerer.full` is the plain path (every question through the model); tests check that both
 give the same answers.
+
+An answer is a greedy generation, or with ``forced=True`` a teacher-forced reading: one forward pass
+over ``question + expected answer`` giving the argmax token at each answer position (MELO keys such a
+row at its last question token, so it routes as the question does in generation).
 """
 
 from __future__ import annotations
@@ -35,6 +39,8 @@ class ProbeSet:
             locality sets, whose reference is the unedited model's answer.
         owners: per question, the index of the edit record it belongs to (or -1).
         max_tokens: generation budget per question (generative tasks), else None.
+        expected: per question, the answer teacher forcing feeds after it (``target_new``, a
+            probe's first ground truth), or None for a set that is only generated.
     """
 
     name: str
@@ -42,33 +48,49 @@ class ProbeSet:
     references: list[list[str]] | None
     owners: list[int]
     max_tokens: list[int] | None = None
+    expected: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.texts)
 
 
 class Answerer:
-    """Answers of one task's model to the probe sets, with MELO's routed fast path."""
+    """Answers of one task's model to the probe sets, with MELO's routed fast path.
 
-    def __init__(self, task, probe_sets: Sequence[ProbeSet], batch_size: int = 64):
+    Args:
+        task: a :mod:`melo_fast.eval.tasks` adapter.
+        probe_sets: the sets to answer (with ``forced``: each must have ``expected``).
+        batch_size: questions per chunk.
+        forced: teacher-forced readings (``task.forced_batch`` / ``task.forced_tokens``; an answer is
+            ``(argmax tokens, expected answer tokens)``) instead of greedy generations (strings).
+    """
+
+    def __init__(self, task, probe_sets: Sequence[ProbeSet], batch_size: int = 64, forced: bool = False):
         if batch_size < 1:
             raise ValueError(f"eval batch size must be >= 1, got {batch_size}")
+        if forced and any(s.expected is None for s in probe_sets):
+            raise ValueError("teacher forcing needs an expected answer for every question of every set")
         self.task = task
         self.sets = {s.name: s for s in probe_sets}
         self.batch_size = batch_size
+        self.forced = forced
         self._inputs: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
         self._keys: dict[tuple, torch.Tensor] = {}
-        self._routed: dict[tuple[str, int, int], str] = {}
+        self._routed: dict[tuple[str, int, int], object] = {}
         self._editor = None
-        self.unedited: dict[str, list[str]] = {}
+        self.unedited: dict[str, list] = {}
         self.forwarded = 0  # questions actually run through the model (for the report)
 
     # --- chunks -------------------------------------------------------------------------------
     def _chunk(self, name: str, c: int) -> dict[str, torch.Tensor]:
         key = (name, c)
         if key not in self._inputs:
-            texts = self.sets[name].texts[c * self.batch_size : (c + 1) * self.batch_size]
-            self._inputs[key] = self.task.encode(texts)
+            rows = slice(c * self.batch_size, (c + 1) * self.batch_size)
+            probe_set = self.sets[name]
+            if self.forced:
+                self._inputs[key] = self.task.forced_batch(probe_set.texts[rows], probe_set.expected[rows])
+            else:
+                self._inputs[key] = self.task.encode(probe_set.texts[rows])
         return self._inputs[key]
 
     def _by_chunk(self, indices: Sequence[int]) -> dict[int, list[int]]:
@@ -77,18 +99,20 @@ class Answerer:
             chunks.setdefault(i // self.batch_size, []).append(i)
         return chunks
 
-    def _run(self, name: str, c: int, rows: list[int]) -> list[str]:
+    def _run(self, name: str, c: int, rows: list[int]) -> list:
         """Answers of questions ``rows`` (set indices, all in chunk ``c``), sliced from the chunk."""
         inputs = self._chunk(name, c)
         local = torch.tensor([i - c * self.batch_size for i in rows])
         sliced = {k: v[local] for k, v in inputs.items()}
+        self.forwarded += len(rows)
+        if self.forced:
+            return self.task.forced_tokens(sliced)
         probe_set = self.sets[name]
         budget = None if probe_set.max_tokens is None else [probe_set.max_tokens[i] for i in rows]
-        self.forwarded += len(rows)
         return self.task.answer(sliced, budget)
 
     # --- answers ------------------------------------------------------------------------------
-    def full(self, name: str, indices: Sequence[int] | None = None) -> list[str]:
+    def full(self, name: str, indices: Sequence[int] | None = None) -> list:
         """Answers of the model as it is now, every question run through it."""
         indices = range(len(self.sets[name])) if indices is None else indices
         answers = {}
@@ -101,7 +125,7 @@ class Answerer:
         for name in self.sets:
             self.unedited[name] = self.full(name)
 
-    def routed(self, name: str, editor, indices: Sequence[int] | None = None) -> list[str]:
+    def routed(self, name: str, editor, indices: Sequence[int] | None = None) -> list:
         """Answers of the MELO-patched model: questions routed to "none" take the unedited answer.
 
         Requires :meth:`compute_unedited` first. Keys are cached per key position, answers per

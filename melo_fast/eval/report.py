@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+# The generation-based metrics (GRACE/MELO protocol: the score of greedy answers).
 TABLE_COLUMNS = (
     ("es", "ES"),
     ("err", "ERR"),
@@ -31,16 +32,33 @@ TABLE_COLUMNS = (
     ("locality", "locality"),
     ("locality_relation", "loc(relation)"),
     ("locality_unedited", "loc(not edited)"),
+    ("portability", "portability"),
+    ("target_repetition", "target repeats"),
+)
+# The teacher-forced token accuracies of EasyEdit-style tables (generative tasks).
+FORCED_COLUMNS = (
+    ("rewrite_acc_at_edit", "rewrite@edit"),
+    ("rewrite_acc", "rewrite"),
+    ("rephrase_acc", "rephrase"),
+    ("locality_acc", "locality"),
+    ("portability_acc", "portability"),
 )
 
 
-def format_table(methods: dict[str, dict]) -> str:
-    """A plain-text method × metric table (with edit seconds) of ``methods`` (JSON form)."""
-    header = f"{'method':<10}" + "".join(f"{title:>16}" for _, title in TABLE_COLUMNS) + f"{'edit s':>10}"
+def present_columns(methods: dict[str, dict], columns=TABLE_COLUMNS) -> list[tuple[str, str]]:
+    """The columns of ``columns`` that some method of ``methods`` (JSON form) has a value for."""
+    return [(key, title) for key, title in columns if any(key in r["metrics"] for r in methods.values())]
+
+
+def format_table(methods: dict[str, dict], columns=TABLE_COLUMNS, seconds: bool = True) -> str:
+    """A plain-text method × metric table of ``methods`` (JSON form): the ``columns`` some method has,
+    and edit seconds (``seconds``)."""
+    shown = present_columns(methods, columns)
+    header = f"{'method':<10}" + "".join(f"{title:>16}" for _, title in shown) + (f"{'edit s':>10}" if seconds else "")
     lines = [header, "-" * len(header)]
     for name, result in methods.items():
-        cells = "".join(f"{result['metrics'].get(key, float('nan')):>16.3f}" for key, _ in TABLE_COLUMNS)
-        lines.append(f"{name:<10}{cells}{result['edit_seconds']:>10.1f}")
+        cells = "".join(f"{result['metrics'].get(key, float('nan')):>16.3f}" for key, _ in shown)
+        lines.append(f"{name:<10}{cells}" + (f"{result['edit_seconds']:>10.1f}" if seconds else ""))
     return "\n".join(lines)
 
 
@@ -168,6 +186,21 @@ def _cut(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
+def print_generations(rows: list[dict]) -> None:
+    """The demo's before/after generations (:func:`melo_fast.eval.demo.generation_examples`)."""
+    print("\nBefore/after MELO: greedy continuations (the edited prompt, a paraphrase, another question about "
+          "the same subject):")
+    for row in rows:
+        print(f"\n  edit: {row['original']} -> {row['target']}")
+        for kind in ("edit", "paraphrase", "same subject"):
+            if kind not in row:
+                continue
+            probe = row[kind]
+            print(f"  [{kind}] {probe['prompt']}")
+            print(f"      before: {probe['before']!r}")
+            print(f"      after:  {probe['after']!r}")
+
+
 def print_examples(rows: list[dict]) -> None:
     """The demo's before/after rows (:func:`melo_fast.eval.demo.examples`) as a console table."""
     print("\nBefore/after MELO (✓ = the edit's target for edited questions and paraphrases, "
@@ -202,11 +235,12 @@ KEY_POSITION_NAMES = {"last": "last real token (melo_fast default)", "mean": "me
                       -1: "position -1 (MELO's released implementation)"}
 
 
-def plot_sweep(points: list[dict], chosen: tuple | None, path: Path) -> None:
+def plot_sweep(points: list[dict], chosen: tuple | None, model_name: str, path: Path) -> None:
     """Generality (rephrase, generate) and ERR against locality, one line per key position.
 
     ``points``: the demo's sweep (``key_position``, ``init_radius`` and the metrics per point);
-    ``chosen``: the run's own ``(key_position, init_radius)``, marked with a star (None: no star).
+    ``chosen``: the run's own ``(key_position, init_radius)``, marked with a star (None: no star);
+    ``model_name``: for the title.
     """
     import matplotlib
 
@@ -232,7 +266,7 @@ def plot_sweep(points: list[dict], chosen: tuple | None, path: Path) -> None:
         axis.set_ylabel(metric.replace("_", " "))
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
-    figure.suptitle("MELO on all-MiniLM-L6-v2: generality and ERR vs locality; labels: init_radius", fontsize=10)
+    figure.suptitle(f"MELO on {model_name}: generality and ERR vs locality; labels: init_radius", fontsize=10)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)

@@ -6,7 +6,10 @@ The harness is generic over two adapters:
   classifier, or any HF ``...ForSequenceClassification`` whose ``id2label`` names the answers).
   The answer is the predicted class's name; the metric is accuracy.
 - :class:`GenerativeTask`: a seq2seq or causal LM; the answer is its greedy generation; the metric
-  is token-F1 (and exact match), as MELO reports for zsRE.
+  is token-F1 (and exact match), as MELO reports for zsRE. It also reads teacher-forced predictions
+  (``forced_batch`` + ``forced_tokens``: the argmax token at each answer position of
+  ``prompt + answer``), the measurement of EasyEdit-style tables, and can ask every question
+  through the tokenizer's chat template (``chat=True``).
 
 Both expose the same four methods: ``encode(texts)``, ``answer(inputs, max_tokens)``,
 ``edit_batch(records)`` and ``score(answer, references)``.
@@ -83,22 +86,47 @@ class GenerativeTask:
     For causal LMs the prompt is left-padded and the generation is cut to the token length of the
     answer it is compared with (a causal LM does not stop after the answer); seq2seq models stop
     at their end-of-sequence token.
+
+    Args:
+        model, tokenizer: the model and its tokenizer.
+        extra_tokens: seq2seq generation budget beyond the answer's length.
+        chat: ask every question (edits, probes, teacher forcing) as one user turn of the tokenizer's
+            chat template, the answer following the assistant header; causal LMs only.
     """
 
     primary = "token_f1"
 
-    def __init__(self, model, tokenizer, extra_tokens: int = 4):
+    def __init__(self, model, tokenizer, extra_tokens: int = 4, chat: bool = False):
         self.model = model
         self.tokenizer = tokenizer
         self.seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
         self.kind = "seq2seq" if self.seq2seq else "causal"
         self.extra_tokens = extra_tokens
+        if chat and (self.seq2seq or not getattr(tokenizer, "chat_template", None)):
+            raise ValueError("chat prompts need a causal LM whose tokenizer has a chat template "
+                             f"({'a seq2seq model' if self.seq2seq else 'this tokenizer has none'})")
+        self.chat = chat
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
 
+    def prompt_text(self, text: str) -> str:
+        """``text`` as the model is asked it: itself, or one user turn of the chat template.
+
+        A template that writes the BOS token itself would get a second one from a tokenizer that
+        adds BOS on its own, so the template's is dropped then.
+        """
+        if not self.chat:
+            return text
+        rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                      add_generation_prompt=True)
+        bos = self.tokenizer.bos_token
+        if bos and rendered.startswith(bos) and self.tokenizer("x").input_ids[:1] == [self.tokenizer.bos_token_id]:
+            rendered = rendered[len(bos):]
+        return rendered
+
     def encode(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
         self.tokenizer.padding_side = "right" if self.seq2seq else "left"
-        return dict(self.tokenizer(list(texts), padding=True, return_tensors="pt"))
+        return dict(self.tokenizer([self.prompt_text(t) for t in texts], padding=True, return_tensors="pt"))
 
     def key_inputs(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """``inputs`` for reading keys with a plain forward, as ``generate`` will see them.
@@ -142,9 +170,26 @@ class GenerativeTask:
 
     def edit_batch(self, records: Sequence[EditRecord]) -> dict[str, torch.Tensor]:
         """Prompts → ``target_new`` as melo_fast's edit batch (labels -100 on prompt and padding)."""
+        return self.forced_batch([r.prompt for r in records], [r.target_new for r in records])
+
+    def forced_batch(self, prompts: Sequence[str], answers: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``prompt + answer`` rows laid out as an edit batch: ``labels`` hold the answer's tokens, -100
+        elsewhere (so MELO keys each row at its last prompt token, as in generation)."""
         self.tokenizer.padding_side = "right"  # build_edit_batch lays out causal rows itself
-        return build_edit_batch(self.model, [r.prompt for r in records], [r.target_new for r in records],
-                                self.tokenizer)
+        return build_edit_batch(self.model, [self.prompt_text(p) for p in prompts], list(answers), self.tokenizer)
+
+    def _aligned(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logits [N, T', V], labels [N, T'])`` of a labelled batch, position t predicting labels[t]."""
+        logits = self.model(**batch).logits
+        labels = batch["labels"]
+        if not self.seq2seq:  # position t predicts token t+1
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        return logits, labels
+
+    @torch.no_grad()
+    def forced_tokens(self, batch: dict[str, torch.Tensor]) -> list[tuple[tuple[int, ...], tuple[int, ...]]]:
+        """Per row of a :meth:`forced_batch`: ``(argmax tokens, answer tokens)`` at the answer positions."""
+        return metrics.forced_predictions(*self._aligned(batch))
 
     def score(self, answer: str, references: Sequence[str]) -> dict[str, float]:
         """Best token-F1 and exact match of ``answer`` against the accepted references."""
@@ -158,18 +203,16 @@ class GenerativeTask:
         """Teacher-forced perplexity of ``target_new`` given the prompt, one value per record."""
         values = []
         for start in range(0, len(records), batch_size):
-            batch = self.edit_batch(records[start : start + batch_size])
-            logits = self.model(**batch).logits
-            labels = batch["labels"]
-            if not self.seq2seq:  # position t predicts token t+1
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            values += metrics.perplexity(logits, labels).tolist()
+            values += metrics.perplexity(*self._aligned(self.edit_batch(records[start : start + batch_size]))).tolist()
         return values
 
 
-def task_for(model, tokenizer, answers: Sequence[str] | None = None):
-    """The adapter for ``model``: generative if it can generate, else a classifier."""
+def task_for(model, tokenizer, answers: Sequence[str] | None = None, chat: bool = False):
+    """The adapter for ``model``: generative if it can generate, else a classifier (``chat``: see
+    :class:`GenerativeTask`; a classifier has no chat template)."""
     can_generate = hasattr(model, "can_generate") and model.can_generate()
     if can_generate or getattr(model.config, "is_encoder_decoder", False):
-        return GenerativeTask(model, tokenizer)
+        return GenerativeTask(model, tokenizer, chat=chat)
+    if chat:
+        raise ValueError("chat prompts need a generative model; this one is a classifier")
     return ClassifierTask(model, tokenizer, answers)

@@ -1,83 +1,20 @@
-"""Functional ops with one dispatch point.
+"""The two ops, validated, and dispatched to a backend: the ops' public face.
 
-Every backend implements the same two functions with the same semantics:
+- :func:`vecdb_search`: route keys through the vector database (nearest cluster, radius, nearest point);
+- :func:`block_lora`: the per-sample rank-slice LoRA of the patched layers;
+- :func:`warmup`: compile the Triton kernel variants up front; :func:`backend_status`: which backends run here.
 
-- ``reference``: plain loops over the rules of DESIGN §1 (``reference.py``); the test oracle.
-- ``torch``: vectorized torch (``vectorized.py``); runs anywhere.
-- ``cpp``: the C++ CPU extension (``cpu.py``), when it was built.
-- ``triton``: fused Triton kernels (``triton/``), for CUDA tensors.
-
-``backend=None`` picks the fastest available backend for the tensors' device.
+Every backend implements the two ops with the same semantics (``registry.py``: the protocol and the
+name → loader registry; ``BACKENDS``). ``backend=None`` picks the fastest available backend for the
+tensors' device. Under ``torch.compile`` the ops are traced, not broken on: the torch backend is plain
+torch code, and the compiled kernels are torch custom ops (``custom_ops.py``).
 """
 
 from __future__ import annotations
 
 import torch
 
-from melo_fast.ops import reference, vectorized
-
-BACKENDS = ("reference", "torch", "cpp", "triton")
-
-
-def _load_backend(name: str):
-    """Module implementing ``vecdb_search`` and ``block_lora`` for ``name``, or raise why not."""
-    if name == "reference":
-        return _ReferenceBackend
-    if name == "torch":
-        return vectorized
-    if name == "cpp":
-        from melo_fast.ops import cpu
-
-        return cpu.load()
-    if name == "triton":
-        from melo_fast.ops import triton as triton_backend
-
-        return triton_backend.load()
-    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS} or None (automatic)")
-
-
-class _ReferenceBackend:
-    vecdb_search = staticmethod(reference.vecdb_search_ref)
-    block_lora = staticmethod(reference.block_lora_ref)
-
-
-def backend_status() -> dict[str, str]:
-    """For each backend: ``"available"`` or the reason it cannot be used on this machine."""
-    status = {}
-    for name in BACKENDS:
-        try:
-            _load_backend(name)
-            status[name] = "available"
-        except Exception as err:  # noqa: BLE001 - the reason is the answer
-            status[name] = f"unavailable: {err}"
-    return status
-
-
-_auto_cache: dict[str, object] = {}
-
-
-def _auto_backend(device: torch.device):
-    """Fastest backend for ``device``: triton on CUDA, cpp on CPU, else torch. Cached per device type."""
-    if device.type not in _auto_cache:
-        preferred = {"cuda": "triton", "cpu": "cpp"}.get(device.type)
-        chosen = vectorized
-        if preferred is not None:
-            try:
-                chosen = _load_backend(preferred)
-            except Exception as err:  # noqa: BLE001 - absent compiled backend: fall back, never crash
-                chosen = vectorized
-                if preferred == "cpp":  # once per process (cached below): say why CPU ops are slower
-                    import logging
-
-                    logging.getLogger(__name__).warning(
-                        "melo_fast: C++ CPU backend unavailable (%s); using the torch backend on CPU", err
-                    )
-        _auto_cache[device.type] = chosen
-    return _auto_cache[device.type]
-
-
-def _resolve(backend: str | None, device: torch.device):
-    return _auto_backend(device) if backend is None else _load_backend(backend)
+from melo_fast.ops.registry import BACKENDS, backend_status, resolve
 
 
 def _check(condition: bool, message: str) -> None:
@@ -150,7 +87,7 @@ def vecdb_search(
     tensors = (queries, centers, radii, point_offsets, points, point_blocks)
     devices = {t.device for t in tensors}
     _check(len(devices) == 1, f"vecdb_search: all tensors must be on one device, got {sorted(map(str, devices))}")
-    return _resolve(backend, queries.device).vecdb_search(*tensors)
+    return resolve(backend, queries.device).vecdb_search(*tensors)
 
 
 def block_lora(
@@ -213,7 +150,7 @@ def block_lora(
     tensors = [x, A, B, block_ids] + ([base] if base is not None else [])
     devices = {tensor.device for tensor in tensors}
     _check(len(devices) == 1, f"block_lora: all tensors must be on one device, got {sorted(map(str, devices))}")
-    impl = _resolve(backend, x.device)
+    impl = resolve(backend, x.device)
     if not inplace:
         return impl.block_lora(x, A, B, block_ids, float(scale), base)
     _check(base is not None, "block_lora: inplace=True writes into base, but base is None; pass base")
@@ -224,23 +161,15 @@ def block_lora(
             f"block_lora: inplace=True is for inference only, but {', '.join(needs_grad)} requires grad "
             "and grad mode is on; use inplace=False (or run under torch.no_grad())",
         )
-    # A kernel writing base while other programs still read x, A or B from the same memory races.
-    aliased = [name for name, t in (("x", x), ("A", A), ("B", B)) if _shares_memory(base, t)]
-    _check(
-        not aliased,
-        f"block_lora: inplace=True writes into base, but base shares memory with {', '.join(aliased)}; "
-        "pass a base of its own (e.g. base.clone()) or use inplace=False",
-    )
-    native = getattr(impl, "block_lora_inplace", None)  # cpp / triton: the kernel writes into base
-    if native is not None:
-        out = native(x, A, B, block_ids, float(scale), base)
-        if out is not None:
-            return out
-    # Any backend: out of place, then one copy (same values as the out-of-place call, no speed gain).
-    result = impl.block_lora(x, A, B, block_ids, float(scale), base)
-    if result is not base:
-        base.copy_(result)
-    return base
+    if not torch.compiler.is_compiling():  # a traced graph has no memory yet (its in-place op is declared)
+        # A kernel writing base while other programs still read x, A or B from the same memory races.
+        aliased = [name for name, t in (("x", x), ("A", A), ("B", B)) if _shares_memory(base, t)]
+        _check(
+            not aliased,
+            f"block_lora: inplace=True writes into base, but base shares memory with {', '.join(aliased)}; "
+            "pass a base of its own (e.g. base.clone()) or use inplace=False",
+        )
+    return impl.block_lora_inplace(x, A, B, block_ids, float(scale), base)
 
 
 def warmup(
@@ -254,7 +183,7 @@ def warmup(
 ) -> int:
     """Compile now the Triton kernel variants a patched model will launch (CUDA only; else a no-op).
 
-    The first launch of each variant compiles it (about half a second). The variants are few and
+    The first launch of each variant compiles it (a noticeable stall). The variants are few and
     depend only on the layer shapes and dtypes (not on batch size, tokens, blocks or database size),
     so one call after patching keeps compilation out of serving and editing.
 
@@ -273,7 +202,7 @@ def warmup(
     if device.type != "cuda" or not torch.cuda.is_available() or dtype == torch.float64:
         return 0
     try:
-        _load_backend("triton")
+        resolve("triton", device)
     except ImportError:
         return 0
     from melo_fast.ops.triton.warmup import warmup as triton_warmup
@@ -281,4 +210,4 @@ def warmup(
     return triton_warmup(device, lora_shapes, key_dim, dtype=dtype, key_dtype=key_dtype, training=training)
 
 
-__all__ = ["BACKENDS", "backend_status", "block_lora", "vecdb_search", "warmup"]
+__all__ = ["BACKENDS", "backend_status", "block_lora", "resolve", "vecdb_search", "warmup"]

@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from melo_fast.ops.registry import Backend
+
 
 def vecdb_search_ref(
     queries: torch.Tensor,
@@ -67,3 +69,22 @@ def block_lora_ref(
     if not rows:
         return x.new_zeros(0, x.shape[1], B.shape[2])
     return torch.stack(rows)
+
+
+class ReferenceBackend(Backend):
+    """The ``reference`` backend: the two functions above."""
+
+    name = "reference"
+
+    def vecdb_search(self, queries, centers, radii, point_offsets, points, point_blocks):
+        return vecdb_search_ref(queries, centers, radii, point_offsets, points, point_blocks)
+
+    def block_lora(self, x, A, B, block_ids, scale, base):
+        return block_lora_ref(x, A, B, block_ids, scale, base)
+
+
+_BACKEND = ReferenceBackend()
+
+
+def load() -> ReferenceBackend:
+    return _BACKEND

@@ -12,13 +12,14 @@
 - **Recording.** :func:`record_launches` lists every launch (kernel, grid, arguments) made inside
   it, optionally without running anything and with the GPU tile configuration on CPU tensors. The
   tests and ``benchmarks/gpu_check.py`` use it to see which kernel variants a call compiles, and
-  to compile exactly those for a GPU target on a machine without one (``compile_report.py``).
+  to compile exactly those for a GPU target on a machine without one (``benchmarks/gpu_stages/compile_report.py``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 
@@ -56,11 +57,11 @@ class _Recording:
     sm_count: int = 132
 
 
-_state = threading.local()
+_thread = threading.local()  # this thread's recording, if any
 
 
 def _recording() -> _Recording | None:
-    return getattr(_state, "recording", None)
+    return getattr(_thread, "recording", None)
 
 
 @contextlib.contextmanager
@@ -78,11 +79,19 @@ def record_launches(execute: bool = True, as_gpu: bool = False, sm_count: int = 
     """
     previous = _recording()
     recording = _Recording(execute=execute, as_gpu=as_gpu, sm_count=sm_count)
-    _state.recording = recording
+    _thread.recording = recording
     try:
         yield recording.launches
     finally:
-        _state.recording = previous
+        _thread.recording = previous
+
+
+def interpreting(triton_module) -> bool:
+    """Whether Triton runs its kernels in the interpreter (``TRITON_INTERPRET=1``: on CPU tensors)."""
+    knobs = getattr(triton_module, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "yes", "on")
 
 
 def gpu_tiles(device: torch.device) -> bool:

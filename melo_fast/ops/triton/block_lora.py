@@ -29,7 +29,7 @@ So a serving process compiles a handful of variants per layer shape once (``warm
 front), not one more each time the bank grows or a decode step changes T.
 
 fp64 is not compiled here: ``tl.dot`` would accumulate in fp32 and silently lose precision, so
-:func:`block_lora` sends fp64 tensors to the ``torch`` backend (logged once; ``_launch.py``).
+the backend (``__init__.py``) sends fp64 tensors to the ``torch`` backend (logged once; ``_launch.py``).
 """
 
 from __future__ import annotations
@@ -38,14 +38,12 @@ import torch
 import triton
 import triton.language as tl
 
-from melo_fast.ops import vectorized
-from melo_fast.ops.triton import _interpreting
-from melo_fast.ops.triton._launch import gpu_tiles, launch, use_torch_for_fp64
+from melo_fast.ops.triton._launch import gpu_tiles, interpreting, launch
 
 # The Triton interpreter (3.9) multiplies the raw uint16 bits of bf16 operands in tl.dot; under the
 # interpreter the operands are therefore upcast to fp32 first, which is what the GPU computes anyway
 # for 16-bit inputs (exact products, fp32 accumulation).
-_INTERPRET = _interpreting(triton)
+_INTERPRET = interpreting(triton)
 _UPCAST_DOT = _INTERPRET
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +251,7 @@ def _feature_tile(d: int, cap: int) -> int:
 
 # GPU tile sizes, per kernel and dtype: no variant spills registers on sm_90, by the ptxas reports of
 # CUDA 12.8 (Triton 3.6) and 13.4 (Triton 3.9) for fp32/bf16/fp16, d in {16, 32, 64, 128, 4096} and
-# k in {1, 8, 32} (compile_report.py; `benchmarks/gpu_check.py --only compile` prints the report).
+# k in {1, 8, 32} (benchmarks/gpu_stages/compile_report.py; `benchmarks/gpu_check.py --only compile` prints the report).
 # fp32 dots are IEEE FMA loops, which hold more in registers than tensor-core dots, hence the
 # smaller tiles; ptxas's spill decisions move erratically with the tile shape and its version, so
 # each exception below is one a report showed. The interpreter instead prefers few, large tiles:
@@ -459,57 +457,22 @@ def block_lora_bwd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Autograd
+# What the backend calls (``__init__.py``; the autograd of the op: ``melo_fast.ops.custom_ops``)
 # ---------------------------------------------------------------------------------------------
 
 
-class BlockLoRAFunction(torch.autograd.Function):
-    """Differentiable ``block_lora`` in x, A, B and base (block_ids and scale are not)."""
-
-    @staticmethod
-    def forward(ctx, x, A, B, block_ids, scale, base):
-        need_x, need_a, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-        out, h = block_lora_fwd(x, A, B, block_ids, scale, base, store_h=need_b)
-        ctx.scale = float(scale)
-        ctx.base_dtype = base.dtype if base is not None else None
-        ctx.save_for_backward(x, A, B, block_ids, h)
-        ctx.need = (need_x, need_a, need_b)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, A, B, block_ids, h = ctx.saved_tensors
-        need_x, need_a, need_b = ctx.need
-        grad_x = grad_a = grad_b = grad_base = None
-        if need_x or need_a or need_b:
-            grad_x, grad_a, grad_b = block_lora_bwd(
-                grad_out, x, A, B, block_ids, ctx.scale, h, need_x=need_x, need_a=need_a, need_b=need_b
-            )
-        if ctx.needs_input_grad[5]:
-            grad_base = grad_out.to(ctx.base_dtype)  # d out / d base is the identity
-        return grad_x, grad_a, grad_b, None, None, grad_base
-
-
-def _check_device(x: torch.Tensor) -> None:
+def check_device(x: torch.Tensor) -> None:
     if x.device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"triton backend: block_lora needs CUDA tensors, got {x.device} (or set TRITON_INTERPRET=1)")
 
 
-def block_lora(x, A, B, block_ids, scale, base=None):
-    """The op, as :func:`melo_fast.ops.block_lora` calls it (shapes validated there)."""
-    _check_device(x)
-    if use_torch_for_fp64("block_lora", x):
-        return vectorized.block_lora(x, A, B, block_ids, float(scale), base)
-    return BlockLoRAFunction.apply(x, A, B, block_ids, float(scale), base)
-
-
 def block_lora_inplace(x, A, B, block_ids, scale, base):
-    """The op written into ``base`` (as :func:`melo_fast.ops.block_lora` calls it with ``inplace=True``,
-    after checking that no gradient is needed and that ``base`` shares no memory with the inputs), or
-    None for a non-contiguous or fp64 ``base`` (the dispatcher then computes out of place and copies)."""
-    _check_device(x)
-    if not base.is_contiguous() or x.dtype == torch.float64:
-        return None
+    """:func:`block_lora_fwd` written into ``base`` (contiguous, not fp64), recorded as an in-place write.
+
+    Called as :func:`melo_fast.ops.block_lora` with ``inplace=True``, once it has checked that no
+    gradient is needed and that ``base`` shares no memory with the inputs.
+    """
+    check_device(x)
     if base.is_inference() and not torch.is_inference_mode_enabled():  # what any in-place torch op refuses
         raise RuntimeError("Inplace update to inference tensor outside InferenceMode is not allowed.")
     torch.autograd.graph.increment_version(base)  # autograd's record of the in-place write

@@ -13,10 +13,13 @@ Two kernels, no ``[Q, C]`` distance matrix and no host synchronization:
    one. Cluster sizes differ per query, hence one program per query.
 
 Ordering everywhere is lexicographic on (distance, index), so ties go to the lowest index as with
-``argmin`` and the reference loop's strict ``<``. The answer equals the reference's unless three or
-more centers are within fp32 rounding of the nearest one's score (only two survive the scan), the
-same limit as the vectorized torch backend. fp16/bf16 keys are multiplied on tensor cores (exact
-products, fp32 accumulation); fp32 keys use IEEE fp32 dots, since TF32 would reorder close centers.
+``argmin`` and the reference loop's strict ``<``. Only the scan's two best candidates per query are
+re-checked exactly, so the answer equals the reference's unless three or more centers score within the
+scan's rounding of the nearest one. fp16/bf16 keys are multiplied on tensor cores (exact products,
+fp32 accumulation). fp32 keys are multiplied in TF32x3 on a GPU: each operand is split into a TF32
+part and a TF32 remainder and three tensor-core products are summed, which drops only the product of
+the remainders (about 2⁻²² relative, against 2⁻²⁴ for IEEE fp32 and 2⁻¹¹ for plain TF32, which would
+reorder genuinely close centers) at a third of the cost of IEEE FMA dots (``benchmarks/gpu_tune.py``).
 """
 
 from __future__ import annotations
@@ -25,14 +28,13 @@ import torch
 import triton
 import triton.language as tl
 
-from melo_fast.ops import vectorized
-from melo_fast.ops.triton import _interpreting
-from melo_fast.ops.triton._launch import gpu_tiles, launch, sm_count, use_torch_for_fp64
+from melo_fast.ops import torch_ops
+from melo_fast.ops.triton._launch import gpu_tiles, interpreting, launch, sm_count, use_torch_for_fp64
 
 # The Triton interpreter (3.9) multiplies the raw uint16 bits of bf16 operands in tl.dot, so under
 # the interpreter 16-bit keys take the fp32 dot path (numerically what the GPU's 16-bit dot does:
 # exact products, fp32 accumulation).
-_INTERPRET = _interpreting(triton)
+_INTERPRET = interpreting(triton)
 _UPCAST_DOT = _INTERPRET
 
 # Sentinel index for "no candidate": larger than any real center index (C < 2**31).
@@ -141,7 +143,7 @@ def _vecdb_search_scan_kernel(
                 c32 = c.to(tl.float32)
                 sqnorm += tl.sum(c32 * c32, axis=0)
             if DOT_FP32:
-                # fp32 keys (or mixed dtypes): IEEE fp32 products; TF32 would reorder close centers.
+                # fp32 keys (or mixed dtypes): TF32x3 on a GPU, IEEE in the interpreter (scan_config).
                 dot = tl.dot(q.to(tl.float32), c.to(tl.float32), dot, input_precision=DOT_PRECISION)
             else:
                 # fp16/bf16 products are exact in fp32 and accumulate in fp32.
@@ -285,30 +287,34 @@ def _target_programs(device: torch.device) -> int:
     return 2  # interpreter: every program instance costs milliseconds
 
 
-# GPU tile sizes: no variant below spills registers on sm_90, by the ptxas reports of CUDA 12.8
-# (Triton 3.6) and 13.4 (Triton 3.9) for fp32/bf16/fp16 keys of 16 to 768 dims (compile_report.py;
-# `benchmarks/gpu_check.py --only compile` prints the report). fp32 keys use IEEE FMA dots, which
-# hold more in registers than tensor-core dots. ptxas's spill decisions move erratically with the
-# tile shape and its version (by its reports, fp32 keys spill 4-28 bytes with 64-center tiles in a
-# 3-stage pipeline, or with 128 x 32 tiles); the shapes below are large ones that neither version
-# spills. The interpreter prefers few, large tiles (its cost is per operation, not per element).
+# GPU tile sizes, from benchmarks/gpu_tune.py on an H200 (benchmarks/gpu/gpu_tune.json; C = 1M, d = 768):
+# fp32 keys multiply in TF32x3 (three TF32 tensor-core products per pair, about fp32 accuracy; see the
+# module docstring). With up to 16 queries, 256-center tiles read the centers fastest: 1.44 ms against
+# 3.84 ms for IEEE FMA dots. With 32 queries the three dots need more registers than one, and ptxas
+# 13.4 spills the faster tiles tried (64 x 64 in 4 warps: 1.94 ms; 256 x 32), so the 32-query tile is
+# the fastest measured one that spills nothing: 128 x 32 in 8 warps, 2.57 ms against 7.14 ms.
+# 16-bit keys ran within 10% of each other over every tile tried, at ~2.3x the HBM floor.
+# `benchmarks/gpu_check.py --only compile` prints the ptxas report of every variant. The interpreter
+# prefers few, large tiles (its cost is per operation, not per element).
 
 
 def scan_config(n_queries: int, n_centers: int, dim: int, dot_fp32: bool, on_gpu: bool) -> dict:
     """Constexprs and launch options of ``_vecdb_search_scan_kernel``.
 
-    GPU: [16 or 32 queries] x [128 centers] x [32 dims] tiles in a 3-stage pipeline (fp32 dots:
-    64 dims, 2 stages), 8 warps: two variants per key dtype (Q ≤ 16 or not), whatever C and Q.
+    Two variants per key dtype and key size on a GPU (up to 16 queries, or more), whatever C and Q.
     """
     block_q = 16 if n_queries <= 16 else 32
     if on_gpu:
         if dot_fp32:
-            return dict(BLOCK_Q=block_q, BLOCK_C=128, BLOCK_D=64, num_warps=8, num_stages=2)
-        return dict(BLOCK_Q=block_q, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=3)
+            if block_q == 16:
+                return dict(BLOCK_Q=16, BLOCK_C=256, BLOCK_D=32, num_warps=8, num_stages=3, DOT_PRECISION="tf32x3")
+            return dict(BLOCK_Q=32, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=3, DOT_PRECISION="tf32x3")
+        return dict(BLOCK_Q=block_q, BLOCK_C=128, BLOCK_D=32, num_warps=8, num_stages=3, DOT_PRECISION="ieee")
     return dict(
         BLOCK_Q=block_q,
         BLOCK_C=min(64, max(16, triton.next_power_of_2(n_centers))),
         BLOCK_D=min(128, max(16, triton.next_power_of_2(dim))),
+        DOT_PRECISION="ieee",
     )
 
 
@@ -407,7 +413,6 @@ def vecdb_search_fwd(
         num_splits,
         HAS_SQNORM=has_sqnorm,
         DOT_FP32=dot_fp32,
-        DOT_PRECISION="ieee",
         **config,
     )
 
@@ -437,11 +442,11 @@ def vecdb_search_fwd(
 
 
 def vecdb_search(queries, centers, radii, point_offsets, points, point_blocks):
-    """The op, as :func:`melo_fast.ops.vecdb_search` calls it (shapes validated there)."""
+    """The op, as the backend runs it for :func:`melo_fast.ops.vecdb_search` (shapes validated there)."""
     if queries.device.type != "cuda" and not _INTERPRET:
         raise ValueError(
             f"triton backend: vecdb_search needs CUDA tensors, got {queries.device} (or set TRITON_INTERPRET=1)"
         )
     if use_torch_for_fp64("vecdb_search", queries, centers, points):
-        return vectorized.vecdb_search(queries, centers, radii, point_offsets, points, point_blocks)
+        return torch_ops.vecdb_search(queries, centers, radii, point_offsets, points, point_blocks)
     return vecdb_search_fwd(queries, centers, radii, point_offsets, points, point_blocks)

@@ -1,6 +1,6 @@
 """Compile up front every kernel variant a patched model launches, so serving never stalls on one.
 
-Triton compiles a kernel variant on its first launch (about half a second each). The launchers keep
+Triton compiles a kernel variant on its first launch (a noticeable stall each). The launchers keep
 the variants few (see ``block_lora.py``, "Compiled variants"): per layer shape and dtype, one per
 token-tile bucket and mode; per key size, one per query-tile bucket. :func:`warmup` runs one tiny
 call per bucket and mode through the same launchers, so the first decode step or the first insert

@@ -1,4 +1,4 @@
-"""What the kernels compile to on a GPU target, found without a GPU.
+"""What the kernels compile to on a GPU target, found without a GPU (the GPU check's tooling, not runtime code).
 
 Given launches recorded by :func:`melo_fast.ops.triton._launch.record_launches` (usually with
 ``execute=False, as_gpu=True`` on CPU tensors), this module:

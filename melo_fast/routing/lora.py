@@ -1,7 +1,7 @@
-"""The two layers MELO adds to a model: the router and the block LoRA of each target.
+"""BlockLoRAHook: the block LoRA of one target, ``y = W x + s (x A_b^T) B_b`` for the block ``b`` of each sample.
 
-Both attach to an existing module as a child (``melo_router`` / ``melo_lora``) and act through a
-forward hook on it, instead of replacing the module by a wrapper. Why: the model's own parameter
+MELO's layers attach to existing modules as a child (``melo_router`` / ``melo_lora``) and act through
+a forward hook on them, instead of replacing the module by a wrapper. Why: the model's own parameter
 names, module types and ``state_dict`` stay exactly as they were, so checkpoints, ``isinstance``
 checks and existing training loops keep working, and unpatching is removing the hook.
 """
@@ -12,115 +12,19 @@ import math
 
 import torch
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
 from melo_fast import ops
 from melo_fast.bank import BlockBank, BlockChunk
-from melo_fast.routing import KeysCaptured, Routing
-
-SUPPORTED_TYPES = (nn.Linear, Conv1D)
-
-
-def linear_shape(module: nn.Module) -> tuple[int, int]:
-    """``(d_in, d_out)`` of an ``nn.Linear`` or HF ``Conv1D`` (whose weight is stored ``[d_in, d_out]``)."""
-    if isinstance(module, nn.Linear):
-        return module.in_features, module.out_features
-    return module.weight.shape[0], module.nf
+from melo_fast.routing.calls import RefusesCopy, Routing
+from melo_fast.targets import linear_shape
 
 
-def extract_keys(
-    hidden: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    prompt_end: torch.Tensor | None,
-    key_position: str | int,
-) -> torch.Tensor:
-    """One key per sample from the router's output.
-
-    Args:
-        hidden: ``[N, T, H]`` router output (``[N, H]`` is taken as the key itself).
-        attention_mask: ``[N, T]`` 1 for real tokens, or None (every token is real).
-        prompt_end: ``[N]`` int64, tokens at or after it are the edit target, not the prompt; or None.
-        key_position: ``"last"`` real prompt token, ``"mean"`` over them, or an int index (negative
-            counts back from the end of the padded prompt).
-
-    Returns:
-        ``[N, H]`` float32 keys. No host synchronization.
-    """
-    if hidden.dim() == 2:
-        return hidden.float()
-    n, t, _ = hidden.shape
-    positions = torch.arange(t, device=hidden.device)
-    if attention_mask is None:
-        real = torch.ones(n, t, dtype=torch.bool, device=hidden.device)
-    else:
-        if attention_mask.shape != (n, t):
-            raise ValueError(
-                f"router output has {n} sequences of {t} tokens but attention_mask is {tuple(attention_mask.shape)}; "
-                "pass the attention_mask that matches the input"
-            )
-        real = attention_mask.to(hidden.device).bool()
-    end = torch.full((n,), t, device=hidden.device) if prompt_end is None else prompt_end.to(hidden.device)
-    real = real & (positions[None, :] < end[:, None])
-
-    if key_position == "mean":
-        weights = real.to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(1).float() / weights.sum(1).float().clamp(min=1.0)
-    if key_position == "last":
-        index = torch.where(real, positions, -1).max(dim=1).values.clamp(min=0)
-    else:
-        index = (end + key_position if key_position < 0 else torch.full_like(end, key_position)).clamp(0, t - 1)
-    return hidden[torch.arange(n, device=hidden.device), index].float()
-
-
-class RouterLayer(nn.Module):
-    """Turns the router module's output into keys and the keys into block ids (output unchanged).
-
-    Searches the edit state published in ``routing.state`` and records it in the call, so the
-    targets of this forward call read the blocks of the same state (see ``melo_fast.routing``).
-    """
-
-    def __init__(self, name: str, routing: Routing, key_position, backend):
-        super().__init__()
-        self.name = name
-        self.routing = routing
-        self.key_position = key_position
-        self.backend = backend
-
-    def hook(self, module, args, output):
-        routing = self.routing
-        if routing.disabled:
-            return None
-        call = routing.call
-        if routing.stop_after_router:
-            call.keys = self._keys(output, call)
-            raise KeysCaptured
-        if routing.training or call.sticky:
-            return None  # training routes every sample to the open block; decoding keeps the prefill's ids
-        state = routing.state
-        call.state = state
-        if len(state.database):
-            call.block_ids = state.database.search(self._keys(output, call), backend=self.backend)
-        else:
-            rows = call.batch_size or output.shape[0]
-            call.block_ids = torch.full((rows,), -1, dtype=torch.int64, device=output.device)
-        return None
-
-    def _keys(self, output: torch.Tensor, call) -> torch.Tensor:
-        # Some models (OPT) run their MLP on tokens flattened to [N*T, H]: restore [N, T, H].
-        if output.dim() != 3 and call.batch_size:
-            output = output.reshape(call.batch_size, -1, output.shape[-1])
-        return extract_keys(output, call.attention_mask, call.prompt_end, self.key_position)
-
-    def extra_repr(self) -> str:
-        return f"name={self.name!r}, key_position={self.key_position!r}, points={len(self.routing.state.database)}"
-
-
-class BlockLoRALinear(nn.Module):
-    """The block LoRA of one ``nn.Linear`` / ``Conv1D``: ``y = W x + s (x A_b^T) B_b`` per sample.
+class BlockLoRAHook(RefusesCopy, nn.Module):
+    """The forward hook of one ``nn.Linear`` / ``Conv1D`` target (attached as its child ``melo_lora``).
 
     Trained blocks live in ``bank`` (a :class:`~melo_fast.bank.BlockBank`, saved by the editor, not
     by the model's ``state_dict``); a forward call reads them through the edit state its router
-    searched (``call.state.blocks[name]``: ``A [n, k, d_in]``, ``B [n, k, d_out]`` per bank buffer,
+    searched (``call.edit_state.blocks[name]``: ``A [n, k, d_in]``, ``B [n, k, d_out]`` per bank buffer,
     in the module's dtype). While a block is open for training, ``active_A [n, k, d_in]`` and
     ``active_B [n, k, d_out]`` are the only trainable parameters (float32 master copies, cast to the
     activation dtype in forward); the new block is ``active_A[active_block]`` (see :meth:`open_block`).
@@ -173,6 +77,36 @@ class BlockLoRALinear(nn.Module):
         self.active_A = None
         self.active_B = None
 
+    # --- blocks as tensors (save, export, load) -------------------------------------------------
+    def blocks_of(self, chunks: tuple[BlockChunk, ...], device=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The blocks of ``chunks`` (one edit state's views of the bank) as ``(A [n, k, d_in], B [n, k, d_out])``.
+
+        Views of the bank when it is one buffer on ``device`` (do not modify them), fresh tensors
+        otherwise. ``device``: None for the bank's.
+        """
+        if not chunks:
+            like = {"dtype": self.bank.dtype, "device": device or self.bank.device}
+            return tuple(torch.empty(0, self.rank, d, **like) for d in (self.d_in, self.d_out))
+        if len(chunks) == 1:
+            return chunks[0].A.to(device), chunks[0].B.to(device)
+        return tuple(torch.cat([getattr(c, m).to(device) for c in chunks]) for m in ("A", "B"))
+
+    def bank_of(self, A: torch.Tensor, B: torch.Tensor, num_blocks: int) -> BlockBank:
+        """A new bank holding ``A [num_blocks, k, d_in]`` and ``B [num_blocks, k, d_out]`` (e.g. from a save).
+
+        Raises:
+            ValueError: the shapes do not fit this target (the blocks belong to another model).
+        """
+        expected_A, expected_B = (num_blocks, self.rank, self.d_in), (num_blocks, self.rank, self.d_out)
+        if tuple(A.shape) != expected_A or tuple(B.shape) != expected_B:
+            raise ValueError(
+                f"melo_fast: blocks of {self.name!r} have shapes {tuple(A.shape)}/{tuple(B.shape)}, this model "
+                f"needs {expected_A}/{expected_B}: they belong to another model"
+            )
+        bank = self.new_bank()
+        bank.extend(A.to(bank.device), B.to(bank.device))
+        return bank
+
     # --- forward ------------------------------------------------------------------------------
     def hook(self, module, args, output):
         routing = self.routing
@@ -185,13 +119,13 @@ class BlockLoRALinear(nn.Module):
             chunks = (BlockChunk(0, self.active_A, self.active_B),)
         else:
             call = routing.call
-            if call.state is None:
+            if call.edit_state is None:
                 raise RuntimeError(
                     f"melo_fast: target module {self.name!r} ran before the router in this forward call, so "
                     "no routing was decided for it. Choose targets that run after the router "
                     "(MeloConfig.router / MeloConfig.targets)."
                 )
-            chunks = call.state.blocks[self.name]
+            chunks = call.edit_state.blocks[self.name]
             if not chunks:
                 return None
             block_ids = call.block_ids.to(x.device, non_blocking=True)
@@ -221,7 +155,14 @@ class BlockLoRALinear(nn.Module):
             inplace = not torch.is_grad_enabled() or not (
                 x.requires_grad or A.requires_grad or B.requires_grad or out.requires_grad
             )
-            out = ops.block_lora(x, A, B, ids, self.scale, base=out, backend=self.backend, inplace=inplace)
+            # The backend directly, not the public ops.block_lora: every tensor here is the hook's own, of the
+            # shapes and dtype it just made, and the output is the layer's fresh one (never aliasing its
+            # input), so the op's validation could not fail, while costing a decode step more than the kernel.
+            impl = ops.resolve(self.backend, x.device)
+            if inplace:
+                out = impl.block_lora_inplace(x, A, B, ids, self.scale, out)
+            else:
+                out = impl.block_lora(x, A, B, ids, self.scale, out)
         return out.reshape(output.shape)
 
     def extra_repr(self) -> str:

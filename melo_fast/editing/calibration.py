@@ -63,15 +63,26 @@ def neutral_inputs(tokenizer, device) -> list[dict[str, torch.Tensor]]:
     """The :data:`NEUTRAL_PROMPTS` as model inputs on ``device``.
 
     Returns:
-        A list of tokenizer outputs (``input_ids``, ``attention_mask``, ...: ``[B, T]`` tensors): one
-        batch of all the prompts, padded on the tokenizer's own padding side, when the tokenizer has a
-        pad token; else one unpadded ``[1, T]`` batch per prompt (GPT-2's tokenizer has no pad token),
-        so the user's tokenizer is never modified.
+        A list of tokenizer outputs (``input_ids``, ``attention_mask``, ...: ``[B, T]`` int64 tensors):
+        one batch of all the prompts, padded on the right, when the tokenizer has a pad token; else one
+        unpadded ``[1, T]`` batch per prompt (GPT-2's tokenizer has no pad token), so the user's
+        tokenizer is never modified.
+
+    Right padding whatever the tokenizer's side: keys are read from the inputs as given, and a model with
+    absolute positions reads a left-padded prompt at shifted positions; edits read theirs unpadded.
     """
+    rows = [tokenizer(prompt) for prompt in NEUTRAL_PROMPTS]
     if tokenizer.pad_token_id is None:
-        batches = [tokenizer([prompt], return_tensors="pt") for prompt in NEUTRAL_PROMPTS]
+        batches = [{name: torch.tensor([values]) for name, values in row.items()} for row in rows]
     else:
-        batches = [tokenizer(list(NEUTRAL_PROMPTS), return_tensors="pt", padding=True)]
+        length = max(len(row["input_ids"]) for row in rows)
+        fill = {"input_ids": tokenizer.pad_token_id}  # every other entry (attention_mask, token_type_ids) pads with 0
+        batches = [
+            {
+                name: torch.tensor([row[name] + [fill.get(name, 0)] * (length - len(row[name])) for row in rows])
+                for name in rows[0]
+            }
+        ]
     return [{name: value.to(device) for name, value in batch.items()} for batch in batches]
 
 
@@ -100,3 +111,16 @@ def key_scale(keys: torch.Tensor) -> float:
             "tell inputs apart (or overflowed). Choose another router, or set an absolute MeloConfig.init_radius."
         )
     return scale
+
+
+def local_tokenizer(model):
+    """The tokenizer saved beside a model loaded from a local folder, or None (never downloads)."""
+    path = getattr(model, "name_or_path", None) or getattr(getattr(model, "config", None), "_name_or_path", None)
+    if not path:
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception:  # noqa: BLE001 - no tokenizer there: the caller says what to do
+        return None

@@ -8,8 +8,7 @@ Insertion follows the rules of DESIGN §1 plus one deliberate fix, the re-edit r
 a new key that coincides with a stored point of another label takes that point over, so correcting
 an edit works (MELO's own conflict split at distance 0 would drop both edits). An insert costs one
 scan of the centers for the batch, Python work for the batch and the clusters it touches only, and
-memory copies of the small tensors (``melo_fast.vecdb_insert``), so editing does not slow down as
-edits pile up.
+memory copies of the small tensors (``insert.py``), so editing does not slow down as edits pile up.
 
 Immutability: a database that routing can see is never modified. Its tensors are never written in
 place; :meth:`insert` builds new tensors and rebinds them only once the whole batch has been placed
@@ -25,16 +24,9 @@ import math
 import torch
 
 from melo_fast import ops
-from melo_fast.vecdb_insert import (
-    COINCIDE_FRACTION,
-    SPLIT_MARGIN,
-    InsertCounts,
-    coinciding_conflicts,
-    place,
-)
-from melo_fast.vecdb_scan import exact_distances, squared_norms
+from melo_fast.vecdb.insert import COINCIDE_FRACTION, InsertCounts, Placement
+from melo_fast.vecdb.scan import exact_distances, squared_norms
 
-__all__ = ["COINCIDE_FRACTION", "SPLIT_MARGIN", "InsertCounts", "VectorDatabase", "coinciding_conflicts"]
 
 class _LabelTable:
     """The distinct labels of a database and of its copies: append-only, so they can share it.
@@ -67,7 +59,7 @@ class VectorDatabase:
     distance from the center) for the insert's scan; they are rebuilt with the tensors by
     :meth:`insert`, and recomputed once if anything else replaces the tensors.
     ``init_radius`` is None until it is known (``MeloConfig.init_radius="auto"`` sets it at the first
-    edit from ``key_scale``, the model's measured key scale; see ``melo_fast.calibration``).
+    edit from ``key_scale``, the model's measured key scale; see ``melo_fast.editing.calibration``).
     """
 
     def __init__(
@@ -89,7 +81,7 @@ class VectorDatabase:
         self.point_blocks = torch.empty(0, dtype=torch.int64, device=self.device)
         self.labels = []
         self._geometry: tuple[torch.Tensor, ...] | None = None  # see _scan_geometry
-        self._center_rows = self._point_rows = None  # room to append centers/points (melo_fast.row_buffer)
+        self._center_rows = self._point_rows = None  # room to append centers/points (rows.RowBuffer)
         self.conflicts = 0
         self.forgotten = 0
         self.superseded = 0
@@ -166,16 +158,16 @@ class VectorDatabase:
         Raises:
             ValueError: the keys' last dimension is not the database's ``dim``.
         """
-        if queries.shape[-1] != self.dim:
-            raise ValueError(f"VectorDatabase.search: keys have dim {queries.shape[-1]}, the database holds {self.dim}")
-        return ops.vecdb_search(
-            queries.to(self.device),
-            self.centers,
-            self.radii,
-            self.point_offsets,
-            self.points,
-            self.point_blocks,
-            backend=backend,
+        if queries.dim() != 2 or queries.shape[-1] != self.dim:
+            raise ValueError(
+                f"VectorDatabase.search: keys must be [Q, {self.dim}] for this database, got {tuple(queries.shape)}"
+            )
+        # The database's own tensors are consistent by construction (insert and from_state_dict build
+        # them), so only the keys need checking: the backend is called directly, without the public
+        # op's validation of all six tensors on every serving call.
+        impl = ops.resolve(backend, self.device)
+        return impl.vecdb_search(
+            queries.to(self.device), self.centers, self.radii, self.point_offsets, self.points, self.point_blocks
         )
 
     def stats(self) -> dict:
@@ -209,7 +201,9 @@ class VectorDatabase:
         self._geometry = geometry
         return geometry[3], geometry[4]
 
-    def insert(self, keys: torch.Tensor, labels: list[tuple[int, ...]], block_id: int) -> InsertCounts:
+    def insert(
+        self, keys: torch.Tensor, labels: list[tuple[int, ...]], block_id: int, refuse_clashes: bool = True
+    ) -> InsertCounts:
         """Place the keys of one edit batch, all routing to ``block_id``.
 
         Rules (DESIGN §1 and §2.10), applied in this order:
@@ -223,19 +217,22 @@ class VectorDatabase:
            other label → conflict split at half the distance, forgetting points left outside.
 
         One deliberate widening: a spread used as a radius is widened by twice the rounding bound
-        ``gamma_(d+2)`` of a ``d``-term float32 norm (``vecdb_insert.covering_radius``: a factor
+        ``gamma_(d+2)`` of a ``d``-term float32 norm (``insert.covering_radius``: a factor
         ``1 + 2k / (1 - k)``, ``k = (d + 2) * 2**-24``; about 4.6e-5 relative at d = 384, 9.2e-5 at
         d = 768), so the farthest point of a merged cluster routes home in every search backend, not
         only in the one that measured it.
 
         Distances are ``torch.linalg.vector_norm(a - b)`` in float32; ties go to the lowest index.
         Cost: one scan of the centers, work for the batch and the clusters it touches, memory copies;
-        a few host synchronizations on CUDA, never one per key (``melo_fast.vecdb_insert``).
+        a few host synchronizations on CUDA, never one per key (``insert.py``).
 
         Args:
             keys: ``[N, d]`` float keys of the batch.
             labels: ``N`` edit targets (tuples of ints); equal tuples are the same label.
             block_id: the block the batch trained.
+            refuse_clashes: refuse a batch with two keys that coincide (within :attr:`coincide_tolerance`)
+                with different labels. False when the caller has refused them already (the editor does,
+                with :func:`coinciding_conflicts`, before training), so the batch is not scanned twice.
 
         Raises:
             ValueError: bad shapes, or two keys of the batch coincide with different labels (nothing
@@ -251,7 +248,8 @@ class VectorDatabase:
             return InsertCounts()
         keys = keys.detach().to(self.device, torch.float32).contiguous()
         key_labels, new_labels = self._label_ids([tuple(int(t) for t in label) for label in labels])
-        placed = place(self, keys, key_labels, block_id)
+        buffers = (self._center_rows, self._point_rows)
+        placed = Placement(self, keys, key_labels, block_id, self._scan_geometry(), buffers).run(refuse_clashes)
         # Commit: nothing above touched self, so a failure leaves the database as it was.
         self.centers, self.radii, self.cluster_labels = placed.centers, placed.radii, placed.cluster_labels
         self.point_offsets, self.points, self.point_blocks = placed.point_offsets, placed.points, placed.point_blocks

@@ -1,12 +1,15 @@
 """The ``torch`` backend: the same ops as ``reference.py``, vectorized with plain torch calls.
 
 No Python loop over queries, clusters, points, samples or blocks, and no host synchronization,
-so it runs on any device and is the fallback when no compiled backend is available.
+so it runs on any device and is the fallback when no compiled backend is available (and for the
+dtypes the compiled kernels do not take). ``torch.compile`` traces it like any torch code.
 """
 
 from __future__ import annotations
 
 import torch
+
+from melo_fast.ops.registry import Backend
 
 
 def nearest(queries: torch.Tensor, vectors: torch.Tensor, allowed: torch.Tensor | None = None):
@@ -67,3 +70,22 @@ def block_lora(x, A, B, block_ids, scale, base=None):
     # torch.where, not a multiply by the mask: unedited samples get `base` bit for bit even if the
     # unused delta overflowed to inf/nan.
     return torch.where(active[:, None, None], base + scale * delta, base)
+
+
+class TorchBackend(Backend):
+    """The ``torch`` backend: the two functions above."""
+
+    name = "torch"
+
+    def vecdb_search(self, queries, centers, radii, point_offsets, points, point_blocks):
+        return vecdb_search(queries, centers, radii, point_offsets, points, point_blocks)
+
+    def block_lora(self, x, A, B, block_ids, scale, base):
+        return block_lora(x, A, B, block_ids, scale, base)
+
+
+_BACKEND = TorchBackend()
+
+
+def load() -> TorchBackend:
+    return _BACKEND

@@ -36,8 +36,8 @@ class RowBuffer:
     def concatenated(cls, pieces: list[torch.Tensor], like: torch.Tensor) -> tuple[RowBuffer, torch.Tensor]:
         """A new buffer holding ``torch.cat(pieces)`` (one copy), and its view of those rows."""
         buffer = cls(sum(piece.shape[0] for piece in pieces), like)
-        # One copy_ per piece: 0.13 s against 0.16 s for torch.cat(out=) (100k x 768 fp32 in 50 pieces,
-        # one CPU thread; an insert that merges or splits stored clusters copies centers and points).
+        # One copy_ per piece into the buffer: no intermediate of the whole size, as torch.cat would make
+        # before the copy (an insert that merges or splits stored clusters copies centers and points).
         row = 0
         for piece in pieces:
             buffer.latest[row : row + piece.shape[0]].copy_(piece)

@@ -1,11 +1,11 @@
 """EditState: everything routing reads, published as one immutable object.
 
 An edit state is the vector database plus, for every target, views of its trained blocks, plus the
-block count. Routing reads ``Routing.state`` once per forward call (at the router) and uses that one
-object for the whole call, so a forward sees either all of the old edits or all of the new ones:
-never a database that routes to a block its targets cannot read. ``MeloEditor.commit`` and
-``MeloEditor.reload`` build a new state and publish it with one attribute assignment; nothing in a
-published state is ever modified (DESIGN §2.11).
+block count. Routing reads ``Routing.published`` once per forward call (at the router) and uses that
+one object for the whole call, so a forward sees either all of the old edits or all of the new ones:
+never a database that routes to a block its targets cannot read. The editor's commit and reload
+build a new state and publish it with one attribute assignment; nothing in a published state is
+ever modified (DESIGN §2.11).
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
-"""A deliberately plain implementation of the vector database's rules: the oracle of ``test_vecdb_oracle.py``.
+"""A deliberately plain implementation of the vector database's rules, beside the fast one: its oracle
+(``tests/test_vecdb_oracle.py``).
 
 A list of cluster objects and loops, read straight from DESIGN §1 and §2.10 (and the docstring of
 ``VectorDatabase.insert``); no tensors of the database, no candidates, no bounds. Never optimize it:
-its only job is to be obviously right.
+its only job is to be obviously right. It imports nothing of the fast code (its constants are its
+own copies), so a mistake there cannot hide in both.
 
 Conventions it shares with the real database, because they are part of the rules:
 

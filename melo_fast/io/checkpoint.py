@@ -1,8 +1,19 @@
 """The on-disk form of an edit state: config, blocks and database, written so no data is ever lost.
 
-A save folder holds ``melo_config.json`` (format version, MeloConfig, database metadata, and the
-name of the weights file) and ``melo_edits.<id>.safetensors`` (every block of every target and the
-database tensors).
+A save folder holds ``melo_config.json`` (format version, MeloConfig, database metadata, the name of
+the weights file, and checksums) and ``melo_edits.<id>.safetensors`` (every block of every target and
+the database tensors).
+
+The model's fingerprint (``"model_fingerprint"`` in the config, its samples as ``fingerprint.*``
+tensors in the weights file; ``melo_fast.io.fingerprint``) says which model the edits were made on;
+the loader compares it with the model (``melo_fast.editing.restore.check_model``). Saves without one
+are not compared.
+
+Checksums (``"sha256"`` in ``melo_config.json``): the SHA-256 of the weights file, and of the config's
+own contents (every other entry, as JSON with sorted keys and no spaces). :func:`read` verifies both
+before it parses anything, so a flipped byte anywhere in a save is an error naming the file, not a
+changed block value or edit label. Saves written before checksums were recorded (no ``"sha256"``)
+are read unchecked.
 
 Guarantees of :func:`write`:
 
@@ -16,13 +27,15 @@ Guarantees of :func:`write`:
   the old one or the new one; at worst a crash leaves an unreferenced weights file behind;
 - files get the usual permissions (0644 under the usual umask; folders 0755), like ``save_pretrained``.
 
-:func:`read` checks everything that can be checked without the model and names the file and the
-problem in its errors. A reader racing a writer may find that the weights file its config named was
-just replaced and deleted; it then reads the new config again, up to ``READ_TRIES`` times in all.
+:func:`read` checks everything that can be checked without the model (checksums included) and names
+the file and the problem in its errors. A reader racing a writer may find that the weights file its
+config named was just replaced and deleted; it then reads the new config again, up to ``READ_TRIES``
+times in all.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -36,6 +49,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from melo_fast.config import MeloConfig
+from melo_fast.io import files
+from melo_fast.io.fingerprint import Fingerprint
 from melo_fast.vecdb import VectorDatabase
 from melo_fast.version import __version__
 
@@ -45,6 +60,7 @@ CONFIG_FILE = "melo_config.json"
 VERSION_1_WEIGHTS = "melo_edits.safetensors"
 WEIGHTS_NAME = re.compile(r"melo_edits\.[0-9a-f]{12}\.safetensors")  # what write() names its weights file
 READ_TRIES = 5  # reads of the config by a reader that keeps finding its weights file replaced
+CHECKSUMS = "sha256"  # the config's entry: file name -> SHA-256 hex
 
 
 @dataclass
@@ -56,6 +72,7 @@ class SavedEdits:
         num_blocks: number of trained blocks.
         blocks: target name → ``(A [num_blocks, k, d_in], B [num_blocks, k, d_out])`` CPU tensors.
         database: the vector database, on CPU.
+        fingerprint: the model the edits were made on, or None (a save from before fingerprints).
         meta: the raw metadata of ``melo_config.json``.
     """
 
@@ -63,6 +80,7 @@ class SavedEdits:
     num_blocks: int
     blocks: dict[str, tuple[torch.Tensor, torch.Tensor]]
     database: VectorDatabase
+    fingerprint: Fingerprint | None
     meta: dict
 
 
@@ -71,14 +89,14 @@ def write(
     config: MeloConfig,
     database: VectorDatabase,
     blocks: dict[str, tuple[torch.Tensor, torch.Tensor]],
-    model_type: str | None,
+    fingerprint: Fingerprint,
 ) -> None:
     """Write an edit state made with ``config`` to folder ``path``.
 
     Args:
         database: the vector database.
         blocks: target name → ``(A [n, k, d_in], B [n, k, d_out])``, the same ``n`` for every target.
-        model_type: the model's ``config.model_type`` (recorded for the reader's information).
+        fingerprint: the model's (``Fingerprint.of(model, [router, *targets])``).
     """
     path = Path(path)
     previous_weights = _check_destination(path)
@@ -88,21 +106,26 @@ def write(
     tensors = {f"db.{name}": tensor for name, tensor in db_tensors.items()}
     for name, (A, B) in blocks.items():
         tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"] = A, B
+    fingerprint_tensors, fingerprint_meta = fingerprint.to_save()
+    tensors.update(fingerprint_tensors)
     num_blocks = next(iter(blocks.values()))[0].shape[0] if blocks else 0
     weights_name = f"melo_edits.{secrets.token_hex(6)}.safetensors"
     meta = {
         "format_version": FORMAT_VERSION,
         "melo_fast_version": __version__,
-        "model_type": model_type,
+        "model_type": fingerprint.model_type,
         "num_blocks": num_blocks,
         "weights_file": weights_name,
         "config": config.to_dict(),
         "database": db_meta,
+        "model_fingerprint": fingerprint_meta,
     }
     weights_path, config_tmp = path / weights_name, path / f".{CONFIG_FILE}.{secrets.token_hex(6)}.tmp"
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights_path))
-        _fsync(weights_path)
+        files.fsync_file(weights_path)
+        meta = json.loads(json.dumps(meta))  # as a reader will parse it (tuples become lists), for the digest
+        meta[CHECKSUMS] = {weights_name: files.sha256_of(weights_path), CONFIG_FILE: _config_digest(meta)}
         with open(config_tmp, "w") as f:
             f.write(json.dumps(meta, indent=2))
             f.flush()
@@ -114,14 +137,14 @@ def write(
         config_tmp.unlink(missing_ok=True)
         weights_path.unlink(missing_ok=True)
         raise
-    fsync_folder(path)
+    files.fsync_folder(path)
     if previous_weights is not None and previous_weights != weights_name:
         (path / previous_weights).unlink(missing_ok=True)
 
 
 def _check_destination(path: Path) -> str | None:
     """Refuse anything :func:`write` must not overwrite; return the weights file of an earlier save."""
-    if not refuse_foreign_destination(path, CONFIG_FILE, "melo_fast save", "save"):
+    if not files.refuse_foreign_destination(path, CONFIG_FILE, "melo_fast save", "save"):
         return None
     try:
         meta = json.loads((path / CONFIG_FILE).read_text())
@@ -146,55 +169,23 @@ def weights_file(meta: dict, config_file: Path) -> str:
     return name
 
 
-def refuse_foreign_destination(path: Path, marker: str, kind: str, verb: str) -> bool:
-    """Refuse a destination where writing a ``kind`` folder could destroy someone else's data.
+def _config_digest(meta: dict) -> str:
+    """SHA-256 of a config's entries other than the checksums, as canonical JSON (sorted keys, no spaces)."""
+    entries = {key: value for key, value in meta.items() if key != CHECKSUMS}
+    return hashlib.sha256(json.dumps(entries, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
-    Shared by every writer that must never be destructive (a save here, a PEFT export in
-    ``melo_fast.export``). ``path`` may be new, an empty folder, or a folder holding the file
-    ``marker`` (an earlier ``kind``, which the caller may replace). Anything else (a file, a non-empty
-    folder without ``marker``) raises FileExistsError, naming ``verb`` and the folder's entries;
-    nothing is changed. Returns whether ``path`` holds ``marker``.
-    """
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(
-            f"melo_fast: cannot {verb} to {path}: it is a file. A {kind} is a folder; choose a new or empty "
-            f"folder, or an earlier {kind} folder to replace it"
+
+def _check_sha256(file: Path, actual: str, recorded) -> None:
+    if actual != recorded:
+        raise ValueError(
+            f"melo_fast: {file} is corrupted (changed since it was saved: damaged on disk or in transfer, or edited "
+            f"by hand): its SHA-256 is not the one {CONFIG_FILE} recorded. Save the edits again, or restore the file "
+            "from a good copy"
         )
-    if not path.is_dir():
-        return False
-    if (path / marker).is_file():
-        return True
-    entries = sorted(p.name for p in path.iterdir())
-    if entries:
-        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
-        raise FileExistsError(
-            f"melo_fast: cannot {verb} to {path}: the folder is not empty ({shown}) and is not a {kind} "
-            f"(no {marker}). Choose a new or empty folder; nothing was changed"
-        )
-    return False
-
-
-def _fsync(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def fsync_folder(path: Path) -> None:
-    """Make a folder's entries (new, renamed, removed files) durable; a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open folders; the data files are already synced
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def read(path) -> SavedEdits:
-    """Read and check save folder ``path``. Errors name the file and what is wrong with it."""
+    """Read and check save folder ``path`` (the checksums first). Errors name the file and what is wrong with it."""
     path = Path(path)
     weights = None
     for _ in range(READ_TRIES):
@@ -203,7 +194,14 @@ def read(path) -> SavedEdits:
         if named == weights:  # the config still names the file that is gone: it is missing, not replaced
             raise FileNotFoundError(f"melo_fast: {weights} is missing (named by {path / CONFIG_FILE})")
         weights = named
+        checksums = meta.get(CHECKSUMS)
+        if checksums is not None:
+            _check_sha256(path / CONFIG_FILE, _config_digest(meta), _recorded(checksums, CONFIG_FILE))
         try:
+            if checksums is not None:
+                # Files are never rewritten under their name (each save writes a new one), so the bytes
+                # hashed here are the ones loaded next.
+                _check_sha256(weights, files.sha256_of(weights), _recorded(checksums, weights.name))
             tensors = load_file(str(weights))
             break
         except FileNotFoundError:
@@ -221,6 +219,10 @@ def read(path) -> SavedEdits:
         return _parse(meta, tensors)
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"melo_fast: {path} is not a consistent melo_fast save: {err}") from err
+
+
+def _recorded(checksums, name: str):
+    return checksums.get(name) if isinstance(checksums, dict) else None
 
 
 def _read_meta(path: Path) -> dict:
@@ -258,4 +260,5 @@ def _parse(meta: dict, tensors: dict[str, torch.Tensor]) -> SavedEdits:
         blocks[name] = (A, B)
     db_tensors = {name[len("db.") :]: t for name, t in tensors.items() if name.startswith("db.")}
     database = VectorDatabase.from_state_dict(db_tensors, meta["database"], device="cpu")
-    return SavedEdits(config, num_blocks, blocks, database, meta)
+    fingerprint = Fingerprint.from_save(tensors, meta["model_fingerprint"]) if "model_fingerprint" in meta else None
+    return SavedEdits(config, num_blocks, blocks, database, fingerprint, meta)

@@ -1,0 +1,15 @@
+"""The editing side: a batch in, one trained block and its keys published as a new edit state out.
+
+- ``editor.py``: :class:`MeloEditor`, the lifecycle of a block (open, commit, abort), ``edit``, routing
+  queries, save/reload, export, ``close``;
+- ``batch.py``: :class:`EditBatch`, an edit batch checked for the model, built from text, with its targets;
+- ``block.py``: the open block (its keys, parameters, what opening it froze);
+- ``training.py``: the training loop of one block (MELO's Adam + StepLR);
+- ``calibration.py``: the key scale behind the default radius;
+- ``restore.py``: an edit state built elsewhere (a save), checked against the model before it is published.
+"""
+
+from melo_fast.editing.batch import EditBatch, build_edit_batch
+from melo_fast.editing.editor import EditResult, MeloEditor
+
+__all__ = ["EditBatch", "EditResult", "MeloEditor", "build_edit_batch"]
