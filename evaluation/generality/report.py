@@ -5,12 +5,17 @@
 Every figure in the report is read from a JSON written by one of the scripts of this folder (the JSON
 records its own command); the prose between the tables lives in ``REPORT_TEMPLATE.md`` and takes its
 figures from the same JSON through ``{placeholders}`` filled here. A missing JSON renders as "not run".
+
+``evaluation/report.py`` imports this module for EVALUATION.md's section on issue 22: :func:`summary_lines`,
+:func:`default_router_table`, :func:`paraphrase_table` (restricted to :data:`PROJECTIONS`), :func:`e2e_table`
+with :data:`E2E_VIEWS`, and the notes :data:`GENERALITY_NOTE`, :data:`PROBE_CELLS` and :data:`E2E_NOTE`.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shlex
 import sys
 from pathlib import Path
 
@@ -19,6 +24,35 @@ RESULTS = HERE / "results"
 FLOORS = ("locality>=0.99", "locality>=0.98", "locality_clean>=0.99", "locality_clean>=0.98")
 FLOOR_NAMES = {"locality>=0.99": "raw ≥ 0.99", "locality>=0.98": "raw ≥ 0.98",
                "locality_clean>=0.99": "clean ≥ 0.99", "locality_clean>=0.98": "clean ≥ 0.98"}
+RAW98, CLEAN99 = "locality>=0.98", "locality_clean>=0.99"
+MODELS = ("minilm", "smollm2")
+# The routers MELO uses as shipped, in the probe's notation `<module>@<layer>:<position>/<metric>`: the MiniLM
+# demo's (`encoder.layer.5.attention.output.dense`, last token) and MeloConfig()'s default for SmolLM2
+# (`model.layers.19.mlp.up_proj`, last token), both with MELO's Euclidean distance; and the result file each is in.
+DEFAULT_ROUTERS = {"minilm": ("probe_minilm_paraphrases", "attn@5:last/l2"),
+                   "smollm2": ("probe_smollm2_paraphrases", "up@19:last/l2")}
+# The projection the prose quotes per model (the key function chosen by the validation loss on A_val, section 2b).
+PROJECTIONS = {"minilm": ("projection_minilm", "attn@5:last/cos"),
+               "smollm2": ("projection_smollm2_up_3_mean", "up@3:mean/cos")}
+# The end-to-end views: the floor whose part-A radius is read (None: the run's own radius), a tag, a title.
+E2E_VIEWS = ((None, "main", "main run (the library's default radius for `melo`, A's raw ≥ 0.99 radius otherwise)"),
+             (RAW98, "raw98", "at A's radius for raw locality ≥ 0.98"),
+             (CLEAN99, "clean99", "at A's radius for clean locality ≥ 0.99"))
+
+GENERALITY_NOTE = """\
+Held-out generality is given as `generate / rephrase`: the held-out `generate_prompt` paraphrases (about 7 per
+edit, never given) and `rephrase_prompt`. All figures are on part B, with every radius chosen on part A."""
+PROBE_CELLS = """\
+Cells: `generate / rephrase` generality on B at A's radius, B's locality there in parentheses (raw for the raw
+floors, clean for the clean floors); after the semicolon, the best generate generality on B with the radius
+fitted on B itself (a ceiling). "NN own": share of B's held-out generate prompts whose nearest stored key is
+their own edit's (no radius rule can beat the ordering of the space)."""
+E2E_NOTE = """\
+Each variant is trained once; its routing is then replayed on the probe's radius grid (the blocks do not
+depend on the radius), and the tables read the grid at part A's radius for the floor named. "routed own": share
+of held-out generate prompts routed to their edit's block; "gen if routed": generality among those; "oracle gen":
+generality when every paraphrase is routed to its own block; edit CPU seconds are one thread's process time per
+edit."""
 
 
 def load(name: str) -> dict | None:
@@ -105,15 +139,34 @@ def screen_stats(model: str) -> dict:
             "extraction": screen["key_extraction"]}
 
 
-def paraphrase_table() -> str:
+def not_run_row(model: str, name: str, key_function: str | None = None) -> list[str]:
+    what = f"`{name}.json` is missing" if key_function is None else f"no `{key_function}` in `{name}.json`"
+    return [model, f"(not run: {what})", *["–"] * (len(PROBE_HEADER) - 1)]
+
+
+def paraphrase_table(projections: dict[str, tuple[str, str]] | None = None) -> str:
+    """Routing bound with 0, 1 or 3 user paraphrases per edit, without and with a trained projection: the
+    default router's rows of ``probe_<model>_paraphrases``, then every row of the model's projection results
+    (all of them, or only the file named in ``projections[model]``, e.g. :data:`PROJECTIONS`)."""
     rows = []
-    for model in ("minilm", "smollm2"):
-        data = load(f"probe_{model}_paraphrases")
-        if data:
-            rows += [[model, *probe_row(r)] for r in data["results"] if r["metric"] == "l2"]
-        for name in projection_names(model):
+    for model in MODELS:
+        name = f"probe_{model}_paraphrases"
+        data = load(name)
+        rows += [[model, *probe_row(r)] for r in data["results"] if r["metric"] == "l2"] if data else [
+            not_run_row(model, name)]
+        names = projection_names(model) if projections is None else [projections[model][0]]
+        for name in names:
             data = load(name)
-            rows += [[model, *probe_row(r)] for r in data["results"]]
+            rows += [[model, *probe_row(r)] for r in data["results"]] if data else [not_run_row(model, name)]
+    return table(["model", *PROBE_HEADER], rows)
+
+
+def default_router_table() -> str:
+    """Routing bound of the shipped routers (:data:`DEFAULT_ROUTERS`; no paraphrases, no projection)."""
+    rows = []
+    for model, (name, key_function) in DEFAULT_ROUTERS.items():
+        result = default_router(model)
+        rows.append([model, *probe_row(result)] if result else not_run_row(model, name, key_function))
     return table(["model", *PROBE_HEADER], rows)
 
 
@@ -161,6 +214,17 @@ def e2e_variants(model: str) -> dict:
     for path in sorted(RESULTS.glob(f"e2e_{model}*.json")):
         variants.update(json.loads(path.read_text())["variants"])
     return variants
+
+
+def e2e_not_run(model: str) -> list[str]:
+    """Variants an ``e2e_<model>*.json``'s recorded command asks for (``--variants``) that the file does not hold."""
+    missing = []
+    for path in sorted(RESULTS.glob(f"e2e_{model}*.json")):
+        data = json.loads(path.read_text())
+        argv = shlex.split(data.get("command", ""))
+        if "--variants" in argv[:-1]:
+            missing += [v for v in argv[argv.index("--variants") + 1].split(",") if v not in data["variants"]]
+    return missing
 
 
 def e2e_row(name: str, v: dict, floor: str | None) -> list[str]:
@@ -216,9 +280,11 @@ def main() -> None:
         "e2e_shape_minilm": e2e_shape("minilm"),
         "e2e_shape_smollm2": e2e_shape("smollm2"),
         "commands": commands(),
+        "probe_cells": PROBE_CELLS,
+        "e2e_note": E2E_NOTE,
     }
-    for model in ("minilm", "smollm2"):
-        for floor, tag in ((None, "main"), ("locality>=0.98", "raw98"), ("locality_clean>=0.99", "clean99")):
+    for model in MODELS:
+        for floor, tag, _ in E2E_VIEWS:
             values[f"e2e_{model}_{tag}"] = e2e_table(model, floor)
     values.update(figures())
     text = template.format(**values)
@@ -237,7 +303,7 @@ def figures() -> dict:
     out.update(
         fig_a_records=a["records"], fig_b_records=b["records"], fig_b_edited=b["edited"], fig_b_batches=b["batches"],
         fig_b_held=b["never_edited"], fig_b_rel=q["relation"], fig_b_une=q["unedited"], fig_b_sf_rel=sf["relation"],
-        fig_b_sf_une=sf["unedited"], fig_b_sf_share=f"{(sf['relation'] + sf['unedited']) / n_loc:.1%}",
+        fig_b_sf_une=sf["unedited"], fig_b_sf_share=same_fact_share(),
         fig_b_raw_budget=f"{0.02 * n_loc:.0f}", fig_b_loc=n_loc,
         fig_top=6,
     )
@@ -248,8 +314,8 @@ def figures() -> dict:
         out["fig_extract_texts"] = screen["key_extraction"]["texts"] if screen else "–"
     facts = load("data_facts")
     out.update(fig_junk_records=facts["records_with_such_prompts"], fig_junk=facts["generate_prompts_not_questions"],
-               fig_generate=facts["generate_prompts"], fig_own=facts["relation_questions_of_own_fact"],
-               fig_relation=facts["relation_questions"],
+               fig_generate=f"{facts['generate_prompts']:,}", fig_own=facts["relation_questions_of_own_fact"],
+               fig_relation=f"{facts['relation_questions']:,}",
                fig_own_share=f"{facts['relation_questions_of_own_fact'] / facts['relation_questions']:.0%}")
     prefixes = load("prefixes_smollm2")
     out["fig_prefixes"] = len(prefixes["prefixes"]) if prefixes else "–"
@@ -263,6 +329,50 @@ def find_probe(name: str, key_function: str, paraphrases: int) -> dict | None:
         return None
     return next((r for r in data["results"] if r["key_function"] == key_function and r["paraphrases"] == paraphrases),
                 None)
+
+
+def default_router(model: str, paraphrases: int = 0) -> dict | None:
+    """The probe result of the model's shipped router (:data:`DEFAULT_ROUTERS`) with ``paraphrases`` per edit."""
+    name, key_function = DEFAULT_ROUTERS[model]
+    return find_probe(name, key_function, paraphrases)
+
+
+def projected(model: str, paraphrases: int = 0, projection: bool = True) -> dict | None:
+    """The probe result of the model's projection run (:data:`PROJECTIONS`), with or without the projection."""
+    name, key_function = PROJECTIONS[model]
+    return find_probe(name, key_function + ("+proj" if projection else ""), paraphrases)
+
+
+def bound(result: dict | None, floor: str) -> dict | None:
+    """The routing bound on B at part A's radius for ``floor`` (None if not run)."""
+    return None if result is None else at_a(result, floor)
+
+
+def ceiling(result: dict | None, floor: str) -> dict | None:
+    """The best point on B with the radius fitted on B itself for ``floor`` (None if not run)."""
+    return None if result is None else result["B"]["summary"][floor]["best"]
+
+
+def best_ceiling(floor: str) -> tuple[dict, str, dict] | None:
+    """Over every probe and projection result on file: the best generate generality on B with the radius fitted
+    on B itself at ``floor``, as (point, result file, result); None if nothing was run."""
+    found = []
+    for path in sorted([*RESULTS.glob("probe_*.json"), *RESULTS.glob("projection_*.json")]):
+        for result in json.loads(path.read_text())["results"]:
+            point = result["B"]["summary"][floor]["best"]
+            if point:
+                found.append((point, path.stem, result))
+    return max(found, key=lambda found: found[0]["generate"], default=None)
+
+
+def same_fact_share() -> str:
+    """Share of B's locality questions that ask an edited fact in other words (``common.same_fact``)."""
+    probe = load("probe_minilm_paraphrases")
+    if probe is None:
+        return "(not run)"
+    b = probe["results"][0]["B"]
+    q, sf = b["questions"], b["same_fact_locality_questions"]
+    return f"{(sf['relation'] + sf['unedited']) / (q['relation'] + q['unedited']):.1%}"
 
 
 def e2e_point(model: str, variant: str, floor: str | None) -> dict | None:
@@ -288,34 +398,56 @@ def gg(point: dict | None, locality: str = "locality") -> str:
     return f"{f2(generate)} / {f2(rephrase)} ({kind} {f3(point[locality])})"
 
 
+def summary_lines() -> list[str]:
+    """EVALUATION.md's summary of this research: Markdown bullets, every figure read from the results (a missing
+    one reads "(not run)"), the words fixed."""
+
+    def clean(point: dict | None) -> str:
+        return gg(point, "locality_clean")
+
+    top = best_ceiling(RAW98)
+    top_text = "(not run)" if top is None else (
+        f"{f2(top[0]['generate'])} (`{top[2]['key_function']}` with {top[2]['paraphrases']} paraphrases per edit, "
+        f"`{top[1]}.json`)")
+    return [
+        f"- **MELO as shipped.** End to end at the library's default radius: {gg(e2e_point('minilm', 'melo', None))} "
+        f"on MiniLM (demo router), {gg(e2e_point('smollm2', 'melo', None))} on SmolLM2 (default router). Routing "
+        f"bound of those routers at part A's radius for raw locality ≥ 0.98: "
+        f"{gg(bound(default_router('minilm'), RAW98))} and {gg(bound(default_router('smollm2'), RAW98))}.",
+        "- **A trained key projection** (a linear map on the router keys, trained once per model on part A's "
+        "paraphrase groups with same-subject hard negatives; research, not shipped), at part A's radius for clean "
+        f"locality ≥ 0.99: MiniLM end to end {clean(e2e_point('minilm', 'proj', CLEAN99))}; SmolLM2 (mean key of "
+        f"`layers.3.mlp.up_proj`) routing bound {clean(bound(projected('smollm2'), CLEAN99))}, end to end "
+        f"{clean(e2e_point('smollm2', 'proj', CLEAN99))}.",
+        "- **3 user paraphrases per edit**, clean locality ≥ 0.99: MiniLM demo router's routing bound "
+        f"{clean(bound(default_router('minilm', 0), CLEAN99))} → {clean(bound(default_router('minilm', 3), CLEAN99))}; "
+        f"with the projection, end to end {clean(e2e_point('minilm', 'proj', CLEAN99))} → "
+        f"{clean(e2e_point('minilm', 'proj_para3', CLEAN99))}.",
+        f"- **Raw vs clean locality.** {same_fact_share()} of part B's locality questions ask an edited fact in other "
+        "words: raw locality (the issue's definition) counts each one routed to its edit as a failure, clean "
+        "locality leaves them out. At raw locality ≥ 0.98 the highest routing bound of any setting probed, even with "
+        f"the radius fitted on B itself, is {top_text}.",
+        "- **Shipped:** `MeloEditor.edit_texts(..., paraphrases=[[...], ...])`, user-written wordings of each prompt "
+        "as rows of the same edit (default `None`: MELO's behaviour). The trained key projection is not shipped.",
+    ]
+
+
 def prose(fig: dict) -> dict:
     """The prose blocks of the template. Every number is read from the results; the words are fixed."""
     out = {}
-    proj_m = "projection_minilm"
-    proj_s = "projection_smollm2_up_3_mean"
-    p_melo_m = find_probe("probe_minilm_paraphrases", "attn@5:last/l2", 0)
-    p_para_m = find_probe("probe_minilm_paraphrases", "attn@5:last/l2", 3)
-    p_proj_m0 = find_probe(proj_m, "attn@5:last/cos+proj", 0)
-    p_proj_m3 = find_probe(proj_m, "attn@5:last/cos+proj", 3)
-    p_melo_s = find_probe("probe_smollm2_paraphrases", "up@19:last/l2", 0)
-    p_proj_s0 = find_probe(proj_s, "up@3:mean/cos+proj", 0)
-    p_proj_s3 = find_probe(proj_s, "up@3:mean/cos+proj", 3)
-    screen = {m: screen_stats(m) for m in ("minilm", "smollm2")}
-    raw98, clean99 = "locality>=0.98", "locality_clean>=0.99"
-
-    def b(result, floor):
-        return None if result is None else at_a(result, floor)
-
-    def best(result, floor):
-        return None if result is None else result["B"]["summary"][floor]["best"]
+    p_melo_m, p_para_m = default_router("minilm", 0), default_router("minilm", 3)
+    p_proj_m0, p_proj_m3 = projected("minilm", 0), projected("minilm", 3)
+    p_melo_s = default_router("smollm2", 0)
+    p_proj_s0, p_proj_s3 = projected("smollm2", 0), projected("smollm2", 3)
+    screen = {m: screen_stats(m) for m in MODELS}
+    raw98, clean99 = RAW98, CLEAN99
+    b, best = bound, ceiling
 
     e = {(m, v, f): e2e_point(m, v, f) for m in ("minilm", "smollm2")
          for v in ("melo", "para3", "prefix", "para3_prefix", "proj", "proj_para3", "proj_prefix", "proj_single",
                    "text_proj", "text_proj_para3")
          for f in (None, raw98, clean99)}
-    out["summary"] = f"""\
-Held-out generality is given as `generate / rephrase`: the held-out `generate_prompt` paraphrases (about 7 per
-edit, never given) and `rephrase_prompt`. All figures are on part B, with every radius chosen on part A.
+    out["summary"] = GENERALITY_NOTE + f"""
 
 - **Plain MELO does not generalize, and no key function fixes it.** End to end, MELO as configured today gives
   {gg(e["minilm", "melo", None])} on MiniLM and {gg(e["smollm2", "melo", None])} on SmolLM2 (100 records). Over
@@ -346,9 +478,11 @@ edit, never given) and `rephrase_prompt`. All figures are on part B, with every 
   raw locality ≥ 0.98 is {f2(best(p_proj_m3, raw98)["generate"] if best(p_proj_m3, raw98) else None)} (MiniLM,
   projection + 3 paraphrases).
 
-**Recommendation** (section 5): ship `paraphrases=` in `edit_texts` and a trained key projection (with a
-mean-token router in an early layer for decoder LMs) as options, default off until a projection ships with the
-model; report clean locality beside raw locality. MELO's behaviour stays the default setting."""
+**Shipped since:** `paraphrases=` in `MeloEditor.edit_texts` (user-written wordings of each prompt become rows
+of the same edit; default `None` = MELO's behaviour). The trained key projection is not shipped yet.
+**Recommendation** (section 5): ship the projection (with a mean-token router in an early layer for decoder LMs)
+as an option, default off until a projection ships with the model; report clean locality beside raw locality.
+MELO's behaviour stays the default setting."""
     out["probe_findings"] = f"""\
 What the probe shows:
 - No key function gets near the target: at raw locality ≥ 0.98 the best held-out generate generality on B is
@@ -390,9 +524,9 @@ a fact sit close together, the spread stays small and the gain is real (MiniLM
         out["cost_note"], out["cost_text"] = "not run", "(cost.json missing)"
     out["projection_findings"] = f"""\
 - On subjects it never saw, the projection turns MiniLM's routing bound at clean locality ≥ 0.99 from
-  {gg(b(find_probe(proj_m, "attn@5:last/cos", 0), clean99), "locality_clean")} into
+  {gg(b(projected("minilm", 0, projection=False), clean99), "locality_clean")} into
   {gg(b(p_proj_m0, clean99), "locality_clean")}, and SmolLM2's (mean of `layers.3.mlp.up_proj`) from
-  {gg(b(find_probe(proj_s, "up@3:mean/cos", 0), clean99), "locality_clean")} into
+  {gg(b(projected("smollm2", 0, projection=False), clean99), "locality_clean")} into
   {gg(b(p_proj_s0, clean99), "locality_clean")}.
 - The radius must be chosen on subjects the projection did not train on: on its own training records locality
   looks too good (their same-subject questions were its negatives); chosen there, the radius broke the locality
