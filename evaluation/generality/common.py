@@ -14,7 +14,7 @@ questions. ``rephrase_prompt`` is never given either (a second, differently writ
 
 **Keys.** One forward pass per text (batched, sorted by length) records the outputs of many candidate
 router modules at once (forward hooks) and turns each into a key with the library's own
-``melo_fast.layers.extract_keys`` (last real token / mean over real tokens). Keys are cached in
+``melo_fast.routing.keys.extract_keys`` (last real token / mean over real tokens). Keys are cached in
 ``/tmp/melo_generality/<model>/`` (float16; not committed) so the probe sweeps cost no forward passes.
 Texts are right-padded: for a causal model the real tokens' states do not depend on right padding,
 and for BERT the attention mask hides it, so a key equals the key of the text alone (checked against
@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from melo_fast.calibration import NEUTRAL_PROMPTS
-from melo_fast.eval.data import EditRecord, load_records, split_edits
+from melo_fast.editing.calibration import NEUTRAL_PROMPTS
+from melo_fast.eval.data import EditRecord, Probe, load_records, split_edits
 
 ROOT = Path(__file__).resolve().parents[2]
 DEV_DATA = ROOT.parent / "shared" / "data" / "zsre_knowedit_dev.json"
@@ -118,6 +118,15 @@ def heldout_generate(record: EditRecord) -> list[str]:
     return paraphrases(record)[USER_PARAPHRASES:]
 
 
+def relation_probes(record: EditRecord) -> list[Probe]:
+    """The record's Relation_Specificity locality questions (the zsRE dev file has no other locality kind).
+
+    Why a helper: ``EditRecord.locality`` maps each KnowEdit probe kind to its questions; these scripts
+    were written when it held the Relation_Specificity list alone, and they use exactly that list.
+    """
+    return record.locality.get("Relation_Specificity", [])
+
+
 def _answers(values) -> set[str]:
     return {v.strip().lower() for v in values}
 
@@ -147,7 +156,7 @@ def all_texts(records: list[EditRecord]) -> list[str]:
     """Every distinct text the experiments may key (prompts, paraphrases, locality, neutral prompts), sorted."""
     texts = set(NEUTRAL_PROMPTS)
     for r in records:
-        texts.update([r.prompt, r.rephrase_prompt, *r.generate_prompts, *(p.prompt for p in r.locality)])
+        texts.update([r.prompt, r.rephrase_prompt, *r.generate_prompts, *(p.prompt for p in relation_probes(r))])
     return sorted(texts)
 
 
@@ -201,7 +210,7 @@ def parse_spec(spec: str) -> tuple[str, int, str]:
 @torch.no_grad()
 def compute_keys(model_name: str, texts: list[str], batch_size: int = 64) -> dict[str, torch.Tensor]:
     """``{spec: [len(texts), d] float16}`` for every spec of :func:`spec_names`, in one pass over the texts."""
-    from melo_fast.layers import extract_keys
+    from melo_fast.routing.keys import extract_keys
 
     model, tokenizer, _ = load_key_model(model_name)
     if tokenizer.pad_token_id is None:

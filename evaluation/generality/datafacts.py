@@ -25,13 +25,14 @@ def main(argv=None) -> None:
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     records = load_records(common.DEV_DATA)
-    relation = [(r, p) for r in records for p in r.locality]
+    relation = [(r, p) for r in records for p in common.relation_probes(r)]
     own = sum(common.same_fact(r.subject, p.ground_truth, [r]) for r, p in relation)
     junk = [(r, g) for r in records for g in r.generate_prompts if g not in common.paraphrases(r)]
     parts = {}
     for name, part in common.load_parts().items():
         edited, held = common.edited_and_held(part)
-        rel = [common.same_fact(r.subject, p.ground_truth, edited) for r in edited + held for p in r.locality]
+        rel = [common.same_fact(r.subject, p.ground_truth, edited)
+               for r in edited + held for p in common.relation_probes(r)]
         une = [common.same_fact(r.subject, r.ground_truth, edited) for r in held] * 2
         parts[name] = {"records": len(part), "subjects": len({r.subject for r in part}), "edited": len(edited),
                        "never_edited": len(held), "relation_questions": len(rel), "relation_same_fact": sum(rel),

@@ -19,7 +19,7 @@ lower bound (a question routed to a block may still keep its answer). Per part o
 - misroute: a generality question routed to *another* block (the failure a larger radius brings);
 - ERR bound: edited prompts that reach their own block after all batches (conflict splits can lose them).
 
-The radius is swept as a multiple of the key scale (``melo_fast.calibration``: the median distance
+The radius is swept as a multiple of the key scale (``melo_fast.editing.calibration``: the median distance
 between the keys of the built-in neutral prompts), i.e. as ``MeloConfig.relative_radius``, so a
 value found here is a setting the library can ship. For each locality floor (0.99, 0.98) the summary
 gives the best generality on that part (a best case: the radius is chosen on the part itself) and,
@@ -46,8 +46,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from evaluation.generality import common  # noqa: E402
-from melo_fast import calibration  # noqa: E402
-from melo_fast.calibration import NEUTRAL_PROMPTS  # noqa: E402
+from melo_fast.editing import calibration  # noqa: E402
+from melo_fast.editing.calibration import NEUTRAL_PROMPTS  # noqa: E402
 from melo_fast.vecdb import COINCIDE_FRACTION, VectorDatabase, coinciding_conflicts  # noqa: E402
 
 BATCH = 10
@@ -105,7 +105,7 @@ class RoutingProblem:
                 [g for r in edited for g in common.heldout_generate(r)],
                 [block_of[i] for i, r in enumerate(edited) for _ in common.heldout_generate(r)],
             ),
-            "relation": ([p.prompt for r in edited + held for p in r.locality], None),
+            "relation": ([p.prompt for r in edited + held for p in common.relation_probes(r)], None),
             "unedited": ([r.prompt for r in held] + [r.rephrase_prompt for r in held], None),
         }
         self.sets = {}
@@ -116,7 +116,7 @@ class RoutingProblem:
         # locality, left out of clean locality.
         self.same_fact = {
             "relation": torch.tensor([common.same_fact(r.subject, p.ground_truth, edited)
-                                      for r in edited + held for p in r.locality], dtype=torch.bool),
+                                      for r in edited + held for p in common.relation_probes(r)], dtype=torch.bool),
             "unedited": torch.tensor([common.same_fact(r.subject, r.ground_truth, edited) for r in held] * 2,
                                      dtype=torch.bool),
         }

@@ -67,7 +67,7 @@ def facts_of(records) -> tuple[list[list[str]], list[list[str]]]:
         for text in [r.prompt, r.rephrase_prompt, *common.paraphrases(r)]:
             if text not in groups[fact]:
                 groups[fact].append(text)
-        for probe in r.locality:
+        for probe in common.relation_probes(r):
             if not common.same_fact(r.subject, probe.ground_truth, by_subject[r.subject]):
                 negatives[fact].append(probe.prompt)
     keys = list(groups)
