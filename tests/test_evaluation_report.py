@@ -86,3 +86,27 @@ def test_llm_reports_give_both_metric_families_and_the_portability_kinds(generat
         in text
     assert f"{melo['target_repetition']:.3f}" in text
     assert "not yet run: `python -m melo_fast demo --chat" in text
+
+
+GENERALITY_RESULTS = ROOT / "evaluation" / "generality" / "results"
+
+
+def test_generality_section_reads_the_committed_results(generator):
+    text = "\n".join(generator.generality())
+    assert text.startswith("## Edits that reach their paraphrases (issue 22)")
+    probe = json.loads((GENERALITY_RESULTS / "probe_minilm_paraphrases.json").read_text())
+    router = next(r for r in probe["results"] if r["key_function"] == "attn@5:last/l2" and r["paraphrases"] == 0)
+    assert f"| minilm | `attn@5:last/l2` | 0 | {router['B']['nn_generate']:.2f} |" in text
+    melo = json.loads((GENERALITY_RESULTS / "e2e_minilm.json").read_text())["variants"]["melo"]
+    assert f"{melo['gen_generate']:.2f} / {melo['gen_rephrase']:.2f} (locality {melo['locality']:.3f})" in text
+    assert "edit_texts(..., paraphrases=" in text and "evaluation/generality/REPORT.md" in text
+
+
+def test_generality_section_without_results_says_not_run(generator, tmp_path, monkeypatch):
+    import re
+
+    monkeypatch.setattr(generator.generality_report, "RESULTS", tmp_path)
+    text = "\n".join(generator.generality())
+    assert "| minilm | (not run: " in text and "| smollm2 | (not run: " in text
+    assert "MiniLM: not run" in text and "SmolLM2: not run" in text
+    assert "(not run)" in text and not re.search(r"\d\.\d\d / \d\.\d\d", text)  # no figure anywhere
