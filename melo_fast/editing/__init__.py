@@ -2,6 +2,7 @@
 
 - ``editor.py``: :class:`MeloEditor`, the lifecycle of a block (open, commit, abort), ``edit``, routing
   queries, save/reload, export, ``close``;
+- ``result.py``: :class:`EditResult`, what one edit batch did;
 - ``batch.py``: :class:`EditBatch`, an edit batch checked for the model, built from text, with its targets;
 - ``block.py``: the open block (its keys, parameters, what opening it froze);
 - ``training.py``: the training loop of one block (MELO's Adam + StepLR);
@@ -10,6 +11,7 @@
 """
 
 from melo_fast.editing.batch import EditBatch, build_edit_batch
-from melo_fast.editing.editor import EditResult, MeloEditor
+from melo_fast.editing.editor import MeloEditor
+from melo_fast.editing.result import EditResult
 
 __all__ = ["EditBatch", "EditResult", "MeloEditor", "build_edit_batch"]

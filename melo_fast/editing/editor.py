@@ -29,7 +29,6 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -42,6 +41,7 @@ from melo_fast.editing.block import OpenBlock
 from melo_fast.editing.continuation import target_then_continuation_loss, with_continuation
 from melo_fast.editing.restore import check_model as check_model_of
 from melo_fast.editing.restore import restored_state
+from melo_fast.editing.result import EditResult
 from melo_fast.editing.training import loss_of, train_block
 from melo_fast.io import checkpoint, export
 from melo_fast.io.fingerprint import Fingerprint
@@ -49,33 +49,6 @@ from melo_fast.routing import BlockLoRAHook, EditState, RefusesCopy, RouterHook,
 from melo_fast.routing.keys import read_keys
 from melo_fast.targets import ModelKind
 from melo_fast.vecdb import COINCIDE_FRACTION, InsertCounts, VectorDatabase, coinciding_conflicts
-
-
-@dataclass
-class EditResult:
-    """What one edit batch did.
-
-    Attributes:
-        block_id: the block trained for this batch.
-        loss: the model's loss at the last training step.
-        keys: number of keys the batch inserted: one per row (for ``edit_texts``, one per prompt and
-            one per paraphrase).
-        new_clusters / merged / conflicts / forgotten / superseded: how the keys entered the database
-            (``superseded``: earlier edits of the same inputs that this batch replaced).
-        steps: optimizer steps taken (at most ``num_iter``; fewer when the edit converged earlier).
-        seconds: wall time of the whole edit.
-    """
-
-    block_id: int
-    loss: float
-    keys: int
-    new_clusters: int
-    merged: int
-    conflicts: int
-    forgotten: int
-    superseded: int
-    steps: int
-    seconds: float
 
 
 class MeloEditor(RefusesCopy):
