@@ -1,7 +1,8 @@
 """The editing side: a batch in, one trained block and its keys published as a new edit state out.
 
 - ``editor.py``: :class:`MeloEditor`, the lifecycle of a block (open, commit, abort), ``edit``, routing
-  queries, save/reload, export, ``close``;
+  queries, ``close``;
+- ``persistence.py``: the editor's save, reload, replace_state and export (a mixin of :class:`MeloEditor`);
 - ``result.py``: :class:`EditResult`, what one edit batch did;
 - ``batch.py``: :class:`EditBatch`, an edit batch checked for the model, built from text, with its targets;
 - ``block.py``: the open block (its keys, parameters, what opening it froze);
