@@ -247,7 +247,7 @@ def llm_setup() -> list[str]:
         "ELDER report these). A teacher-forced reading feeds `question + \" \" + answer` once (prompt tokens, "
         "then the answer's tokens with a leading space, as melo_fast lays out an edit) and takes the argmax of the "
         "next-token scores at each answer position; MELO keys the row at its last prompt token, as in generation. "
-        "`melo_fast/eval/harness.py` computes, each mean over records (or questions) of a per-row fraction:",
+        "`melo_fast/eval/scoring.py` computes, each mean over records (or questions) of a per-row fraction:",
         "- **rewrite** (`rewrite_acc`): edited prompt + `target_new`, the fraction of target tokens whose argmax "
         "is that token, after the last batch (the reliability of sequential-editing tables); **rewrite@edit** "
         "(`rewrite_acc_at_edit`): the same right after the record's own batch (the analogue of ES);",

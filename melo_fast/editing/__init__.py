@@ -1,7 +1,9 @@
 """The editing side: a batch in, one trained block and its keys published as a new edit state out.
 
 - ``editor.py``: :class:`MeloEditor`, the lifecycle of a block (open, commit, abort), ``edit``, routing
-  queries, save/reload, export, ``close``;
+  queries, ``close``;
+- ``persistence.py``: the editor's save, reload, replace_state and export (a mixin of :class:`MeloEditor`);
+- ``result.py``: :class:`EditResult`, what one edit batch did;
 - ``batch.py``: :class:`EditBatch`, an edit batch checked for the model, built from text, with its targets;
 - ``block.py``: the open block (its keys, parameters, what opening it froze);
 - ``training.py``: the training loop of one block (MELO's Adam + StepLR);
@@ -10,6 +12,7 @@
 """
 
 from melo_fast.editing.batch import EditBatch, build_edit_batch
-from melo_fast.editing.editor import EditResult, MeloEditor
+from melo_fast.editing.editor import MeloEditor
+from melo_fast.editing.result import EditResult
 
 __all__ = ["EditBatch", "EditResult", "MeloEditor", "build_edit_batch"]

@@ -29,7 +29,6 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -40,45 +39,16 @@ from melo_fast.editing import calibration
 from melo_fast.editing.batch import EditBatch
 from melo_fast.editing.block import OpenBlock
 from melo_fast.editing.continuation import target_then_continuation_loss, with_continuation
-from melo_fast.editing.restore import check_model as check_model_of
-from melo_fast.editing.restore import restored_state
+from melo_fast.editing.persistence import EditStateIO
+from melo_fast.editing.result import EditResult
 from melo_fast.editing.training import loss_of, train_block
-from melo_fast.io import checkpoint, export
-from melo_fast.io.fingerprint import Fingerprint
 from melo_fast.routing import BlockLoRAHook, EditState, RefusesCopy, RouterHook, Routing
 from melo_fast.routing.keys import read_keys
 from melo_fast.targets import ModelKind
 from melo_fast.vecdb import COINCIDE_FRACTION, InsertCounts, VectorDatabase, coinciding_conflicts
 
 
-@dataclass
-class EditResult:
-    """What one edit batch did.
-
-    Attributes:
-        block_id: the block trained for this batch.
-        loss: the model's loss at the last training step.
-        keys: number of keys the batch inserted: one per row (for ``edit_texts``, one per prompt and
-            one per paraphrase).
-        new_clusters / merged / conflicts / forgotten / superseded: how the keys entered the database
-            (``superseded``: earlier edits of the same inputs that this batch replaced).
-        steps: optimizer steps taken (at most ``num_iter``; fewer when the edit converged earlier).
-        seconds: wall time of the whole edit.
-    """
-
-    block_id: int
-    loss: float
-    keys: int
-    new_clusters: int
-    merged: int
-    conflicts: int
-    forgotten: int
-    superseded: int
-    steps: int
-    seconds: float
-
-
-class MeloEditor(RefusesCopy):
+class MeloEditor(EditStateIO, RefusesCopy):
     """The editing handle of one patched model (returned by :func:`melo_fast.patch`).
 
     Attributes:
@@ -90,6 +60,9 @@ class MeloEditor(RefusesCopy):
     Once :func:`melo_fast.unpatch` (:meth:`close`) has detached it from the model, every method that
     needs the model's hooks raises a RuntimeError saying so; :meth:`save` and :meth:`export_peft` still
     write its committed edits (they read only those and the model's module names).
+
+    ``blocks``, ``save``, ``reload``, ``restore``, ``replace_state``, ``export_peft`` and ``adapter_names``
+    come from :class:`~melo_fast.editing.persistence.EditStateIO` (``persistence.py``).
     """
 
     def __init__(
@@ -493,124 +466,6 @@ class MeloEditor(RefusesCopy):
     def route(self, inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``[N]`` int64 block each input uses in ``model(**inputs)`` (-1: no edit applies); see :meth:`keys`."""
         return self.db.search(self.keys(inputs), backend=self.config.backend)
-
-    # --- persistence --------------------------------------------------------------------------
-    def blocks(self, device: torch.device | str | None = None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Every target's committed blocks: name → ``(A [n, k, d_in], B [n, k, d_out])`` in the model's dtype.
-
-        Block ``b`` of a target adds ``scale * (x @ A[b].T) @ B[b]`` to its output. Views of the
-        bank when it is one buffer on ``device`` (do not modify them), fresh tensors otherwise.
-
-        Args:
-            device: where to gather them; None: the bank's device. ``"cpu"`` gathers a bank held
-                in several buffers on the host, without a second copy of it on the GPU.
-        """
-        return self._blocks_of(self.routing.published, device)
-
-    def _blocks_of(self, state: EditState, device=None) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        return {name: self.lora_layers[name].blocks_of(chunks, device) for name, chunks in state.blocks.items()}
-
-    def save(self, path) -> None:
-        """Write the whole edit state (config, blocks, database) to folder ``path``.
-
-        Never destroys data: refuses a file or a non-empty folder that is not a melo_fast save, and
-        replaces an earlier save atomically (see ``melo_fast.io.checkpoint``). Other threads may keep
-        serving, and one may be editing, meanwhile: the save holds the committed edits only (a block
-        still open is not in it).
-
-        Raises:
-            FileExistsError: ``path`` is a file, or a folder holding data that is not a melo_fast save
-                (nothing is written).
-            ValueError: ``path`` is an earlier save whose config names a weights file melo_fast does
-                not write (``../x``, an absolute path): it is neither read nor deleted.
-        """
-        state = self.routing.published  # one snapshot: database and blocks belong together
-        checkpoint.write(path, self.config, state.database, self._blocks_of(state, "cpu"), self._fingerprint())
-
-    def _fingerprint(self) -> Fingerprint:
-        """The model's fingerprint, recorded in saves so that they load only onto this model's weights."""
-        return Fingerprint.of(self.model, [self.config.router, *self.config.targets])
-
-    def reload(self, path, check_model: bool = True) -> None:
-        """Replace this editor's edit state (blocks and database) with the one saved in ``path``.
-
-        Atomic while other threads run inference: one publish, as a commit. The save must come from
-        a model patched the same way (router, targets, rank, key position, scale, shapes) and, unless
-        ``check_model=False``, from a model with these weights (its fingerprint,
-        ``melo_fast.io.fingerprint``: a copy in another dtype or on another device passes); otherwise
-        a clear error and the state is unchanged. This is how edits trained in one process reach the
-        processes that serve.
-
-        Raises:
-            FileNotFoundError: no melo_fast save at ``path``.
-            ValueError: the save is corrupt (a checksum differs), was made with another patch or on another
-                model (the message names what differs).
-            RuntimeError: a block is open (commit or abort it first).
-        """
-        self._check_attached()
-        saved = checkpoint.read(path)
-        different = self.config.patch_spec.differences(saved.config.patch_spec)
-        if different:
-            details = ", ".join(different)
-            raise ValueError(f"melo_fast: cannot reload {path}: it was made with another patch ({details})")
-        self.restore(saved, path, check_model)
-
-    def restore(self, saved: checkpoint.SavedEdits, path, check_model: bool = True) -> None:
-        """Publish the edit state of a save read from ``path`` (:meth:`reload`, :func:`melo_fast.load`).
-
-        Raises:
-            ValueError: ``check_model`` and the save was made on another model, or the state does not fit
-                (:meth:`replace_state`); nothing changes.
-        """
-        if check_model:
-            check_model_of(saved.fingerprint, self._fingerprint(), path)
-        self.replace_state(saved.database, saved.blocks)
-
-    def replace_state(self, database: VectorDatabase, blocks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Publish an edit state built elsewhere (what :meth:`reload` does once it has read a save).
-
-        Args:
-            database: a vector database with this router's key width (copied to the model's device).
-            blocks: every target name → ``(A [n, k, d_in], B [n, k, d_out])``, the same ``n`` for all
-                targets, and every block id of ``database`` below ``n``.
-
-        Raises ValueError (state unchanged) when anything does not fit this model.
-        """
-        with self._lock:
-            self._check_attached()
-            if self._open is not None:
-                raise RuntimeError("melo_fast: commit() or abort() the open block before replacing the edit state")
-            state, banks = restored_state(database, blocks, self.lora_layers, self.db, self.config.router)
-            for name, bank in banks.items():
-                self.lora_layers[name].bank = bank
-            self.routing.published = state
-
-    # --- serving with other engines (melo_fast.io.export) ------------------------------------------
-    def export_peft(self, path, blocks=None) -> dict[int, str]:
-        """Write the committed blocks (or ``blocks``) as PEFT LoRA adapters plus the routing to folder ``path``.
-
-        Atomic and never destructive, like :meth:`save`; see ``melo_fast.io.export``. Returns
-        ``{block_id: adapter_name}``.
-
-        Raises:
-            ValueError: a block id out of range or given twice, a patched PEFT model, or targets PEFT
-                cannot name alone.
-            FileExistsError: ``path`` holds data that is not a melo_fast export (nothing is written).
-        """
-        return export.export_peft(self._snapshot(), path, blocks)
-
-    def _snapshot(self) -> export.Snapshot:
-        """The committed edits, one published state and its blocks on the host, read without a commit in between."""
-        while True:
-            state = self.state
-            blocks = self.blocks(device="cpu")  # gathered on the host: no second copy of the bank on a GPU
-            if self.state is state:  # states are replaced, never modified: same object, same blocks
-                return export.Snapshot(self.model, self.config, self.kind, state, blocks, self._fingerprint())
-
-    def adapter_names(self, inputs: Mapping[str, torch.Tensor]) -> list[str]:
-        """One exported adapter name per row of ``inputs`` (``"__base__"``: no edit applies), for PEFT's
-        ``model(**inputs, adapter_names=...)`` or an engine's per-request adapter."""
-        return export.adapter_names(self.route(inputs).tolist())
 
     def __repr__(self) -> str:
         return (

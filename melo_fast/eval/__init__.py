@@ -9,6 +9,7 @@ Dependencies point one way, from the commands down to the protocol:
 - ``probes``: the probe sets and a model's answers to them (MELO's routed fast path).
 - ``baselines``: sequential plain LoRA fine-tuning with the same rank budget.
 - ``harness``: the sequential editing protocol (``SequentialEval``); no CLI, no plotting.
+- ``scoring``: the protocol's metrics from a model's answers (``final_metrics``; a mixin of ``SequentialEval``).
 - ``report``: console tables, the JSON report, plots (matplotlib optional).
 - ``classifier``: the MiniLM demo's "deployed model" (all-MiniLM-L6-v2 + a linear answer head).
 - ``local_model``: loading a local Hugging Face folder or GGUF file; SmolLM2 cached as a folder.

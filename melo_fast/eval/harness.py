@@ -34,8 +34,9 @@ Protocol, for every method on the same data and the same batches:
 Methods: the unedited model, MELO (melo_fast), and sequential plain LoRA with MELO's rank budget
 (:mod:`melo_fast.eval.baselines`).
 
-This module is the protocol only: printing, JSON and plots are in :mod:`melo_fast.eval.report`,
-the command lines in :mod:`melo_fast.eval.demo` and :mod:`melo_fast.eval.evaluate`.
+This module is the protocol only: the metrics computed from a model's answers are in
+:mod:`melo_fast.eval.scoring` (a mixin of :class:`SequentialEval`), printing, JSON and plots in
+:mod:`melo_fast.eval.report`, the command lines in :mod:`melo_fast.eval.demo` and :mod:`melo_fast.eval.evaluate`.
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ from melo_fast.eval import metrics
 from melo_fast.eval.baselines import SequentialLoRA
 from melo_fast.eval.data import EditRecord, split_edits
 from melo_fast.eval.probes import Answerer, ProbeSet
+from melo_fast.eval.scoring import Scoring, forced_name  # noqa: F401 (forced_name: re-exported, it was defined here)
 
 METHODS = ("unedited", "melo", "lora")
 CONTINUATION_TOKENS = 20  # tokens generated per edited prompt for the target-repetition metric
@@ -128,16 +130,7 @@ def probe_set_name(group: str, kind: str) -> str:
     return f"{group}_" + re.sub(r"[^0-9a-z]+", "_", kind.lower()).strip("_")
 
 
-def forced_name(set_name: str) -> str:
-    """The teacher-forced metric of a set: ``rewrite_acc`` (edit), ``rephrase_acc``, ``locality_acc_<set>``,
-    ``portability_acc_<kind>``."""
-    if set_name in ("edit", "rephrase"):
-        return {"edit": "rewrite_acc", "rephrase": "rephrase_acc"}[set_name]
-    group, _, rest = set_name.partition("_")
-    return f"{group}_acc_{rest}"
-
-
-class SequentialEval:
+class SequentialEval(Scoring):
     """Sequential editing of one task's model on KnowEdit records, for several methods.
 
     Args:
@@ -214,93 +207,7 @@ class SequentialEval:
         """Indices of the questions of set ``name`` that belong to the first ``records`` edited records."""
         return [i for i, owner in enumerate(self.sets[name].owners) if 0 <= owner < records]
 
-    # --- scoring ------------------------------------------------------------------------------
-    def _score(self, name: str, answers: Sequence[str], indices: Sequence[int]) -> dict[str, float]:
-        """Mean score of ``answers`` of set ``name`` (questions ``indices``)."""
-        probe_set = self.sets[name]
-        totals: dict[str, list[float]] = {}
-        for i, answer in zip(indices, answers, strict=True):
-            references = probe_set.references[i] if probe_set.references is not None else [
-                self.answerer.unedited[name][i]
-            ]
-            for key, value in self.task.score(answer, references).items():
-                totals.setdefault(key, []).append(value)
-        if not totals:  # an empty set: every score is NaN
-            return {key: float("nan") for key in self.task.score("", [""])}
-        return {key: metrics.mean(values) for key, values in totals.items()}
-
-    def _put(self, out: dict, metric: str, scores: dict[str, float]) -> None:
-        for key, value in scores.items():
-            out[metric if key == self.task.primary else f"{metric}_{key}"] = value
-
-    def _score_forced(self, name: str, readings: Sequence, indices: Sequence[int]) -> float:
-        """Mean teacher-forced accuracy of ``readings`` (``(argmax tokens, answer tokens)`` per question)
-        of set ``name``: against the answer's tokens, or for a locality set against the unedited
-        model's argmax tokens."""
-        unedited = self.forcer.unedited.get(name) if name in self.locality_sets else None
-        return metrics.mean([
-            metrics.token_accuracy(predicted, unedited[i][0] if unedited is not None else reference)
-            for i, (predicted, reference) in zip(indices, readings, strict=True)
-        ])
-
-    def repetition(self, continuations: Sequence[str]) -> float:
-        """Share of edited prompts whose continuation names its ``target_new`` more than once."""
-        return metrics.mean([float(metrics.mentions(text, record.target_new) > 1)
-                             for text, record in zip(continuations, self.edited, strict=True)])
-
-    def final_metrics(self, answer, es_scores: dict[str, float], forced=None,
-                      forced_at_edit: float | None = None) -> dict[str, float]:
-        """Every end-of-run metric of a model, from its answers now.
-
-        Args:
-            answer: ``answer(set_name, indices) -> list[str]``, the model's answers to those questions
-                of a probe set (``self.sets``); any editing method can be scored this way.
-            es_scores: the ES scores measured batch by batch (primary score and the others).
-            forced: ``forced(set_name, indices)``, the model's teacher-forced readings of those questions
-                (generative tasks; None: no teacher-forced metrics).
-            forced_at_edit: ``rewrite_acc_at_edit``, measured batch by batch.
-
-        Returns:
-            ``es``, ``err``, ``generality_rephrase``, ``generality_generate`` (a mean over every
-            generate prompt, not per record), one entry per locality set (``locality_relation``,
-            ``locality_<kind>``, ``locality_unedited``) and ``locality`` (the mean over the questions of
-            all of them), one per portability set and ``portability`` (likewise), each also as
-            ``<metric>_<score>`` for the task's secondary scores; for generative tasks
-            ``target_repetition``; with ``forced`` the teacher-forced accuracies (module docstring).
-        """
-        out: dict[str, float] = {}
-        self._put(out, "es", es_scores)
-        for metric, name in (("err", "edit"), ("generality_rephrase", "rephrase"),
-                             ("generality_generate", "generate")):
-            indices = range(len(self.sets[name]))
-            self._put(out, metric, self._score(name, answer(name, indices), indices))
-        for overall, names in (("locality", self.locality_sets), ("portability", self.portability_sets)):
-            weighted: dict[str, list[tuple[float, int]]] = {}
-            for name in names:
-                indices = range(len(self.sets[name]))
-                scores = self._score(name, answer(name, indices), indices)
-                self._put(out, name, scores)
-                for key, value in scores.items():
-                    if not math.isnan(value):
-                        weighted.setdefault(key, []).append((value, len(indices)))
-            if names:
-                self._put(out, overall, {key: sum(v * n for v, n in pairs) / sum(n for _, n in pairs)
-                                         for key, pairs in weighted.items()})
-        if "continuation" in self.sets:
-            out["target_repetition"] = self.repetition(answer("continuation", range(len(self.edited))))
-        if forced is not None:
-            out["rewrite_acc_at_edit"] = forced_at_edit
-            totals: dict[str, list[float]] = {}
-            for name in self.forced_sets:
-                indices = range(len(self.sets[name]))
-                value = self._score_forced(name, forced(name, indices), indices)
-                out[forced_name(name)] = value
-                group = name.partition("_")[0]
-                if group in ("locality", "portability") and not math.isnan(value):
-                    totals.setdefault(f"{group}_acc", []).extend([value] * len(indices))
-            out.update({key: metrics.mean(values) for key, values in totals.items()})
-        return out
-
+    # --- batches and curve points -------------------------------------------------------------
     def _curve_point(self, answer, edits_so_far: int, es_values: list[float]) -> dict:
         sample = self.settings.curve_sample
         point = {"edits": edits_so_far, "es": metrics.mean(es_values)}
