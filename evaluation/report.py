@@ -9,8 +9,8 @@ compares figures is worded from the figures themselves. A missing report renders
 "not yet run: <command>"; a report whose recorded arguments differ from its command renders as
 "stale" with the differences. Neither ever shows a number. The plots are redrawn from the same
 reports by the functions the demo uses (:mod:`melo_fast.eval.report`). The section on issue 22 is read from
-``evaluation/generality/results/*.json`` by that folder's generator (``evaluation/generality/report.py``,
-imported here), which renders a missing result as "not run".
+``evaluation/generality/results/*.json`` by the tables of that folder's generator
+(``evaluation/generality/tables.py``, imported here), which render a missing result as "not run".
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from a checkout: import this checkout's melo_fast
 
-from evaluation.generality import report as generality_report  # noqa: E402
+from evaluation.generality import tables as generality_report  # noqa: E402
 from melo_fast.editing.calibration import NEUTRAL_PROMPTS  # noqa: E402
 from melo_fast.eval import report as plots  # noqa: E402
 from melo_fast.eval.arguments import PRESETS  # noqa: E402
@@ -725,7 +725,7 @@ GENERALITY_MODELS = {"minilm": "MiniLM", "smollm2": "SmolLM2"}
 
 def generality() -> list[str]:
     """Issue 22's research: figures from ``evaluation/generality/results/*.json``, read and laid out by that
-    folder's report generator (a missing result reads "not run")."""
+    folder's tables (``evaluation/generality/tables.py``; a missing result reads "not run")."""
     g = generality_report
     lines = ["## Edits that reach their paraphrases (issue 22)", "",
              "Research in `evaluation/generality/`: how many held-out paraphrases of an edited question reach the "
