@@ -7,7 +7,7 @@ lookup of 1 and 32 queries (the default backend's ``lookup_vs_keys`` rows), of t
 100 keys each insert round was paired with, and of save and load (with ``torch.save``/``torch.load``
 of the same tensors, interleaved, dotted). Right: insert time / search time of the same keys (median
 of the per-round ratios), against the issue's target of 3x. ``report.py`` draws it from
-``make_plots``.
+``make_plots`` (``report_plots.py``).
 """
 
 from __future__ import annotations

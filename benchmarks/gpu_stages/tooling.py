@@ -15,7 +15,13 @@ from .context import ROOT, SCRIPT, Ctx, Row, check, load_ops, singleton_db, verd
 @check("correctness", 150)
 def check_unit_tests(ctx: Ctx) -> list[Row]:
     """The Triton and ops unit tests on this device (compiled kernels vs the reference, every dtype)."""
-    files = ["tests/test_ops_triton.py", "tests/test_ops.py"]
+    files = [
+        "tests/test_ops_triton_search.py",
+        "tests/test_ops_triton_lora.py",
+        "tests/test_ops_triton_launch.py",
+        "tests/test_ops_triton_gpu.py",
+        "tests/test_ops.py",
+    ]
     args = ["-k", "test_search_empty_database"] if ctx.dry else []  # the dry run checks the plumbing
     timeout = max(ctx.remaining() - 70, 10)  # leave time for the sanitizer, the compile report and the report
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *files, *args]

@@ -17,7 +17,7 @@ from melo_fast.ops.triton.block_lora import block_lora_bwd, block_lora_fwd
 from melo_fast.ops.triton.vecdb_search import vecdb_search_fwd
 
 # One token count and one query count per tile bucket of the launchers (decode-sized, and larger;
-# tests/test_ops_triton.py checks that they cover every bucket).
+# tests/test_ops_triton_launch.py checks that they cover every bucket).
 TOKEN_COUNTS = (1, 17)
 QUERY_COUNTS = (1, 17)
 
