@@ -109,7 +109,8 @@ def quality(records_path: Path, limit: int) -> dict:
     for name, changes in CONFIGS.items():
         result = harness.run_melo(melo_fast.MeloConfig(**changes)).to_dict()
         out[name] = result
-        print(f"  quality {name}: {json.dumps(result.get('final', {}))[:400]}", flush=True)
+        shown = {key: round(result["metrics"][key], 3) for key in ("es", "err", "locality") if key in result["metrics"]}
+        print(f"  quality {name}: {shown}, edit {result['edit_seconds']:.0f} s", flush=True)
     return out
 
 
