@@ -21,62 +21,38 @@ import argparse
 import sys
 from pathlib import Path
 
-try:
-    from benchmarks import edit_speed_report, gpu_report
-    from benchmarks import lifelong_report as lifelong
-    from benchmarks.report_plots import make_plots
-    from benchmarks.report_rows import (
-        LINEAR_CASE,
-        Row,
-        baseline_of,
-        fmt_bytes,
-        fmt_ratio,
-        fmt_time,
-        groups_of,
-        load,
-        table,
-    )
-    from benchmarks.report_targets import (
-        TARGET_E2E,
-        TARGET_EDIT,
-        TARGET_LOOKUP_RATIO,
-        Target,
-        database_targets,
-        e2e_targets,
-        edit_targets,
-        layer_targets,
-        linear_targets,
-        lookup_targets,
-    )
-except ImportError:  # run as a script from benchmarks/
-    import edit_speed_report
-    import gpu_report
-    import lifelong_report as lifelong
-    from report_plots import make_plots
-    from report_rows import LINEAR_CASE, Row, baseline_of, fmt_bytes, fmt_ratio, fmt_time, groups_of, load, table
-    from report_targets import (
-        TARGET_E2E,
-        TARGET_EDIT,
-        TARGET_LOOKUP_RATIO,
-        Target,
-        database_targets,
-        e2e_targets,
-        edit_targets,
-        layer_targets,
-        linear_targets,
-        lookup_targets,
-    )
-
-# plot_db_scaling.py reads these two from this module.
-try:
-    from benchmarks.report_rows import curve  # noqa: F401
-    from benchmarks.report_targets import TARGET_INSERT_OVER_SEARCH  # noqa: F401
-except ImportError:  # run as a script from benchmarks/
-    from report_rows import curve  # noqa: F401
-    from report_targets import TARGET_INSERT_OVER_SEARCH  # noqa: F401
-
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python benchmarks/report.py` puts benchmarks/, not the root, on the path
+    sys.path.insert(0, str(ROOT))
 
+from benchmarks import edit_speed_report, gpu_report  # noqa: E402
+from benchmarks import lifelong_report as lifelong  # noqa: E402
+from benchmarks.report_plots import make_plots  # noqa: E402
+from benchmarks.report_rows import (  # noqa: E402
+    LINEAR_CASE,
+    Row,
+    baseline_of,
+    curve,  # noqa: F401 (plot_db_scaling.py reads it from this module)
+    fmt_bytes,
+    fmt_ratio,
+    fmt_time,
+    groups_of,
+    load,
+    table,
+)
+from benchmarks.report_targets import (  # noqa: E402
+    TARGET_E2E,
+    TARGET_EDIT,
+    TARGET_INSERT_OVER_SEARCH,  # noqa: F401 (plot_db_scaling.py reads it from this module)
+    TARGET_LOOKUP_RATIO,
+    Target,
+    database_targets,
+    e2e_targets,
+    edit_targets,
+    layer_targets,
+    linear_targets,
+    lookup_targets,
+)
 
 # ---- markdown ----------------------------------------------------------------------------------------------
 

@@ -6,14 +6,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from pathlib import Path
 
-try:
-    from benchmarks import lifelong_report as lifelong
-    from benchmarks.report_rows import LINEAR_CASE, Row, baseline_of, curve, groups_of
-    from benchmarks.report_targets import TARGET_E2E
-except ImportError:  # run as a script from benchmarks/
-    import lifelong_report as lifelong
-    from report_rows import LINEAR_CASE, Row, baseline_of, curve, groups_of
-    from report_targets import TARGET_E2E
+from benchmarks import lifelong_report as lifelong
+from benchmarks.report_rows import LINEAR_CASE, Row, baseline_of, curve, groups_of
+from benchmarks.report_targets import TARGET_E2E
 
 
 def make_plots(rows: list[Row], out_dir: Path) -> list[Path]:
@@ -130,10 +125,7 @@ def make_plots(rows: list[Row], out_dir: Path) -> list[Path]:
         fig.suptitle("Editing one batch: block-only vs full-rank (reference) training", fontsize=10)
         save(fig, "edit.png")
 
-    try:
-        from benchmarks.plot_db_scaling import plot_db_scaling
-    except ImportError:  # run as a script from benchmarks/
-        from plot_db_scaling import plot_db_scaling
+    from benchmarks.plot_db_scaling import plot_db_scaling
 
     written += plot_db_scaling(rows, out_dir)
     written += lifelong.plot(out_dir)

@@ -7,10 +7,7 @@ import math
 import statistics
 from collections import OrderedDict
 
-try:
-    from benchmarks.report_rows import LINEAR_CASE, Row, curve, fmt_bytes, fmt_ratio, fmt_time
-except ImportError:  # run as a script from benchmarks/
-    from report_rows import LINEAR_CASE, Row, curve, fmt_bytes, fmt_ratio, fmt_time
+from benchmarks.report_rows import LINEAR_CASE, Row, curve, fmt_bytes, fmt_ratio, fmt_time
 
 TARGET_LOOKUP_RATIO = 100.0
 TARGET_LINEAR_SLOPE = 1.2
