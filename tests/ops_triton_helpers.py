@@ -1,9 +1,9 @@
 """Helpers of the Triton backend's tests (``tests/test_ops_triton_*.py``): random databases, queries and LoRA
 cases, comparisons with the reference backend, and a child Python process.
 
-It imports the backend's launchers: a test module imports it only after its own checks that Triton is
-installed and the backend loads (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA, before triton is
-imported).
+Importing it skips the importing test module when Triton is not installed or its backend does not load
+here (tests/conftest.py sets TRITON_INTERPRET=1 without CUDA, before triton is imported), so each test
+module imports it first.
 """
 
 from __future__ import annotations
@@ -13,10 +13,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
-from melo_fast import ops
-from melo_fast.ops.triton.vecdb_search import vecdb_search_fwd
+pytest.importorskip("triton")
+
+from melo_fast import ops  # noqa: E402
+from melo_fast.ops.triton import load  # noqa: E402
+
+try:
+    load()
+except ImportError as err:  # triton present but unusable here (e.g. interpreter not enabled)
+    pytest.skip(f"triton backend unavailable: {err}", allow_module_level=True)
+
+from melo_fast.ops.triton.vecdb_search import vecdb_search_fwd  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -13,16 +13,8 @@ import contextlib
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
+import tests.ops_triton_helpers  # noqa: F401  (skips this module without a usable Triton)
 from melo_fast import ops  # noqa: E402
-from melo_fast.ops.triton import load  # noqa: E402
-
-try:
-    _backend = load()
-except ImportError as err:  # triton present but unusable here (e.g. interpreter not enabled)
-    pytest.skip(f"triton backend unavailable: {err}", allow_module_level=True)
-
 from melo_fast.ops.triton import _launch  # noqa: E402
 from melo_fast.ops.triton import block_lora as block_lora_module  # noqa: E402
 from melo_fast.ops.triton import vecdb_search as vecdb_search_module  # noqa: E402

@@ -10,15 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-pytest.importorskip("triton")
-
-from melo_fast.ops.triton import load  # noqa: E402
-
-try:
-    _backend = load()
-except ImportError as err:  # triton present but unusable here (e.g. interpreter not enabled)
-    pytest.skip(f"triton backend unavailable: {err}", allow_module_level=True)
-
+import tests.ops_triton_helpers  # noqa: F401  (skips this module without a usable Triton)
 from tests.ops_triton_helpers import (  # noqa: E402
     DEVICE,
     assert_same_ids,
