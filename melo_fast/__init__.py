@@ -14,7 +14,20 @@ loaded from a local folder finds its own. With an absolute ``MeloConfig(init_rad
 
 from melo_fast.config import MeloConfig
 from melo_fast.editing import EditResult, MeloEditor
+from melo_fast.editing.key_projection_training import Fact, train_key_projection
 from melo_fast.patching import load, patch, unpatch
+from melo_fast.routing.key_projection import KeyProjection
 from melo_fast.version import __version__
 
-__all__ = ["EditResult", "MeloConfig", "MeloEditor", "__version__", "load", "patch", "unpatch"]
+__all__ = [
+    "EditResult",
+    "Fact",
+    "KeyProjection",
+    "MeloConfig",
+    "MeloEditor",
+    "__version__",
+    "load",
+    "patch",
+    "train_key_projection",
+    "unpatch",
+]

@@ -1,4 +1,4 @@
-"""``python -m melo_fast {demo,eval,env,inspect}``."""
+"""``python -m melo_fast {demo,eval,projection,env,inspect}``."""
 
 from __future__ import annotations
 
@@ -72,10 +72,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m melo_fast", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
 
-    from melo_fast.eval import demo, evaluate
+    from melo_fast.eval import demo, evaluate, projection_command
 
     demo.add_arguments(commands.add_parser("demo", help="edit a real pretrained model on real data and report"))
     evaluate.add_arguments(commands.add_parser("eval", help="MELO metrics and baselines on a local HF model"))
+    projection_command.add_arguments(commands.add_parser(
+        "projection", help="train a key projection (edits that reach paraphrases) on a KnowEdit file"))
     commands.add_parser("env", help="versions and available op backends").set_defaults(run=_env)
     inspect = commands.add_parser("inspect", help="which router and targets patch() chooses for a model, and why")
     inspect.add_argument("model_dir", help="local Hugging Face model folder (config.json; weights are not needed)")

@@ -162,6 +162,8 @@ class MeloConfig:
             ``relative_radius`` × the model's key scale, measured once before the first edit on
             built-in neutral prompts (``melo_fast.editing.calibration``), so it holds at any key scale and
             in bf16. A number is an absolute radius, MELO's own setting (0.5 for GPT2-XL, 75 for T5).
+            With a key projection (``melo_fast.patch(..., key_projection=...)``), ``"auto"`` is the radius
+            the projection chose when it was trained (``KeyProjection.radius``).
         relative_radius: the radius as a fraction of the key scale when ``init_radius="auto"``.
         key_position: which token of an input gives its key: ``"last"`` real token (default),
             ``"mean"`` over real tokens, or an int index into the padded sequence (``-1`` is what

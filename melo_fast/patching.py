@@ -99,7 +99,7 @@ def _base_model(model: nn.Module) -> nn.Module:
     return model.get_base_model() if callable(get_base_model) else model
 
 
-def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) -> MeloEditor:
+def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None, key_projection=None) -> MeloEditor:
     """Attach MELO to ``model`` in place and return its editor.
 
     Args:
@@ -108,6 +108,10 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
         config: what to patch and how; None uses the defaults for the model (``melo_fast.targets``).
         tokenizer: the model's tokenizer, used once to measure the key scale when
             ``config.init_radius="auto"`` (the default); ``edit_texts`` and ``calibrate`` also take it.
+        key_projection: a :class:`~melo_fast.KeyProjection` trained for this router and key position
+            (``melo_fast.train_key_projection``): inputs are routed by their projected keys, so an edit
+            also reaches other wordings of its question (``MeloEditor.use_key_projection``). None: MELO's
+            raw router keys.
 
     Returns:
         The :class:`MeloEditor` of this model (also reachable as ``model._melo_editor``).
@@ -147,9 +151,10 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
     config = config.replace(router=router_name, targets=[name for name, _ in targets])
 
     radius = config.radius_policy.absolute  # resolved here, or measured before the first edit (None)
-    database = VectorDatabase(linear_shape(router_module)[1], radius, device=router_module.weight.device)
+    key_width = linear_shape(router_module)[1]
+    database = VectorDatabase(key_width, radius, device=router_module.weight.device)
     routing = Routing(EditState(database, {name: () for name, _ in targets}, 0))
-    router = RouterHook(router_name, routing, config.key_position, config.backend)
+    router = RouterHook(router_name, routing, config.key_position, config.backend, key_width)
     lora_layers = {
         name: BlockLoRAHook(name, module, routing, config.rank_per_block, config.scale, config.backend)
         for name, module in targets
@@ -178,6 +183,12 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None) ->
         attached.handles.append(GenerateWrapper(inner, routing))
 
     editor = MeloEditor(model, config, routing, router, lora_layers, kind, attached.remove, tokenizer=tokenizer)
+    if key_projection is not None:
+        try:
+            editor.use_key_projection(key_projection)
+        except BaseException:
+            attached.remove()  # a projection that does not fit leaves the model unpatched
+            raise
     attached.set(model, EDITOR_ATTRIBUTE, editor)
     _resolve_backends(config.backend, {router_module.weight.device} | {m.weight.device for _, m in targets})
     if router_module.weight.device.type == "cuda":

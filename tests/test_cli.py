@@ -57,3 +57,23 @@ def test_inspect_a_bare_config_gives_names_any_head_class_accepts(capsys, tmp_pa
 def test_inspect_without_a_config_says_so(tmp_path):
     with pytest.raises(SystemExit, match="has no config.json"):
         main(["inspect", str(tmp_path)])
+
+
+def test_projection_trains_a_key_projection_that_patch_takes(capsys, tmp_path):
+    """`projection` on a saved tiny GPT-2 and 40 zsRE dev records writes a projection the model patches with."""
+    import json
+
+    from tests.conftest import ZSRE_DEV
+
+    family = build("gpt2")
+    family.model.save_pretrained(tmp_path / "model")
+    family.tokenizer.save_pretrained(tmp_path / "model")
+    (tmp_path / "data.json").write_text(json.dumps(json.loads(ZSRE_DEV.read_text())[:40]))
+    main(["projection", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.json"),
+          "--out", str(tmp_path / "p.safetensors"), "--rank", "8", "--steps", "20"])
+    assert "use it: melo_fast.patch(model, MeloConfig(router=" in capsys.readouterr().out
+    projection = melo_fast.KeyProjection.load(tmp_path / "p.safetensors")
+    assert projection.out_dim == 8 and projection.info["facts"] >= 10 and projection.info["folds"] == 5
+    config = melo_fast.MeloConfig(router=projection.router, key_position=projection.key_position)
+    editor = melo_fast.patch(family.model, config, tokenizer=family.tokenizer, key_projection=projection)
+    assert editor.db.dim == 8

@@ -27,7 +27,6 @@ import json
 import os
 import platform
 import random
-import re
 import subprocess
 import time
 from pathlib import Path
@@ -36,6 +35,7 @@ import torch
 
 from melo_fast.editing.calibration import NEUTRAL_PROMPTS
 from melo_fast.eval.data import EditRecord, Probe, load_records, split_edits
+from melo_fast.eval.paraphrase_facts import paraphrases, same_fact  # noqa: F401 - the scripts' common names
 
 ROOT = Path(__file__).resolve().parents[2]
 DEV_DATA = ROOT.parent / "shared" / "data" / "zsre_knowedit_dev.json"
@@ -96,16 +96,6 @@ def edited_and_held(records: list[EditRecord]) -> tuple[list[EditRecord], list[E
     return split_edits(list(records), HOLDOUT)
 
 
-def paraphrases(record: EditRecord) -> list[str]:
-    """The record's real ``generate_prompt`` paraphrases, in file order.
-
-    Why filtered: some dev records interleave their paraphrases with punctuation-only entries (".", ")",
-    "/"; counts in ``results/data_facts.json``). They are not questions, they coincide across records, and
-    the harness's ``generality_generate`` counts them; here a paraphrase needs two words of letters.
-    """
-    return [g for g in record.generate_prompts if len(re.findall(r"[A-Za-z]+", g)) >= 2]
-
-
 def given_paraphrases(record: EditRecord, m: int) -> list[str]:
     """The first ``m`` (<= 3) user paraphrases of an edit."""
     if m > USER_PARAPHRASES:
@@ -125,26 +115,6 @@ def relation_probes(record: EditRecord) -> list[Probe]:
     were written when it held the Relation_Specificity list alone, and they use exactly that list.
     """
     return record.locality.get("Relation_Specificity", [])
-
-
-def _answers(values) -> set[str]:
-    return {v.strip().lower() for v in values}
-
-
-def same_fact(subject: str, ground_truth: list[str], edited: list[EditRecord]) -> bool:
-    """Whether a locality question (about ``subject``, answer ``ground_truth``) asks a fact that is edited.
-
-    A proxy, since zsRE records carry no relation id: same subject and a shared original answer as an
-    edited record. Why it matters: many dev Relation_Specificity questions ask their own record's edited
-    fact in another wording (``results/data_facts.json`` counts them): "The constellation of Butterfly
-    Cluster is" for the edit "What constellation is home to Butterfly Cluster?". And some never-edited
-    records ask an edited record's fact ("What war did Lloyd Thomas fight in?" / "What war was Lloyd Thomas
-    in?"). An edit that reaches its paraphrases changes those answers, which raw locality counts as
-    failures; the reports
-    give locality with and without them (``clean``).
-    """
-    answers = _answers(ground_truth)
-    return any(e.subject == subject and answers & _answers(e.ground_truth) for e in edited)
 
 
 def relation_template(record: EditRecord) -> str:

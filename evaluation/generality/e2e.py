@@ -25,6 +25,9 @@ A variant (``VARIANTS``) says what one edit batch is:
   another batch -> commit`` path of the library);
 - ``projection``: a trained key projection (``projection.py``) applied to the router's keys, for
   editing and serving alike (the prototype swaps the router's key function);
+- ``key_projection``: the shipped :class:`melo_fast.KeyProjection` (``library_projection.py``), passed to
+  ``melo_fast.patch`` with the router and key position it was trained on, at the radius it chose on part A;
+  its runs are replayed on ``KP_GRID``, absolute radii (its keys are unit vectors, there is no key scale);
 - radius: the main run uses the library's default radius (``melo``) or the relative radius the
   routing-bound probe chose on part A for that key function at raw locality >= 0.99 (``--probe``
   JSONs; ``part_A_radius`` records the probe's choice for every floor). The trained blocks do not
@@ -72,11 +75,17 @@ class Variant:
     default_radius: bool = False  # the library's default relative radius (0.1) instead of part A's
     per_edit_blocks: bool = False  # one block per edit instead of one per batch of 10
     text_keys: bool = False  # keys from the prompt's text by MiniLM (+ its projection), not the edited model
+    key_projection: bool = False  # the shipped melo_fast.KeyProjection (library_projection.py), at its own radius
     note: str = ""
 
 
 PROJ = {"minilm": "/tmp/melo_generality/proj_minilm.pt", "smollm2": "/tmp/melo_generality/proj_smollm2.pt"}
+KP = {"minilm": "/tmp/melo_generality/kp_minilm.safetensors", "smollm2": "/tmp/melo_generality/kp_smollm2.safetensors"}
+KP_GRID = [round(0.04 * i, 2) for i in range(4, 21)]  # absolute radii replayed for the shipped projection
 VARIANTS = {
+    # The shipped key projection (melo_fast.patch(..., key_projection=...)) with the radius it chose on part A.
+    "kp": dict(key_projection=True, default_radius=True, note="melo_fast.KeyProjection as shipped"),
+    "kp_para3": dict(key_projection=True, default_radius=True, paraphrases=3),
     "melo": dict(default_radius=True, note="MELO as shipped (default radius)"),
     "melo_rA": dict(note="MELO, radius chosen on part A"),
     "para1": dict(paraphrases=1),
@@ -137,6 +146,8 @@ def edit_rows(task, texts: list[str], targets: list[str]) -> dict[str, torch.Ten
 # --- the protocol --------------------------------------------------------------------------------------
 class GeneralityEval(SequentialEval):
     """The harness with held-out generate prompts, clean locality and routing statistics."""
+
+    training = "melo"  # how blocks train (edit_group); main() sets it from --training
 
     def _probe_sets(self) -> dict[str, ProbeSet]:
         sets = {name: s for name, s in super()._probe_sets().items() if name in PROBE_SETS}
@@ -204,7 +215,11 @@ class GeneralityEval(SequentialEval):
             self.answerer.compute_unedited()
         if radius is not None:
             config = config.replace(init_radius="auto", relative_radius=radius)
-        if variant.projection and not variant.text_keys:
+        key_projection = None
+        if variant.key_projection:
+            key_projection = melo_fast.KeyProjection.load(variant.projection)
+            config = config.replace(router=key_projection.router, key_position=key_projection.key_position)
+        elif variant.projection and not variant.text_keys:
             # The projection was trained on one key function (module, layer, position): route with it.
             from evaluation.generality.projection import load_projection
 
@@ -215,10 +230,10 @@ class GeneralityEval(SequentialEval):
         caches = self.__dict__.setdefault("_key_caches", {})
         self.answerer._keys = caches.setdefault(variant.projection, {})
         torch.manual_seed(common.SEED)
-        editor = melo_fast.patch(self.task.model, config, tokenizer=self.task.tokenizer)
+        editor = melo_fast.patch(self.task.model, config, tokenizer=self.task.tokenizer, key_projection=key_projection)
         if variant.text_keys:
             use_text_keys(editor, self.task.tokenizer, variant.projection)
-        elif variant.projection:
+        elif variant.projection and not variant.key_projection:
             use_projection(editor, variant.projection)
         editor.calibrate(self.task.tokenizer)
         rng = random.Random(common.SEED)
@@ -231,7 +246,7 @@ class GeneralityEval(SequentialEval):
                 for group in groups:
                     start, cpu = time.perf_counter(), time.process_time()
                     block, n_dropped, n_rows, keys, labels = edit_group(editor, self.task, group, variant, prefixes,
-                                                                        rng)
+                                                                        rng, self.training)
                     edit_seconds += time.perf_counter() - start
                     edit_cpu += time.process_time() - cpu  # one thread: CPU time, not the shared machine's waits
                     dropped += n_dropped
@@ -250,13 +265,15 @@ class GeneralityEval(SequentialEval):
                        relative_radius=config.relative_radius, db=editor.db.stats(), blocks=editor.num_blocks)
             out["grid"] = []
             blocks = editor.blocks()
+            # A key projection's keys have no key scale: its grid is of absolute radii (unit keys).
             for relative in grid:
-                db = VectorDatabase(editor.db.dim, relative * editor.db.key_scale, key_scale=editor.db.key_scale)
+                radius_here = relative * editor.db.key_scale if editor.db.key_scale is not None else relative
+                db = VectorDatabase(editor.db.dim, radius_here, key_scale=editor.db.key_scale)
                 for keys, labels, block in inserts:
                     drop = {j for _, j in coinciding_conflicts(keys, labels, COINCIDE_FRACTION * db.init_radius)}
                     keep = [i for i in range(len(labels)) if i not in drop]
                     db.insert(keys[keep], [labels[i] for i in keep], block)
-                editor.replace_state(db, blocks)
+                editor.replace_state(db, blocks, editor.state.projection)
                 point = {"relative_radius": relative, **self.final(editor, block_of_record), **db.stats()}
                 out["grid"].append({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})
                 if point["locality_clean"] < 0.9:
@@ -275,7 +292,7 @@ class GeneralityEval(SequentialEval):
         (a tiny radius, one label per question) routes each of them to its block and nothing else.
         """
         scale = editor.db.key_scale
-        db = VectorDatabase(editor.db.dim, 1e-4 * scale, key_scale=scale)
+        db = VectorDatabase(editor.db.dim, 1e-4 * (scale or 1.0), key_scale=scale)  # a projection's keys: unit
         owners = {"rephrase": list(range(len(self.edited))), "generate": self.sets["generate"].owners}
         per_block: dict[int, list] = {}
         for kind, (name, own) in enumerate(owners.items()):
@@ -288,15 +305,19 @@ class GeneralityEval(SequentialEval):
             drop = {j for _, j in coinciding_conflicts(keys, labels, COINCIDE_FRACTION * db.init_radius)}
             keep = [i for i in range(len(labels)) if i not in drop]
             db.insert(keys[keep], [labels[i] for i in keep], block)
-        editor.replace_state(db, blocks)
+        editor.replace_state(db, blocks, editor.state.projection)
         return {
             "gen_rephrase": metrics.mean(self.scores("rephrase", self.answerer.routed("rephrase", editor))),
             "gen_generate": metrics.mean(self.scores("generate", self.answerer.routed("generate", editor))),
         }
 
 
-def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng: random.Random):
+def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng: random.Random,
+               training: str = "melo"):
     """Edit ``records`` as one block: key rows (prompt + m paraphrases) and training rows (+ prefixed copies).
+
+    ``training``: ``"melo"``, MELO's fixed loop (:func:`melo_loop`); ``"default"``, ``editor.edit`` as shipped
+    (early stop, frozen-prefix replay, continuation tokens; not with prefixes).
 
     Returns ``(block id, rows dropped, rows trained, keys inserted, their labels)``.
     """
@@ -315,6 +336,9 @@ def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng
         targets = [t for i, t in enumerate(targets) if i not in drop]
         key_batch = edit_rows(task, texts, targets)
         keys, labels = editor.keys(key_batch), editor.edit_batch(key_batch).targets
+    if training == "default" and not variant.prefixes:
+        block = editor.edit(key_batch).block_id
+        return block, len(drop), len(texts), keys, labels
     train_texts, train_targets = list(texts), list(targets)
     for text, target in zip(texts, targets, strict=True):
         for prefix in rng.sample(prefixes, variant.prefixes) if variant.prefixes else []:
@@ -364,6 +388,9 @@ def main(argv=None) -> None:
     parser.add_argument("--grid", choices=("full", "picks"), default="full",
                         help="replay every radius of the probe's grid, or only part A's picks (cheaper: generation)")
     parser.add_argument("--prefixes", default=str(common.RESULTS / "prefixes_smollm2.json"))
+    parser.add_argument("--training", choices=("melo", "default"), default="melo",
+                        help="how blocks train: MELO's fixed loop, or editor.edit as shipped (early stop, "
+                             "continuation)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -373,6 +400,7 @@ def main(argv=None) -> None:
         records = records[: args.limit]
     task, config = build_task(args.model, records)
     harness = GeneralityEval(task, records, Settings(batch_size=10, holdout=common.HOLDOUT, progress=False))
+    harness.training = args.training
     prefixes = json.loads(Path(args.prefixes).read_text())["prefixes"] if Path(args.prefixes).exists() else []
     probes = [json.loads(Path(p).read_text()) for p in args.probe]
     spec = f"{common.DEFAULT_ROUTER[args.model]}:last"
@@ -385,7 +413,9 @@ def main(argv=None) -> None:
         "provenance": common.provenance(),
         "model": args.model,
         "config": config.to_dict(),
-        "block_training": dataclasses.asdict(melo_loop(config)),  # what trains the blocks (melo_loop)
+        # what trains the blocks: melo_loop, or editor.edit with the config's own settings
+        "block_training": dataclasses.asdict(melo_loop(config) if args.training == "melo" else config.train_settings),
+        "training": args.training,
         "part": "B",
         "shape": {**harness.describe(), "same_fact": {k: sum(v) for k, v in harness.same_fact.items()}},
         "unedited_answers_seconds": unedited_seconds,
@@ -398,9 +428,11 @@ def main(argv=None) -> None:
             fields["projection"] = PROJ[args.model]
         if fields.get("projection") == "PROJ_MINILM":
             fields["projection"] = PROJ["minilm"]
+        if fields.get("key_projection"):
+            fields["projection"] = KP[args.model]
         variant = Variant(name=name, **fields)
         key_spec = spec
-        if variant.projection:
+        if variant.projection and not variant.key_projection:
             from evaluation.generality.projection import load_projection
 
             key_spec = load_projection(variant.projection)[1]
@@ -424,6 +456,8 @@ def main(argv=None) -> None:
             continue
         print(f"== {name}: relative radius {radius}, part A's radii {picks}", flush=True)
         grid = [r for r in RADII if r >= args.grid_from] if args.grid == "full" else sorted(set(picks.values()))
+        if variant.key_projection:
+            grid = KP_GRID if args.grid == "full" else []  # absolute radii on unit keys
         result = harness.run_variant(config, variant, prefixes, radius, grid)
         result["part_A_radius"] = picks
         result["variant"] = asdict(variant)

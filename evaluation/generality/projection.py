@@ -35,6 +35,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from evaluation.generality import common  # noqa: E402
+from melo_fast.eval.paraphrase_facts import facts_from_records  # noqa: E402
 
 
 class KeyProjection(nn.Module):
@@ -54,24 +55,8 @@ class KeyProjection(nn.Module):
 
 def facts_of(records) -> tuple[list[list[str]], list[list[str]]]:
     """``(groups, negatives)``: per fact its phrasings, and its subject's other-fact questions (hard negatives)."""
-    groups: dict[tuple, list[str]] = {}
-    negatives: dict[tuple, list[str]] = {}
-    by_subject: dict[str, list] = {}
-    for r in records:
-        by_subject.setdefault(r.subject, []).append(r)
-    for r in records:
-        fact = next((f for f in groups if f[0] == r.subject and common._answers(r.ground_truth) & set(f[1])), None)
-        if fact is None:
-            fact = (r.subject, tuple(sorted(common._answers(r.ground_truth))))
-            groups[fact], negatives[fact] = [], []
-        for text in [r.prompt, r.rephrase_prompt, *common.paraphrases(r)]:
-            if text not in groups[fact]:
-                groups[fact].append(text)
-        for probe in common.relation_probes(r):
-            if not common.same_fact(r.subject, probe.ground_truth, by_subject[r.subject]):
-                negatives[fact].append(probe.prompt)
-    keys = list(groups)
-    return [groups[k] for k in keys], [negatives[k] for k in keys]
+    facts = facts_from_records(records)
+    return [list(f.phrasings) for f in facts], [list(f.negatives) for f in facts]
 
 
 def info_nce(model, keys_of, groups, negatives, facts: list[int], tau: float, generator: random.Random):

@@ -172,7 +172,10 @@ def e2e_row(name: str, v: dict, floor: str | None) -> list[str]:
     if r is None:
         return [name, "–"] + ["–"] * (len(E2E_HEADER) - 2)
     per_edit = v["edit_cpu_seconds"] / max(1, v["edits"])
-    return [name, f"{r['relative_radius']:.3f}", f3(v["es"]) if floor is None else "", f3(r["err"]),
+    # A shipped key projection's radius is absolute (its keys are unit vectors, without a key scale).
+    absolute = floor is None and not v.get("key_scale")
+    radius = f"{v['init_radius']:.2f} (abs)" if absolute else f"{r['relative_radius']:.3f}"
+    return [name, radius, f3(v["es"]) if floor is None else "", f3(r["err"]),
             f3(r["gen_rephrase"]), f3(r["gen_generate"]), f3(r["generate_routed_own"]), f3(r["generate_misrouted"]),
             f3(r["gen_generate_given_routed"]), f3(v["oracle_routing"]["gen_generate"]), f3(r["loc_relation"]),
             f3(r["loc_unedited"]), f3(r["locality"]), f3(r["locality_clean"]), f"{per_edit:.2f}"]
@@ -186,9 +189,10 @@ def e2e_table(model: str, floor: str | None) -> str:
 
 
 def e2e_shape(model: str) -> str:
-    data = load(f"e2e_{model}")
-    if data is None:
+    files = sorted(RESULTS.glob(f"e2e_{model}*.json"))
+    if not files:
         return "not run"
+    data = json.loads(files[0].read_text())
     s = data["shape"]
     q = s["probe_questions"]
     return (f"{s['records']} part-B records ({s['edited']} edited in {s['batches']} batches of 10, "
@@ -289,7 +293,7 @@ def summary_lines() -> list[str]:
         f"bound of those routers at part A's radius for raw locality ≥ 0.98: "
         f"{gg(bound(default_router('minilm'), RAW98))} and {gg(bound(default_router('smollm2'), RAW98))}.",
         "- **A trained key projection** (a linear map on the router keys, trained once per model on part A's "
-        "paraphrase groups with same-subject hard negatives; research, not shipped), at part A's radius for clean "
+        "paraphrase groups with same-subject hard negatives; the research prototype), at part A's radius for clean "
         f"locality ≥ 0.99: MiniLM end to end {clean(e2e_point('minilm', 'proj', CLEAN99))}; SmolLM2 (mean key of "
         f"`layers.3.mlp.up_proj`) routing bound {clean(bound(projected('smollm2'), CLEAN99))}, end to end "
         f"{clean(e2e_point('smollm2', 'proj', CLEAN99))}.",
@@ -304,5 +308,65 @@ def summary_lines() -> list[str]:
         "locality leaves them out. At raw locality ≥ 0.98 the highest routing bound of any setting probed, even with "
         f"the radius fitted on B itself, is {top_text}.",
         "- **Shipped:** `MeloEditor.edit_texts(..., paraphrases=[[...], ...])`, user-written wordings of each prompt "
-        "as rows of the same edit (default `None`: MELO's behaviour). The trained key projection is not shipped.",
+        "as rows of the same edit (default `None`: MELO's behaviour); and `melo_fast.KeyProjection`, trained once per "
+        "model by `melo_fast.train_key_projection` (or `python -m melo_fast projection`) and passed to "
+        "`melo_fast.patch(..., key_projection=...)` (default `None`: MELO's raw keys). End to end on B at the radius "
+        f"it chose on A: MiniLM {shipped('minilm', 'kp')}, with 3 paraphrases {shipped('minilm', 'kp_para3')}; "
+        f"SmolLM2 {shipped('smollm2', 'kp')}, with 3 paraphrases {shipped('smollm2', 'kp_para3')}, MELO "
+        f"{shipped('smollm2', 'melo')}.",
     ]
+
+
+def shipped(model: str, variant: str) -> str:
+    """``generate / rephrase (locality X, clean Y)`` of an end-to-end run at its own radius."""
+    v = e2e_variants(model).get(variant)
+    if v is None:
+        return "(not run)"
+    return (f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])} (locality {f3(v['locality'])}, clean "
+            f"{f3(v['locality_clean'])}, {v['edits']} edits)")
+
+
+# --- the shipped key projection (melo_fast.KeyProjection) ---------------------------------------------
+SHIPPED_HEADER = ["model", "key function", "radius (chosen on A)", "A held out: locality (negatives / never edited)",
+                  "A held out: paraphrases routed", "variant", "edits (B)", "ES", "ERR", "gen generate / rephrase",
+                  "locality", "locality clean", "edit CPU s / edit"]
+
+
+def shipped_rows(model: str) -> list[list[str]]:
+    """The shipped projection of ``model`` (``library_projection_<model>.json``) and its end-to-end runs on B."""
+    trained = load(f"library_projection_{model}")
+    variants = e2e_variants(model)
+    if trained is None:
+        return [[model, "(not run)"] + ["–"] * (len(SHIPPED_HEADER) - 2)]
+    held = trained["training"]["held_out"]
+    localities = [v for k, v in held.items() if k.startswith("locality_negatives")], [
+        v for k, v in held.items() if k.startswith("locality_never_edited")]
+    head = [model, f"`{trained['router']}` ({trained['key_position']})", f"{trained['radius']:.2f}",
+            f"{f3(min(localities[0]))} / {f3(min(localities[1]))}", f3(held["paraphrases_routed"])]
+    rows = []
+    for name in ("melo", "kp", "kp_para3"):
+        v = variants.get(name)
+        if v is None or (name == "melo" and model == "minilm"):
+            continue  # MiniLM's MELO row is in the tables below (at its default radius)
+        label = {"melo": "MELO (no projection)", "kp": "projection", "kp_para3": "projection + 3 paraphrases"}[name]
+        rows.append(head + [label, str(v["edits"]), f3(v["es"]), f3(v["err"]),
+                            f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["locality"]),
+                            f3(v["locality_clean"]), f"{v['edit_cpu_seconds'] / max(1, v['edits']):.2f}"])
+        head = ["", "", "", "", ""]
+    return rows or [head + ["(no end-to-end run)"] + ["–"] * (len(SHIPPED_HEADER) - 6)]
+
+
+def shipped_table() -> str:
+    return table(SHIPPED_HEADER, [row for model in MODELS for row in shipped_rows(model)])
+
+
+def shipped_curve(model: str = "minilm") -> str:
+    """The shipped projection's end-to-end run replayed at absolute radii (``kp``'s grid)."""
+    v = e2e_variants(model).get("kp")
+    if v is None or not v.get("grid"):
+        return "(not run)"
+    rows = [[f"{p['relative_radius']:.2f}", f"{f2(p['gen_generate'])} / {f2(p['gen_rephrase'])}", f3(p["err"]),
+             f3(p["loc_relation"]), f3(p["loc_unedited"]), f3(p["locality"]), f3(p["locality_clean"])]
+            for p in v["grid"]]
+    return table(["radius", "gen generate / rephrase", "ERR", "loc relation", "loc never-edited", "locality",
+                  "locality clean"], rows)

@@ -70,6 +70,15 @@ def generality() -> list[str]:
              "key function screened, the projection's training and cost, training under generated prefixes, "
              "and the command, commit and wall time of each result). " + g.GENERALITY_NOTE.replace("\n", " "), ""]
     lines += g.summary_lines() + [""]
+    lines += ["**Shipped: `melo_fast.KeyProjection`** (`melo_fast.train_key_projection`, trained by "
+              "`library_projection.py` on part A's facts, `melo_fast.eval.paraphrase_facts`: 5 folds of A's subjects, "
+              "each held out once; the radius is the largest that keeps ≥ 0.99 of the held-out folds' hard negatives "
+              "and never-edited wordings out of every edit's scope, with few and with many edits in the database). "
+              "End to end on part B (`e2e.py`, variants `kp`, `kp_para3`, `melo`) at the projection's own radius, "
+              "nothing fitted on B. SmolLM2's blocks train as `editor.edit` does by default (`--training default`), "
+              "MiniLM's with MELO's fixed loop like its other rows:", "", g.shipped_table(), "",
+              "MiniLM's `kp` run replayed at other absolute radii (the blocks do not depend on the radius; for "
+              "reading the trade-off only, the shipped radius is the one chosen on A):", "", g.shipped_curve(), ""]
     lines += ["**Routing bound of the shipped routers** (`probe.py`: MELO's vector database, no block trained; "
               "generality counts a question routed to its own edit's block, locality one routed to no block). "
               + g.PROBE_CELLS.replace("\n", " "), "", g.default_router_table(), ""]

@@ -60,29 +60,35 @@ NEUTRAL_PROMPTS = (
 
 
 def neutral_inputs(tokenizer, device) -> list[dict[str, torch.Tensor]]:
-    """The :data:`NEUTRAL_PROMPTS` as model inputs on ``device``.
+    """The :data:`NEUTRAL_PROMPTS` as model inputs on ``device`` (:func:`text_inputs`, one batch)."""
+    return text_inputs(tokenizer, list(NEUTRAL_PROMPTS), device, batch_size=len(NEUTRAL_PROMPTS))
+
+
+def text_inputs(tokenizer, texts: list[str], device, batch_size: int = 64) -> list[dict[str, torch.Tensor]]:
+    """``texts`` as model inputs on ``device``, in their order, for reading their keys.
 
     Returns:
         A list of tokenizer outputs (``input_ids``, ``attention_mask``, ...: ``[B, T]`` int64 tensors):
-        one batch of all the prompts, padded on the right, when the tokenizer has a pad token; else one
-        unpadded ``[1, T]`` batch per prompt (GPT-2's tokenizer has no pad token), so the user's
+        batches of up to ``batch_size`` texts, padded on the right, when the tokenizer has a pad token;
+        else one unpadded ``[1, T]`` batch per text (GPT-2's tokenizer has no pad token), so the user's
         tokenizer is never modified.
 
     Right padding whatever the tokenizer's side: keys are read from the inputs as given, and a model with
     absolute positions reads a left-padded prompt at shifted positions; edits read theirs unpadded.
     """
-    rows = [tokenizer(prompt) for prompt in NEUTRAL_PROMPTS]
+    rows = [tokenizer(text) for text in texts]
     if tokenizer.pad_token_id is None:
         batches = [{name: torch.tensor([values]) for name, values in row.items()} for row in rows]
     else:
-        length = max(len(row["input_ids"]) for row in rows)
         fill = {"input_ids": tokenizer.pad_token_id}  # every other entry (attention_mask, token_type_ids) pads with 0
-        batches = [
-            {
-                name: torch.tensor([row[name] + [fill.get(name, 0)] * (length - len(row[name])) for row in rows])
-                for name in rows[0]
-            }
-        ]
+        batches = []
+        for start in range(0, len(rows), batch_size):
+            chunk = rows[start : start + batch_size]
+            length = max(len(row["input_ids"]) for row in chunk)
+            batches.append({
+                name: torch.tensor([row[name] + [fill.get(name, 0)] * (length - len(row[name])) for row in chunk])
+                for name in chunk[0]
+            })
     return [{name: value.to(device) for name, value in batch.items()} for batch in batches]
 
 

@@ -226,7 +226,7 @@ class MeloEditor(EditStateIO, RefusesCopy):
                 for layer in self.lora_layers.values():
                     layer.bank.truncate(block_id)
                 raise
-            self.routing.published = EditState(database, blocks, block_id + 1)  # the atomic publish
+            self.routing.published = EditState(database, blocks, block_id + 1, state.projection)  # the atomic publish
             self._close_block()
             return block_id, counts
 
@@ -432,14 +432,17 @@ class MeloEditor(EditStateIO, RefusesCopy):
             state = self.routing.published
             database = state.database.copy()
             database.init_radius, database.key_scale = radius, scale
-            self.routing.published = EditState(database, state.blocks, state.num_blocks)
+            self.routing.published = dataclasses.replace(state, database=database)
             return radius
 
     def _radius(self) -> tuple[float, float | None]:
         """``(init_radius, key_scale)`` for the next commit: the database's, or measured now."""
-        database = self.routing.published.database
+        state = self.routing.published
+        database = state.database
         if database.init_radius is not None:
             return database.init_radius, database.key_scale
+        if state.projection is not None and self.config.init_radius == "auto":
+            return state.projection.radius, None  # chosen when the projection was trained (key_projection.py)
         tokenizer = self.tokenizer or calibration.local_tokenizer(self.model)
         if tokenizer is None:
             raise ValueError(

@@ -10,6 +10,7 @@ block; replacing publishes one new state under the editor's lock, as a commit do
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import torch
@@ -20,7 +21,8 @@ from melo_fast.editing.restore import check_model as check_model_of
 from melo_fast.editing.restore import restored_state
 from melo_fast.io import checkpoint, export
 from melo_fast.io.fingerprint import Fingerprint
-from melo_fast.routing import BlockLoRAHook, EditState, Routing
+from melo_fast.routing import BlockLoRAHook, EditState, RouterHook, Routing
+from melo_fast.routing.key_projection import KeyProjection
 from melo_fast.targets import ModelKind
 from melo_fast.vecdb import VectorDatabase
 
@@ -41,6 +43,7 @@ class EditStateIO:
     config: MeloConfig
     kind: ModelKind
     routing: Routing
+    router: RouterHook
     lora_layers: dict[str, BlockLoRAHook]
 
     # --- the committed state, on disk ---------------------------------------------------------
@@ -73,8 +76,10 @@ class EditStateIO:
             ValueError: ``path`` is an earlier save whose config names a weights file melo_fast does
                 not write (``../x``, an absolute path): it is neither read nor deleted.
         """
-        state = self.routing.published  # one snapshot: database and blocks belong together
-        checkpoint.write(path, self.config, state.database, self._blocks_of(state, "cpu"), self._fingerprint())
+        state = self.routing.published  # one snapshot: database, projection and blocks belong together
+        checkpoint.write(
+            path, self.config, state.database, self._blocks_of(state, "cpu"), self._fingerprint(), state.projection
+        )
 
     def _fingerprint(self) -> Fingerprint:
         """The model's fingerprint, recorded in saves so that they load only onto this model's weights."""
@@ -113,15 +118,23 @@ class EditStateIO:
         """
         if check_model:
             check_model_of(saved.fingerprint, self._fingerprint(), path)
-        self.replace_state(saved.database, saved.blocks)
+        self.replace_state(saved.database, saved.blocks, saved.projection)
 
-    def replace_state(self, database: VectorDatabase, blocks: Mapping[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
+    def replace_state(
+        self,
+        database: VectorDatabase,
+        blocks: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+        projection: KeyProjection | None = None,
+    ) -> None:
         """Publish an edit state built elsewhere (what :meth:`reload` does once it has read a save).
 
         Args:
-            database: a vector database with this router's key width (copied to the model's device).
+            database: a vector database with this router's key width, or ``projection``'s output width
+                (copied to the model's device).
             blocks: every target name → ``(A [n, k, d_in], B [n, k, d_out])``, the same ``n`` for all
                 targets, and every block id of ``database`` below ``n``.
+            projection: the key projection ``database``'s keys went through (it is published with them),
+                or None: raw router keys.
 
         Raises ValueError (state unchanged) when anything does not fit this model.
         """
@@ -129,10 +142,47 @@ class EditStateIO:
             self._check_attached()
             if self.block_is_open:
                 raise RuntimeError("melo_fast: commit() or abort() the open block before replacing the edit state")
-            state, banks = restored_state(database, blocks, self.lora_layers, self.db, self.config.router)
+            state, banks = restored_state(database, blocks, projection, self.lora_layers, self.db, self.router)
             for name, bank in banks.items():
                 self.lora_layers[name].bank = bank
             self.routing.published = state
+
+    def use_key_projection(self, projection: KeyProjection | None) -> None:
+        """Route through ``projection`` from now on (None: raw router keys again, MELO's keys).
+
+        Only before the first edit: the database holds keys of one key function, and a router's raw keys
+        are not kept to re-project. The next edit uses ``projection.radius`` when ``init_radius="auto"``.
+        (:func:`melo_fast.patch` takes ``key_projection=`` and calls this; a save holds the projection.)
+
+        Raises:
+            TypeError: ``projection`` is not a :class:`~melo_fast.KeyProjection` or None.
+            ValueError: edits were made already, or the projection was trained on another router, key
+                position or key width (the message names both).
+            RuntimeError: a block is open.
+        """
+        if projection is not None and not isinstance(projection, KeyProjection):
+            raise TypeError(
+                f"melo_fast: use_key_projection takes a KeyProjection (KeyProjection.load(path), or what "
+                f"train_key_projection returns) or None, got {type(projection).__name__}"
+            )
+        with self._lock:
+            self._check_attached()
+            if self.block_is_open:
+                raise RuntimeError("melo_fast: commit() or abort() the open block before changing the key projection")
+            state = self.routing.published
+            if state.num_blocks or len(state.database):
+                raise ValueError(
+                    f"melo_fast: this editor holds {state.num_blocks} edit block(s) keyed by its current key function; "
+                    "a key projection is chosen before the first edit. Patch a fresh copy of the model "
+                    "(melo_fast.patch(model, config, key_projection=...)) and edit again"
+                )
+            if projection is not None:
+                projection.check_fits(self.router.name, self.router.key_position, self.router.key_width)
+                projection = projection.copy_to(state.database.device)  # the published state owns its copy
+            width = self.router.key_width if projection is None else projection.out_dim
+            # "auto" radius: None until the next edit takes the projection's radius (or measures one).
+            database = VectorDatabase(width, self.config.radius_policy.absolute, device=state.database.device)
+            self.routing.published = dataclasses.replace(state, database=database, projection=projection)
 
     # --- serving with other engines (melo_fast.io.export) ------------------------------------------
     def export_peft(self, path, blocks=None) -> dict[int, str]:

@@ -9,7 +9,8 @@ import torch
 
 from melo_fast.bank import BlockBank
 from melo_fast.io.fingerprint import Fingerprint
-from melo_fast.routing import BlockLoRAHook, EditState
+from melo_fast.routing import BlockLoRAHook, EditState, RouterHook
+from melo_fast.routing.key_projection import KeyProjection
 from melo_fast.vecdb import VectorDatabase
 
 
@@ -33,27 +34,34 @@ def check_model(saved: Fingerprint | None, here: Fingerprint, path) -> None:
 def restored_state(
     database: VectorDatabase,
     blocks: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    projection: KeyProjection | None,
     lora_layers: Mapping[str, BlockLoRAHook],
     published: VectorDatabase,
-    router: str,
+    router: RouterHook,
 ) -> tuple[EditState, dict[str, BlockBank]]:
     """The edit state of ``database`` and ``blocks`` for this model, and the banks that hold its blocks.
 
     Args:
-        database: a vector database with the router's key width (copied to ``published``'s device).
+        database: a vector database with the router's key width, or ``projection``'s output width (copied
+            to ``published``'s device).
         blocks: every target name → ``(A [n, k, d_in], B [n, k, d_out])``, the same ``n`` for all
             targets, and every block id of ``database`` below ``n``.
+        projection: the key projection ``database``'s keys went through, or None (raw router keys).
         lora_layers: the model's target hooks, by name.
-        published: the model's current database (its key width and device).
-        router: the router's name, for the messages.
+        published: the model's current database (its device).
+        router: the model's router hook (its name, key position and key width).
 
     Raises:
         ValueError: anything does not fit this model (the message says what); nothing was changed.
     """
-    if database.dim != published.dim:
+    if projection is not None:
+        projection.check_fits(router.name, router.key_position, router.key_width)
+    width = router.key_width if projection is None else projection.out_dim
+    if database.dim != width:
+        source = f"this model's router {router.name!r}" if projection is None else "the key projection given with it"
         raise ValueError(
-            f"melo_fast: the database has key width {database.dim}, but this model's router "
-            f"{router!r} gives {published.dim}: it belongs to another model"
+            f"melo_fast: the database has key width {database.dim}, but {source} gives {width}: it belongs to "
+            "another model (or to keys projected by a KeyProjection that was not given with it)"
         )
     if set(blocks) != set(lora_layers):
         raise ValueError(f"melo_fast: blocks are given for {sorted(blocks)}, the targets are {sorted(lora_layers)}")
@@ -68,4 +76,7 @@ def restored_state(
     database = database.copy()
     if database.device != published.device:
         database = VectorDatabase.from_state_dict(*database.state_dict(), device=published.device)
-    return EditState(database, {name: bank.chunks() for name, bank in banks.items()}, num_blocks), banks
+    if projection is not None:
+        projection = projection.copy_to(published.device)  # the published state owns its copy
+    state = EditState(database, {name: bank.chunks() for name, bank in banks.items()}, num_blocks, projection)
+    return state, banks

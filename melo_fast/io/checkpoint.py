@@ -2,7 +2,8 @@
 
 A save folder holds ``melo_config.json`` (format version, MeloConfig, database metadata, the name of
 the weights file, and checksums) and ``melo_edits.<id>.safetensors`` (every block of every target and
-the database tensors).
+the database tensors). Edits keyed through a :class:`~melo_fast.routing.key_projection.KeyProjection`
+also hold it: its tensors as ``key_projection.*`` and the rest as the config's ``"key_projection"``.
 
 The model's fingerprint (``"model_fingerprint"`` in the config, its samples as ``fingerprint.*``
 tensors in the weights file; ``melo_fast.io.fingerprint``) says which model the edits were made on;
@@ -51,6 +52,7 @@ from safetensors.torch import load_file, save_file
 from melo_fast.config import MeloConfig
 from melo_fast.io import files
 from melo_fast.io.fingerprint import Fingerprint
+from melo_fast.routing.key_projection import KeyProjection
 from melo_fast.vecdb import VectorDatabase
 from melo_fast.version import __version__
 
@@ -61,6 +63,7 @@ VERSION_1_WEIGHTS = "melo_edits.safetensors"
 WEIGHTS_NAME = re.compile(r"melo_edits\.[0-9a-f]{12}\.safetensors")  # what write() names its weights file
 READ_TRIES = 5  # reads of the config by a reader that keeps finding its weights file replaced
 CHECKSUMS = "sha256"  # the config's entry: file name -> SHA-256 hex
+PROJECTION = "key_projection"  # the config's entry and the weights' prefix of a key projection
 
 
 @dataclass
@@ -74,6 +77,7 @@ class SavedEdits:
         database: the vector database, on CPU.
         fingerprint: the model the edits were made on, or None (a save from before fingerprints).
         meta: the raw metadata of ``melo_config.json``.
+        projection: the key projection the database's keys went through, or None.
     """
 
     config: MeloConfig
@@ -82,6 +86,7 @@ class SavedEdits:
     database: VectorDatabase
     fingerprint: Fingerprint | None
     meta: dict
+    projection: KeyProjection | None = None
 
 
 def write(
@@ -90,6 +95,7 @@ def write(
     database: VectorDatabase,
     blocks: dict[str, tuple[torch.Tensor, torch.Tensor]],
     fingerprint: Fingerprint,
+    projection: KeyProjection | None = None,
 ) -> None:
     """Write an edit state made with ``config`` to folder ``path``.
 
@@ -97,6 +103,7 @@ def write(
         database: the vector database.
         blocks: target name → ``(A [n, k, d_in], B [n, k, d_out])``, the same ``n`` for every target.
         fingerprint: the model's (``Fingerprint.of(model, [router, *targets])``).
+        projection: the key projection the database's keys went through, or None.
     """
     path = Path(path)
     previous_weights = _check_destination(path)
@@ -108,6 +115,8 @@ def write(
         tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"] = A, B
     fingerprint_tensors, fingerprint_meta = fingerprint.to_save()
     tensors.update(fingerprint_tensors)
+    if projection is not None:
+        tensors.update({f"{PROJECTION}.{name}": t for name, t in projection.tensors().items()})
     num_blocks = next(iter(blocks.values()))[0].shape[0] if blocks else 0
     weights_name = f"melo_edits.{secrets.token_hex(6)}.safetensors"
     meta = {
@@ -120,6 +129,8 @@ def write(
         "database": db_meta,
         "model_fingerprint": fingerprint_meta,
     }
+    if projection is not None:
+        meta[PROJECTION] = projection.meta()
     weights_path, config_tmp = path / weights_name, path / f".{CONFIG_FILE}.{secrets.token_hex(6)}.tmp"
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(weights_path))
@@ -261,4 +272,10 @@ def _parse(meta: dict, tensors: dict[str, torch.Tensor]) -> SavedEdits:
     db_tensors = {name[len("db.") :]: t for name, t in tensors.items() if name.startswith("db.")}
     database = VectorDatabase.from_state_dict(db_tensors, meta["database"], device="cpu")
     fingerprint = Fingerprint.from_save(tensors, meta["model_fingerprint"]) if "model_fingerprint" in meta else None
-    return SavedEdits(config, num_blocks, blocks, database, fingerprint, meta)
+    projection = None
+    if PROJECTION in meta:
+        prefix = f"{PROJECTION}."
+        projection = KeyProjection.from_data(
+            {name[len(prefix) :]: t for name, t in tensors.items() if name.startswith(prefix)}, meta[PROJECTION]
+        )
+    return SavedEdits(config, num_blocks, blocks, database, fingerprint, meta, projection)

@@ -18,8 +18,9 @@ An export folder::
       melo_export.json    the manifest: block id -> adapter name, the scale, every file of the export
       block_0000/         one PEFT adapter per exported block (adapter_config.json, adapter_model.safetensors)
       block_0001/         (the name is the adapter name: PeftModel.save_pretrained lays out adapters so too)
-      routing/            a melo_fast save (config, every block, database): melo_fast.load(model, path/"routing")
-                          gives an editor whose adapter_names(inputs) select among these adapters
+      routing/            a melo_fast save (config, every block, database, key projection if any):
+                          melo_fast.load(model, path/"routing") gives an editor whose adapter_names(inputs)
+                          select among these adapters
 
 Guarantees of :func:`export_peft` (the rules of ``checkpoint.write``, for a folder of folders):
 
@@ -267,7 +268,10 @@ def _write_export(staged: Path, snapshot: Snapshot, chosen: list[int], target_mo
         fsync_folder(folder)
         names[block] = name
     model_type = snapshot.fingerprint.model_type
-    checkpoint.write(staged / ROUTING, snapshot.config, snapshot.state.database, all_blocks, snapshot.fingerprint)
+    checkpoint.write(
+        staged / ROUTING, snapshot.config, snapshot.state.database, all_blocks, snapshot.fingerprint,
+        snapshot.state.projection,
+    )
     files = sorted(p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file())
     manifest = {
         "format": _KIND,

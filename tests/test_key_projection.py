@@ -1,0 +1,250 @@
+"""The key projection: routing by trained keys, saved with the edits, and its training.
+
+``KeyProjection`` maps router keys to unit keys; an editor given one routes, edits, saves, reloads and
+exports through it; ``train_key_projection`` learns one from facts in several wordings and chooses its
+radius on held-out facts; ``facts_from_records`` builds those facts from KnowEdit records.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import melo_fast
+from melo_fast import Fact, KeyProjection
+from melo_fast.eval.data import EditRecord, Probe
+from melo_fast.eval.paraphrase_facts import facts_from_records
+from tests.tiny_models import build
+
+PROMPT, TARGET = "The capital of France is", "Rome"
+
+
+def _projection(router: str, width: int, rank: int = 8, radius: float = 0.5, key_position="last") -> KeyProjection:
+    generator = torch.Generator().manual_seed(1)
+    mean = torch.randn(width, generator=generator)
+    std = torch.rand(width, generator=generator) + 0.5
+    weight = torch.randn(rank, width, generator=generator)
+    return KeyProjection(mean, std, weight, radius, router, key_position, {"note": "test"})
+
+
+def _gpt2_with_projection(**config):
+    family = build("gpt2")
+    probe = melo_fast.patch(family.model, melo_fast.MeloConfig(**config), tokenizer=family.tokenizer)
+    router, width = probe.config.router, probe.router.key_width
+    melo_fast.unpatch(family.model)
+    projection = _projection(router, width)
+    editor = melo_fast.patch(
+        family.model, melo_fast.MeloConfig(**config), tokenizer=family.tokenizer, key_projection=projection
+    )
+    return family, editor, projection
+
+
+# --- the map ---------------------------------------------------------------------------------------
+def test_the_projection_is_the_normalized_map_of_the_standardized_keys():
+    projection = _projection("r", 6, rank=4)
+    keys = torch.randn(5, 6)
+    expected = ((keys - projection.mean) / projection.std) @ projection.weight.T
+    expected = expected / expected.norm(dim=1, keepdim=True)
+    out = projection(keys)
+    assert out.shape == (5, 4) and out.dtype == torch.float32
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(5))
+    torch.testing.assert_close(projection(keys.to(torch.bfloat16)), projection(keys.to(torch.bfloat16).float()))
+
+
+def test_bad_projections_and_keys_are_refused_with_what_is_wrong():
+    with pytest.raises(ValueError, match=r"mean \[d\], std \[d\] and weight \[rank, d\]"):
+        KeyProjection(torch.zeros(3), torch.ones(3), torch.zeros(2, 4), 0.5, "r", "last")
+    with pytest.raises(ValueError, match="std must be finite and > 0"):
+        KeyProjection(torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]), torch.zeros(2, 3), 0.5, "r", "last")
+    with pytest.raises(ValueError, match=r"radius must be in \(0, 2\]"):
+        KeyProjection(torch.zeros(3), torch.ones(3), torch.zeros(2, 3), 2.5, "r", "last")
+    with pytest.raises(ValueError, match=r"takes \[N, 6\] keys of router 'r'"):
+        _projection("r", 6)(torch.randn(2, 5))
+
+
+def test_a_saved_projection_loads_identical(tmp_path):
+    projection = _projection("h.1.mlp.c_fc", 6, key_position="mean")
+    projection.save(tmp_path / "p.safetensors")
+    loaded = KeyProjection.load(tmp_path / "p.safetensors")
+    for name, tensor in projection.tensors().items():
+        assert torch.equal(loaded.tensors()[name], tensor)
+    assert loaded.meta() == projection.meta()
+    with pytest.raises(FileNotFoundError, match="no key projection file"):
+        KeyProjection.load(tmp_path / "missing.safetensors")
+    (tmp_path / "other.safetensors").write_bytes(b"not a projection")
+    with pytest.raises(ValueError, match="is not a key projection saved by KeyProjection.save"):
+        KeyProjection.load(tmp_path / "other.safetensors")
+
+
+# --- routing through it ----------------------------------------------------------------------------
+def test_a_patched_model_routes_edits_through_the_projection():
+    family, editor, projection = _gpt2_with_projection(num_iter=30)
+    tokenizer = family.tokenizer
+    inputs = tokenizer([PROMPT], return_tensors="pt")
+    assert editor.db.dim == projection.out_dim
+    with editor.disabled():
+        raw_output = {}
+        handle = dict(family.model.named_modules())[editor.config.router].register_forward_hook(
+            lambda m, a, out: raw_output.setdefault("out", out))
+        family.model(**inputs)
+        handle.remove()
+    raw_key = raw_output["out"][0, -1].float()[None]
+    torch.testing.assert_close(editor.keys(inputs), projection(raw_key))
+    editor.edit_texts([PROMPT], [TARGET], tokenizer)
+    assert editor.db.init_radius == projection.radius  # "auto": the radius the projection chose
+    assert editor.route(inputs).tolist() == [0]
+    out = family.model.generate(**inputs, max_new_tokens=1, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert tokenizer.decode(out[0, -1:]) == " " + TARGET
+
+
+def test_an_absolute_radius_overrides_the_projections():
+    family, editor, projection = _gpt2_with_projection(num_iter=2, init_radius=0.25)
+    editor.edit_texts([PROMPT], [TARGET], family.tokenizer)
+    assert editor.db.init_radius == 0.25 != projection.radius
+
+
+def test_edits_with_a_projection_save_load_and_reload_with_it(tmp_path):
+    family, editor, projection = _gpt2_with_projection(num_iter=5)
+    tokenizer = family.tokenizer
+    editor.edit_texts([PROMPT, "Dogs like to chase"], [TARGET, "cats"], tokenizer)
+    editor.save(tmp_path / "edits")
+    meta = json.loads((tmp_path / "edits" / "melo_config.json").read_text())
+    assert meta["key_projection"]["router"] == projection.router
+    texts = [PROMPT, "Dogs like to chase", "An unrelated sentence"]
+    routed = [editor.route(tokenizer([t], return_tensors="pt")).item() for t in texts]  # GPT-2: no pad token
+    assert routed[:2] == [0, 0]
+    melo_fast.unpatch(family.model)
+
+    loaded = melo_fast.load(family.model, tmp_path / "edits")
+    assert loaded.state.projection is not None and loaded.db.dim == projection.out_dim
+    assert [loaded.route(tokenizer([t], return_tensors="pt")).item() for t in texts] == routed
+    melo_fast.unpatch(family.model)
+
+    # reload into an editor of raw keys: the projection comes with the database it keyed.
+    plain = melo_fast.patch(family.model, melo_fast.MeloConfig(num_iter=5), tokenizer=tokenizer)
+    plain.reload(tmp_path / "edits")
+    assert [plain.route(tokenizer([t], return_tensors="pt")).item() for t in texts] == routed
+
+
+def test_export_carries_the_projection_to_the_routing_folder(tmp_path):
+    family, editor, _ = _gpt2_with_projection(num_iter=2)
+    editor.edit_texts([PROMPT], [TARGET], family.tokenizer)
+    editor.export_peft(tmp_path / "export")
+    inputs = family.tokenizer([PROMPT], return_tensors="pt")
+    names = editor.adapter_names(inputs)
+    melo_fast.unpatch(family.model)
+    routing = melo_fast.load(family.model, tmp_path / "export" / "routing")
+    assert routing.state.projection is not None
+    assert routing.adapter_names(inputs) == names != ["__base__"]
+
+
+def test_the_projection_is_chosen_before_the_first_edit_only():
+    family, editor, projection = _gpt2_with_projection(num_iter=2)
+    editor.edit_texts([PROMPT], [TARGET], family.tokenizer)
+    with pytest.raises(ValueError, match="chosen before the first edit"):
+        editor.use_key_projection(None)
+    with pytest.raises(TypeError, match="takes a KeyProjection"):
+        editor.use_key_projection("projection.safetensors")
+
+
+def test_a_projection_of_another_router_is_refused_and_leaves_the_model_unpatched():
+    family = build("gpt2")
+    with pytest.raises(ValueError, match="trained on the keys of router 'h.9.mlp.c_fc'"):
+        melo_fast.patch(family.model, tokenizer=family.tokenizer, key_projection=_projection("h.9.mlp.c_fc", 64))
+    editor = melo_fast.patch(family.model, tokenizer=family.tokenizer)  # not patched by the failed call
+    wrong_width = _projection(editor.config.router, editor.router.key_width + 1)
+    with pytest.raises(ValueError, match=rf"\({editor.router.key_width + 1} wide\)"):
+        editor.use_key_projection(wrong_width)
+    editor.use_key_projection(_projection(editor.config.router, editor.router.key_width))
+    editor.use_key_projection(None)  # back to raw keys before any edit
+    assert editor.db.dim == editor.router.key_width and editor.state.projection is None
+
+
+# --- training --------------------------------------------------------------------------------------
+CITIES = ["Paris", "Rome", "Berlin", "Madrid", "Vienna", "Lisbon", "Dublin", "Oslo", "Prague", "Athens", "Warsaw",
+          "Helsinki", "Brussels", "Budapest", "Sofia", "Zagreb"]
+
+
+def _facts() -> list[Fact]:
+    """Two questions per city, each in three wordings; the other question of the city is a hard negative."""
+    facts = []
+    for city in CITIES:
+        mayor = (f"Who is the mayor of {city}?", f"{city} is governed by which mayor?", f"The mayor of {city} is")
+        river = (f"Which river flows through {city}?", f"{city} lies on which river?", f"The river of {city} is")
+        facts += [Fact(mayor, (river[0],), city), Fact(river, (mayor[0],), city)]
+    return facts
+
+
+def _separation(keys_of, facts: list[Fact]) -> float:
+    """Mean cosine between wordings of one fact minus mean cosine between wordings of different facts."""
+    texts = [t for f in facts for t in f.phrasings]
+    owner = torch.tensor([i for i, f in enumerate(facts) for _ in f.phrasings])
+    z = torch.nn.functional.normalize(keys_of(texts), dim=1)
+    cosine = z @ z.T
+    same = (owner[:, None] == owner[None, :]) & ~torch.eye(len(texts), dtype=torch.bool)
+    other = owner[:, None] != owner[None, :]
+    return (cosine[same].mean() - cosine[other].mean()).item()
+
+
+def test_training_brings_the_wordings_of_a_fact_together():
+    family = build("bert")
+    editor = melo_fast.patch(family.model, tokenizer=family.tokenizer)
+    facts = _facts()
+
+    def raw(texts):
+        return torch.cat([editor.keys(family.tokenizer([t], return_tensors="pt")) for t in texts])
+
+    projection = melo_fast.train_key_projection(editor, facts, rank=16, steps=200, check_every=50, progress=False)
+    assert _separation(lambda texts: projection(raw(texts)), facts) > _separation(raw, facts) + 0.2
+    info = projection.info
+    assert (info["facts"], info["training_facts"] + info["held_out_facts"]) == (32, 32)
+    assert info["best_step"] in (50, 100, 150, 200) and info["folds"] == 5 and projection.out_dim == 16
+    localities = [v for k, v in info["held_out"].items() if k.startswith("locality_")]
+    assert projection.radius == info["held_out"]["radius"] and len(localities) == 4 and min(localities) >= 0.99
+    assert (projection.router, projection.key_position) == (editor.config.router, editor.config.key_position)
+    editor.use_key_projection(projection)  # it fits the editor it was trained for
+    assert editor.db.dim == 16
+
+
+def test_training_refuses_what_it_cannot_learn_from():
+    family = build("bert")
+    editor = melo_fast.patch(family.model, tokenizer=family.tokenizer)
+    with pytest.raises(ValueError, match="need 10 facts, 2 with paraphrases"):
+        melo_fast.train_key_projection(editor, [Fact(("a question",))] * 12, progress=False)
+    with pytest.raises(TypeError, match=r"facts\[3\] is str"):
+        melo_fast.train_key_projection(editor, [*_facts()[:3], "a question"], progress=False)
+    with pytest.raises(ValueError, match=r"the facts have 1 topic\(s\)"):
+        melo_fast.train_key_projection(editor, [Fact(f.phrasings, topic="one") for f in _facts()], progress=False)
+    editor.use_key_projection(_projection(editor.config.router, editor.router.key_width))
+    with pytest.raises(ValueError, match="already routes through a key projection"):
+        melo_fast.train_key_projection(editor, _facts(), progress=False)
+
+
+# --- facts from KnowEdit records -------------------------------------------------------------------
+def _record(prompt, subject, truth, rephrase, generate, locality):
+    return EditRecord(
+        index=0, prompt=prompt, target_new="x", ground_truth=[truth], rephrase_prompt=rephrase, subject=subject,
+        locality={"Relation_Specificity": [Probe(p, [a]) for p, a in locality]}, generate_prompts=generate,
+    )
+
+
+def test_records_of_one_fact_merge_and_their_same_fact_questions_are_not_negatives():
+    records = [
+        _record("Who founded Acme?", "Acme", "Ann", "Acme was founded by", [".", "Acme's founder is"],
+                [("Where is Acme based?", "Oslo"), ("The founder of Acme is", "Ann")]),
+        _record("Acme was started by whom?", "Acme", "ann ", "Who started Acme?", [], []),
+        _record("What does Acme make?", "Acme", "anvils", "Acme manufactures", [], []),
+    ]
+    facts = facts_from_records(records)
+    assert facts[0] == Fact(
+        ("Who founded Acme?", "Acme was founded by", "Acme's founder is", "Acme was started by whom?",
+         "Who started Acme?"),
+        ("Where is Acme based?",),  # "The founder of Acme is" asks the same fact: not a negative
+        "Acme",
+    )
+    assert facts[1] == Fact(("What does Acme make?", "Acme manufactures"), (), "Acme")
+    records[2] = _record("Where is Acme based?", "Acme", "Oslo", "Acme is based in", [], [])
+    assert facts_from_records(records)[0].negatives == ()  # now it asks a fact of the records
