@@ -248,3 +248,36 @@ def test_records_of_one_fact_merge_and_their_same_fact_questions_are_not_negativ
     assert facts[1] == Fact(("What does Acme make?", "Acme manufactures"), (), "Acme")
     records[2] = _record("Where is Acme based?", "Acme", "Oslo", "Acme is based in", [], [])
     assert facts_from_records(records)[0].negatives == ()  # now it asks a fact of the records
+
+
+# --- the evaluation commands -----------------------------------------------------------------------
+def test_eval_routes_through_a_key_projection_file_and_records_it(tmp_path):
+    from melo_fast.cli import main
+    from tests.test_eval import tiny_records, write
+
+    family = build("gpt2")
+    family.model.save_pretrained(tmp_path / "gpt2")
+    family.tokenizer.save_pretrained(tmp_path / "gpt2")
+    editor = melo_fast.patch(family.model)
+    router, width = editor.config.router, editor.router.key_width
+    melo_fast.unpatch(family.model)
+    # A small radius: a random map of a random model's keys leaves similar prompts close together.
+    _projection(router, width, radius=0.01, key_position="mean").save(tmp_path / "p.safetensors")
+    data = write(tmp_path, tiny_records(["zero", "one"], lambda i: ["red", "blue", "green"][i % 3], n=4))
+    main(["eval", "--model", str(tmp_path / "gpt2"), "--data", str(data), "--batch-size", "2", "--num-iter", "2",
+          "--methods", "unedited,melo", "--key-projection", str(tmp_path / "p.safetensors"), "--out",
+          str(tmp_path / "out"), "--no-progress"])
+    melo = json.loads((tmp_path / "out" / "eval_report.json").read_text())["methods"]["melo"]
+    assert melo["key_projection"]["router"] == router
+    assert melo["config"]["key_position"] == "mean"  # the projection's key function
+    assert melo["init_radius"] == 0.01  # its radius
+    with pytest.raises(SystemExit, match="--key-projection: melo_fast: no key projection file"):
+        main(["eval", "--model", str(tmp_path / "gpt2"), "--data", str(data), "--key-projection",
+              str(tmp_path / "missing.safetensors"), "--out", str(tmp_path / "out2")])
+
+
+def test_the_demo_refuses_a_sweep_with_a_key_projection(tmp_path):
+    from melo_fast.cli import main
+
+    with pytest.raises(SystemExit, match="--sweep replays routing by the router's raw keys"):
+        main(["demo", "--model", "minilm", "--sweep", "--key-projection", str(tmp_path / "p.safetensors")])

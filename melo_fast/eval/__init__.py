@@ -16,4 +16,6 @@ Dependencies point one way, from the commands down to the protocol:
 - ``arguments``: command-line arguments shared by ``demo`` and ``eval``, the paper's presets.
 - ``demo``: ``python -m melo_fast demo``.
 - ``evaluate``: ``python -m melo_fast eval`` (falls back to the demo without ``--model``).
+- ``paraphrase_facts``: KnowEdit records as the facts a key projection trains on.
+- ``projection_command``: ``python -m melo_fast projection`` (trains a key projection on a KnowEdit file).
 """

@@ -90,6 +90,9 @@ def add_common_arguments(parser, batch_size_default: int | None = 10) -> None:
     parser.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                         help="ask every question (edits, probes) as a user turn of the model's chat template "
                              "(generative models with one; default: the demo's choice for SmolLM2, off for eval)")
+    parser.add_argument("--key-projection", default=None,
+                        help="route MELO through this key projection (python -m melo_fast projection); its router "
+                             "and key position become MeloConfig's")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's choice; 1 is faster on a busy shared machine)")
 
@@ -98,6 +101,19 @@ def apply_threads(args) -> None:
     """Honour ``--threads`` (torch's intra-op CPU threads)."""
     if getattr(args, "threads", None):
         torch.set_num_threads(args.threads)
+
+
+def key_projection(args):
+    """The ``--key-projection`` file's :class:`~melo_fast.KeyProjection`, or None; a missing or bad file ends the
+    run with its message."""
+    if not getattr(args, "key_projection", None):
+        return None
+    from melo_fast.routing.key_projection import KeyProjection
+
+    try:
+        return KeyProjection.load(args.key_projection)
+    except (FileNotFoundError, ValueError) as err:
+        raise SystemExit(f"--key-projection: {err}") from None
 
 
 def config_overrides(args) -> dict:
@@ -111,6 +127,10 @@ def config_overrides(args) -> dict:
             raise ValueError(f"--init-radius must be a number or 'auto', got {args.init_radius!r}") from None
     changes = {"num_iter": args.num_iter, "init_radius": radius, "router": args.router,
                "targets": targets, "scale": args.scale, "key_position": parse_key_position(args.key_position)}
+    projection = key_projection(args)
+    if projection is not None:  # its key function; an explicit --router/--key-position that differs is refused later
+        changes["router"] = changes["router"] or projection.router
+        changes["key_position"] = changes["key_position"] or projection.key_position
     return {k: v for k, v in changes.items() if v is not None}
 
 

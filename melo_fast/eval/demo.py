@@ -66,6 +66,7 @@ from melo_fast.eval.arguments import (
     add_common_arguments,
     apply_threads,
     config_overrides,
+    key_projection,
     load_or_exit,
     recorded_arguments,
 )
@@ -163,6 +164,8 @@ def run(args) -> dict:
     unknown = set(methods) - set(METHODS)
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
+    if getattr(args, "sweep", False) and getattr(args, "key_projection", None):
+        raise SystemExit("--sweep replays routing by the router's raw keys; it cannot run with --key-projection")
     reporting.check_plotting("demo")
     torch.manual_seed(args.seed)
     data = args.data or shipped_data_path(DATA_FILES[args.model])
@@ -203,7 +206,7 @@ def run(args) -> dict:
     count = count if count is not None else (3 if task.kind != "classifier" else 5)
     if "melo" in methods:
         torch.manual_seed(args.seed)
-        results["melo"] = harness.run_melo(config, keep=True)
+        results["melo"] = harness.run_melo(config, keep=True, key_projection=key_projection(args))
         measured = results["melo"].extra
         report["radius"] = {"setting": config.init_radius, "relative_radius": config.relative_radius,
                             "key_scale": measured["key_scale"], "init_radius": measured["init_radius"]}

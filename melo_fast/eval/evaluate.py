@@ -18,6 +18,7 @@ from melo_fast.eval.arguments import (
     add_common_arguments,
     apply_threads,
     config_overrides,
+    key_projection,
     load_or_exit,
     preset,
     recorded_arguments,
@@ -67,7 +68,8 @@ def run_eval(args) -> dict:
     harness = SequentialEval(task, records, settings)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"melo_fast eval: {args.model} ({task.kind}), {harness.describe()}, init_radius {config.init_radius!r}")
-    results = {name: result.to_dict() for name, result in harness.run(config, methods).items()}
+    runs = harness.run(config, methods, key_projection=key_projection(args))
+    results = {name: result.to_dict() for name, result in runs.items()}
     print(report.format_table(results))
     if task.kind != "classifier":
         print("teacher-forced token accuracies:")

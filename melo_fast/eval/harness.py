@@ -298,12 +298,13 @@ class SequentialEval(Scoring):
             result.extra["perplexity_target_new"] = metrics.mean(ppl)
         return result
 
-    def run_melo(self, config: MeloConfig, keep: bool = False) -> MethodResult:
-        """Edit with MELO batch after batch. ``keep``: leave the model patched (``self.editor``)."""
+    def run_melo(self, config: MeloConfig, keep: bool = False, key_projection=None) -> MethodResult:
+        """Edit with MELO batch after batch. ``keep``: leave the model patched (``self.editor``).
+        ``key_projection``: route through this :class:`~melo_fast.KeyProjection` (``melo_fast.patch``'s)."""
         if not self.answerer.unedited:
             self.run_unedited()
         start_all = time.perf_counter()
-        editor = melo_fast.patch(self.task.model, config, tokenizer=self.task.tokenizer)
+        editor = melo_fast.patch(self.task.model, config, tokenizer=self.task.tokenizer, key_projection=key_projection)
         result = MethodResult("melo")
         answer, forced = self._readers(full=False, editor=editor)
 
@@ -320,6 +321,8 @@ class SequentialEval(Scoring):
             # With init_radius="auto" the radius is measured at the first edit: record what was used.
             result.extra["init_radius"] = editor.db.init_radius
             result.extra["key_scale"] = editor.db.key_scale
+            if key_projection is not None:
+                result.extra["key_projection"] = key_projection.meta()
             result.extra["routed_questions_forwarded"] = self.answerer.forwarded
             if self.task.kind != "classifier":
                 result.extra["perplexity_target_new"] = metrics.mean(self.task.perplexity(self.edited))
@@ -351,6 +354,8 @@ class SequentialEval(Scoring):
         editor = self.editor
         if editor is None:
             raise RuntimeError("replay needs run_melo(config, keep=True) first")
+        if editor.state.projection is not None:
+            raise ValueError("replay rebuilds routing by raw router keys; the run used a key projection")
         from melo_fast.vecdb import VectorDatabase
 
         saved_db, saved_blocks, saved_position = editor.db, editor.blocks(), editor.router.key_position
@@ -447,14 +452,15 @@ class SequentialEval(Scoring):
                             diverged_batches=sum(not math.isfinite(x) for x in losses))
         return result
 
-    def run(self, config: MeloConfig, methods: Sequence[str] = METHODS) -> dict[str, MethodResult]:
-        """Every method of ``methods`` in order; MELO's model is unpatched afterwards."""
+    def run(self, config: MeloConfig, methods: Sequence[str] = METHODS, key_projection=None) -> dict[str, MethodResult]:
+        """Every method of ``methods`` in order; MELO's model is unpatched afterwards (``key_projection``: MELO's,
+        as :meth:`run_melo`)."""
         unknown = set(methods) - set(METHODS)
         if unknown:
             raise ValueError(f"unknown method(s) {sorted(unknown)}; choose from {METHODS}")
         results = {"unedited": self.run_unedited()}
         if "melo" in methods:
-            results["melo"] = self.run_melo(config)
+            results["melo"] = self.run_melo(config, key_projection=key_projection)
         if "lora" in methods:
             results["lora"] = self.run_lora(config)
         return {name: results[name] for name in METHODS if name in results}

@@ -1,7 +1,8 @@
 """The serving side: which block each input uses, decided once per forward call and applied by hooks.
 
 Data flows one way: the entry hook opens the call (``entry.py``) → the router hook turns the router's
-output into keys (``keys.py``) and searches the published edit state's database (``router.py``) → every
+output into keys (``keys.py``; through the state's key projection, ``key_projection.py``, if it has one)
+and searches the published edit state's database (``router.py``) → every
 target hook adds its block's LoRA for the routed samples (``lora.py``). ``calls.py`` holds the per-model,
 per-thread routing of a call; ``state.py`` the immutable :class:`EditState` that commits publish. Nothing
 here imports the editing side.
