@@ -81,6 +81,7 @@ class Variant:
 
 PROJ = {"minilm": "/tmp/melo_generality/proj_minilm.pt", "smollm2": "/tmp/melo_generality/proj_smollm2.pt"}
 KP = {"minilm": "/tmp/melo_generality/kp_minilm.safetensors", "smollm2": "/tmp/melo_generality/kp_smollm2.safetensors"}
+# --key-projection-file replaces KP's file (a projection trained on another split).
 KP_GRID = [round(0.04 * i, 2) for i in range(4, 21)]  # absolute radii replayed for the shipped projection
 VARIANTS = {
     # The shipped key projection (melo_fast.patch(..., key_projection=...)) with the radius it chose on part A.
@@ -391,11 +392,14 @@ def main(argv=None) -> None:
     parser.add_argument("--training", choices=("melo", "default"), default="melo",
                         help="how blocks train: MELO's fixed loop, or editor.edit as shipped (early stop, "
                              "continuation)")
+    parser.add_argument("--key-projection-file", default=None, help="the shipped projection of the kp variants")
+    parser.add_argument("--split-seed", type=int, default=common.SEED,
+                        help="seed of the by-subject split into parts A and B (another seed: another split)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start_all = time.perf_counter()
-    records = common.load_parts()["B"]
+    records = common.load_parts(seed=args.split_seed)["B"]
     if args.limit:
         records = records[: args.limit]
     task, config = build_task(args.model, records)
@@ -429,7 +433,7 @@ def main(argv=None) -> None:
         if fields.get("projection") == "PROJ_MINILM":
             fields["projection"] = PROJ["minilm"]
         if fields.get("key_projection"):
-            fields["projection"] = KP[args.model]
+            fields["projection"] = args.key_projection_file or KP[args.model]
         variant = Variant(name=name, **fields)
         key_spec = spec
         if variant.projection and not variant.key_projection:

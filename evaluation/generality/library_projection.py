@@ -33,11 +33,13 @@ def main(argv=None) -> None:
     parser.add_argument("--router", default=None, help="router module (default: the run's default router)")
     parser.add_argument("--key-position", default="last", choices=("last", "mean"))
     parser.add_argument("--save", required=True, help="where the projection goes (kept out of the repository)")
+    parser.add_argument("--split-seed", type=int, default=common.SEED,
+                        help="seed of the by-subject split into parts A and B (another seed: another split)")
     parser.add_argument("--out", required=True, help="JSON with what training reported")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     start = time.perf_counter()
-    records = common.load_parts()["A"]
+    records = common.load_parts(seed=args.split_seed)["A"]
     task, config = build_task(args.model, records)
     config = config.replace(router=args.router or config.router, key_position=args.key_position)
     editor = melo_fast.patch(task.model, config, tokenizer=task.tokenizer)

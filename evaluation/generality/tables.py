@@ -370,3 +370,27 @@ def shipped_curve(model: str = "minilm") -> str:
             for p in v["grid"]]
     return table(["radius", "gen generate / rephrase", "ERR", "loc relation", "loc never-edited", "locality",
                   "locality clean"], rows)
+
+
+def other_split_lines() -> list[str]:
+    """The shipped projection re-run on another by-subject split (``results/split1/``): trained on its part A,
+    reported on its part B, beside plain MELO on the same B."""
+    folder = RESULTS / "split1"
+    rows = []
+    for model in MODELS:
+        trained = folder / f"library_projection_{model}.json"
+        run = folder / f"e2e_{model}_kp.json"
+        if not (trained.exists() and run.exists()):
+            continue
+        radius = json.loads(trained.read_text())["radius"]
+        variants = json.loads(run.read_text())["variants"]
+        for name, label in (("melo", "MELO (default radius)"), ("kp", "projection")):
+            v = variants.get(name)
+            if v is not None:
+                rows.append([model, label, f"{radius:.2f}" if name == "kp" else "–", str(v["edits"]), f3(v["es"]),
+                             f3(v["err"]), f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["locality"]),
+                             f3(v["locality_clean"])])
+    if not rows:
+        return ["(not run: no `results/split1/`)"]
+    return [table(["model", "variant", "radius (chosen on A)", "edits (B)", "ES", "ERR", "gen generate / rephrase",
+                   "locality", "locality clean"], rows)]
