@@ -281,3 +281,19 @@ def test_the_demo_refuses_a_sweep_with_a_key_projection(tmp_path):
 
     with pytest.raises(SystemExit, match="--sweep replays routing by the router's raw keys"):
         main(["demo", "--model", "minilm", "--sweep", "--key-projection", str(tmp_path / "p.safetensors")])
+
+
+def test_a_compiled_model_routes_through_the_projection_as_eager_does():
+    """torch.compile(fullgraph=True) traces the projected key path: no graph break, the eager outputs."""
+    torch._dynamo.reset()
+    family, editor, _ = _gpt2_with_projection(num_iter=5, init_radius=0.05)
+    editor.edit_texts([PROMPT], [TARGET], family.tokenizer)
+    family.model.loss_type = "ForCausalLM"  # transformers' loss-type warning is not traceable
+    compiled = torch.compile(family.model, fullgraph=True, backend="aot_eager")
+    inputs = family.tokenizer([PROMPT, "Dogs bark loudly at the moon"], return_tensors="pt", padding=True)
+    assert editor.route(inputs).tolist() == [0, -1]
+    try:
+        with torch.no_grad():
+            assert torch.equal(compiled(**inputs).logits, family.model(**inputs).logits)
+    finally:
+        torch._dynamo.reset()
