@@ -96,6 +96,7 @@ class TrainSettings:
     min_iter: int
     cache_frozen_prefix: bool
     continuation_tokens: int
+    prefix_rows: int
     scheduler_step: int
     scheduler_gamma: float
 
@@ -118,6 +119,8 @@ class TrainSettings:
             self.continuation_tokens < 0
         ):
             _fail("continuation_tokens", self.continuation_tokens, "must be an int >= 0 (0: train on the target only)")
+        if isinstance(self.prefix_rows, bool) or not isinstance(self.prefix_rows, int) or self.prefix_rows < 0:
+            _fail("prefix_rows", self.prefix_rows, "must be an int >= 0 (0: train on the rows as given)")
         if not isinstance(self.scheduler_step, int) or self.scheduler_step < 1:
             _fail("scheduler_step", self.scheduler_step, "must be an int >= 1")
         if not _positive_number(self.scheduler_gamma) or self.scheduler_gamma > 1:
@@ -184,6 +187,10 @@ class MeloConfig:
             (``melo_fast.editing.continuation``); the loss is then the target tokens' mean plus the
             continuation tokens' mean, so the target is learned as fast as without it. 0: the target
             tokens only (MELO).
+        prefix_rows: decoder-only models: also train the block on this many copies of each row behind a
+            short unrelated sentence (``melo_fast.editing.prefixed_rows``), so a routed input in another
+            context (a paraphrase, a system prompt) also gets the new answer; keys come from the rows as
+            given. Needs the tokenizer. 0: the rows as given (MELO).
         scheduler_step: StepLR step size.
         scheduler_gamma: StepLR decay.
         scale: effective scale ``s`` of a block: output ``W x + s (x A_b) B_b``. In the MELO paper's
@@ -195,7 +202,7 @@ class MeloConfig:
 
     The fields group into :attr:`patch_spec` (router, targets, rank_per_block, key_position, scale),
     :attr:`train_settings` (edit_lr, num_iter, stop_loss, min_iter, cache_frozen_prefix, continuation_tokens,
-    scheduler_step, scheduler_gamma) and
+    prefix_rows, scheduler_step, scheduler_gamma) and
     :attr:`radius_policy` (init_radius, relative_radius), plus ``backend``.
     """
 
@@ -211,6 +218,7 @@ class MeloConfig:
     min_iter: int = 1
     cache_frozen_prefix: bool = True
     continuation_tokens: int = 8
+    prefix_rows: int = 0
     scheduler_step: int = 20
     scheduler_gamma: float = 0.5
     scale: float = 20.0

@@ -76,6 +76,7 @@ class Variant:
     per_edit_blocks: bool = False  # one block per edit instead of one per batch of 10
     text_keys: bool = False  # keys from the prompt's text by MiniLM (+ its projection), not the edited model
     key_projection: bool = False  # the shipped melo_fast.KeyProjection (library_projection.py), at its own radius
+    prefix_rows: int = 0  # MeloConfig.prefix_rows: the library's prefixed training copies (with --training default)
     note: str = ""
 
 
@@ -86,7 +87,9 @@ KP_GRID = [round(0.04 * i, 2) for i in range(4, 21)]  # absolute radii replayed 
 VARIANTS = {
     # The shipped key projection (melo_fast.patch(..., key_projection=...)) with the radius it chose on part A.
     "kp": dict(key_projection=True, default_radius=True, note="melo_fast.KeyProjection as shipped"),
+    "kp_para1": dict(key_projection=True, default_radius=True, paraphrases=1),
     "kp_para3": dict(key_projection=True, default_radius=True, paraphrases=3),
+    "kp_prefix3": dict(key_projection=True, default_radius=True, prefix_rows=3),
     "melo": dict(default_radius=True, note="MELO as shipped (default radius)"),
     "melo_rA": dict(note="MELO, radius chosen on part A"),
     "para1": dict(paraphrases=1),
@@ -216,6 +219,8 @@ class GeneralityEval(SequentialEval):
             self.answerer.compute_unedited()
         if radius is not None:
             config = config.replace(init_radius="auto", relative_radius=radius)
+        if variant.prefix_rows:
+            config = config.replace(prefix_rows=variant.prefix_rows)
         key_projection = None
         if variant.key_projection:
             key_projection = melo_fast.KeyProjection.load(variant.projection)

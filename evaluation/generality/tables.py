@@ -344,11 +344,12 @@ def shipped_rows(model: str) -> list[list[str]]:
     head = [model, f"`{trained['router']}` ({trained['key_position']})", f"{trained['radius']:.2f}",
             f"{f3(min(localities[0]))} / {f3(min(localities[1]))}", f3(held["paraphrases_routed"])]
     rows = []
-    for name in ("melo", "kp", "kp_para3"):
+    for name in ("melo", "kp", "kp_para1", "kp_para3", "kp_prefix3"):
         v = variants.get(name)
         if v is None or (name == "melo" and model == "minilm"):
             continue  # MiniLM's MELO row is in the tables below (at its default radius)
-        label = {"melo": "MELO (no projection)", "kp": "projection", "kp_para3": "projection + 3 paraphrases"}[name]
+        label = {"melo": "MELO (no projection)", "kp": "projection", "kp_para1": "projection + 1 paraphrase",
+                 "kp_para3": "projection + 3 paraphrases", "kp_prefix3": "projection + 3 prefixed rows"}[name]
         rows.append(head + [label, str(v["edits"]), f3(v["es"]), f3(v["err"]),
                             f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["locality"]),
                             f3(v["locality_clean"]), f"{v['edit_cpu_seconds'] / max(1, v['edits']):.2f}"])
@@ -379,15 +380,17 @@ def other_split_lines() -> list[str]:
     rows = []
     for model in MODELS:
         trained = folder / f"library_projection_{model}.json"
-        run = folder / f"e2e_{model}_kp.json"
-        if not (trained.exists() and run.exists()):
+        variants = {}
+        for run in sorted(folder.glob(f"e2e_{model}*.json")):
+            variants.update(json.loads(run.read_text())["variants"])
+        if not (trained.exists() and variants):
             continue
         radius = json.loads(trained.read_text())["radius"]
-        variants = json.loads(run.read_text())["variants"]
-        for name, label in (("melo", "MELO (default radius)"), ("kp", "projection")):
+        for name, label in (("melo", "MELO (default radius)"), ("kp", "projection"),
+                            ("kp_para3", "projection + 3 paraphrases")):
             v = variants.get(name)
             if v is not None:
-                rows.append([model, label, f"{radius:.2f}" if name == "kp" else "–", str(v["edits"]), f3(v["es"]),
+                rows.append([model, label, "–" if name == "melo" else f"{radius:.2f}", str(v["edits"]), f3(v["es"]),
                              f3(v["err"]), f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["locality"]),
                              f3(v["locality_clean"])])
     if not rows:

@@ -40,12 +40,10 @@ def with_continuation(model: nn.Module, inputs: Mapping[str, torch.Tensor], toke
         A new batch ``{input_ids, attention_mask, labels}``, right-padded, ``[N, T']`` int64 with
         ``T' <= T + tokens``: each row's real tokens, then its continuation, which is labelled too.
     """
-    input_ids, labels = inputs["input_ids"], inputs["labels"]
+    input_ids = inputs["input_ids"]
     stops = _end_of_sequence_ids(model)
     pad_token_id = _pad_token_id(model, stops)
-    mask = inputs.get("attention_mask")
-    real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
-    rows = [(input_ids[i][real[i]], labels[i][real[i]]) for i in range(input_ids.shape[0])]
+    rows = real_rows(inputs)
 
     # Left-padded for generation, so every row's continuation starts right after its own last token.
     length = max(ids.shape[0] for ids, _ in rows)
@@ -69,12 +67,25 @@ def with_continuation(model: nn.Module, inputs: Mapping[str, torch.Tensor], toke
                 break
         tail = ids.new_tensor(kept)
         extended.append((torch.cat([ids, tail]), torch.cat([row_labels, tail])))
+    return right_padded(extended, pad_token_id)
 
-    width = max(ids.shape[0] for ids, _ in extended)
-    out_ids = input_ids.new_full((len(extended), width), pad_token_id)
-    out_labels = labels.new_full((len(extended), width), -100)
+
+def real_rows(inputs: Mapping[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each row's real tokens (its ``attention_mask``; every token without one): ``(ids [T_i], labels [T_i])``."""
+    input_ids, labels = inputs["input_ids"], inputs["labels"]
+    mask = inputs.get("attention_mask")
+    real = torch.ones_like(input_ids, dtype=torch.bool) if mask is None else mask.bool()
+    return [(input_ids[i][real[i]], labels[i][real[i]]) for i in range(input_ids.shape[0])]
+
+
+def right_padded(rows: list[tuple[torch.Tensor, torch.Tensor]], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """``(ids, labels)`` rows as one right-padded batch ``{input_ids, attention_mask, labels}`` (``[N, T']``
+    int64; padding is ``pad_token_id``, masked and labelled -100)."""
+    width = max(ids.shape[0] for ids, _ in rows)
+    out_ids = rows[0][0].new_full((len(rows), width), pad_token_id)
+    out_labels = rows[0][1].new_full((len(rows), width), -100)
     out_mask = torch.zeros_like(out_ids)
-    for i, (ids, row_labels) in enumerate(extended):
+    for i, (ids, row_labels) in enumerate(rows):
         out_ids[i, : ids.shape[0]] = ids
         out_labels[i, : ids.shape[0]] = row_labels
         out_mask[i, : ids.shape[0]] = 1

@@ -40,6 +40,7 @@ from melo_fast.editing.batch import EditBatch
 from melo_fast.editing.block import OpenBlock
 from melo_fast.editing.continuation import target_then_continuation_loss, with_continuation
 from melo_fast.editing.persistence import EditStateIO
+from melo_fast.editing.prefixed_rows import prefix_token_ids, with_prefixes
 from melo_fast.editing.result import EditResult
 from melo_fast.editing.training import loss_of, train_block
 from melo_fast.routing import BlockLoRAHook, EditState, RefusesCopy, RouterHook, Routing
@@ -313,10 +314,13 @@ class MeloEditor(EditStateIO, RefusesCopy):
                 try:
                     settings = self.config.train_settings
                     training_batch, loss_fn = batch, loss_of  # keys and edit targets: the batch as given
+                    if settings.prefix_rows and self.kind.causal_lm:
+                        training_batch = self._with_prefixes(batch, settings.prefix_rows)
                     if settings.continuation_tokens and self.kind.causal_lm:
+                        rows = training_batch
                         with self.routing.disable():
-                            training_batch = with_continuation(self.model, batch, settings.continuation_tokens)
-                        loss_fn = target_then_continuation_loss(batch, training_batch)
+                            training_batch = with_continuation(self.model, rows, settings.continuation_tokens)
+                        loss_fn = target_then_continuation_loss(rows, training_batch)
                     targets = [m for name, m in self.model.named_modules() if name in self.lora_layers]
                     trained = train_block(
                         self.model, training_batch, parameters, settings, targets,
@@ -341,6 +345,17 @@ class MeloEditor(EditStateIO, RefusesCopy):
             steps=trained.steps,
             seconds=time.perf_counter() - start,
         )
+
+    def _with_prefixes(self, batch: Mapping[str, torch.Tensor], copies: int) -> dict[str, torch.Tensor]:
+        """``batch`` plus ``copies`` prefixed training copies of each row (``MeloConfig.prefix_rows``)."""
+        tokenizer = self.tokenizer or calibration.local_tokenizer(self.model)
+        if tokenizer is None:
+            raise ValueError(
+                "melo_fast: MeloConfig.prefix_rows tokenizes its prefixes and needs the model's tokenizer: "
+                "melo_fast.patch(model, tokenizer=tokenizer), or edit with editor.edit_texts(...)"
+            )
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id or 0
+        return with_prefixes(batch, prefix_token_ids(tokenizer), copies, pad, tokenizer.bos_token_id)
 
     def edit_texts(
         self,
