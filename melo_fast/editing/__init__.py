@@ -7,6 +7,8 @@
 - ``batch.py``: :class:`EditBatch`, an edit batch checked for the model, built from text, with its targets;
 - ``block.py``: the open block (its keys, parameters, what opening it froze);
 - ``training.py``: the training loop of one block (MELO's Adam + StepLR);
+- ``continuation.py``, ``prefixed_rows.py``: the rows a block also trains on (the model's continuation after
+  the target; the rows behind unrelated prefixes);
 - ``calibration.py``: the key scale behind the default radius; texts as inputs for reading keys;
 - ``key_projection_training.py``: ``train_key_projection``, a :class:`~melo_fast.KeyProjection` learned from
   facts in several wordings, its radius chosen on held-out folds;
