@@ -74,8 +74,11 @@ def generality() -> list[str]:
               "`library_projection.py` on part A's facts, `melo_fast.eval.paraphrase_facts`: 5 folds of A's subjects, "
               "each held out once; the radius is the largest that keeps ≥ 0.99 of the held-out folds' hard negatives "
               "and never-edited wordings out of every edit's scope, with few and with many edits in the database). "
-              "End to end on part B (`e2e.py`, variants `kp`, `kp_para3`, `melo`) at the projection's own radius, "
-              "nothing fitted on B. SmolLM2's blocks train as `editor.edit` does by default (`--training default`), "
+              "End to end on part B (`e2e.py`, variants `melo`, `kp`, `kp_para1`, `kp_para3`, `kp_prefix3`: no "
+              "projection; the projection; with 1 or 3 user paraphrases per edit; with `MeloConfig.prefix_rows=3`) "
+              "at the projection's own radius, nothing fitted on B; SmolLM2 on the first 100 part-B records (its "
+              "runs cost minutes per edit batch here). SmolLM2's blocks train as `editor.edit` does by default "
+              "(`--training default`), "
               "MiniLM's with MELO's fixed loop like its other rows (its MELO rows are in the end-to-end tables "
               "below). Raw locality counts the questions that ask an edited fact in other words as failures; "
               "clean locality leaves them out (see the bullet on raw vs clean above):", "", g.shipped_table(), "",
