@@ -62,8 +62,8 @@ class MeloEditor(EditStateIO, RefusesCopy):
     needs the model's hooks raises a RuntimeError saying so; :meth:`save` and :meth:`export_peft` still
     write its committed edits (they read only those and the model's module names).
 
-    ``blocks``, ``save``, ``reload``, ``restore``, ``replace_state``, ``export_peft`` and ``adapter_names``
-    come from :class:`~melo_fast.editing.persistence.EditStateIO` (``persistence.py``).
+    ``blocks``, ``save``, ``reload``, ``restore``, ``replace_state``, ``use_key_projection``, ``export_peft``
+    and ``adapter_names`` come from :class:`~melo_fast.editing.persistence.EditStateIO` (``persistence.py``).
     """
 
     def __init__(

@@ -1,11 +1,12 @@
 """MeloEditor's committed edit state as data: read out, saved, reloaded, replaced, exported to other engines.
 
-:class:`EditStateIO` is a mixin of :class:`~melo_fast.editing.editor.MeloEditor` (``MeloEditor(EditStateIO, ...)``);
-its methods are the editor's public ``blocks``, ``save``, ``reload``, ``restore``, ``replace_state``,
-``export_peft`` and ``adapter_names``. The formats are ``melo_fast.io`` (``checkpoint``, ``export``,
-``fingerprint``); checking a state built elsewhere against the model is ``restore.py``. Reading (``blocks``,
-``save``, ``export_peft``) takes one published :class:`~melo_fast.routing.EditState`, never the open
-block; replacing publishes one new state under the editor's lock, as a commit does.
+:class:`EditStateIO` is a mixin of :class:`~melo_fast.editing.editor.MeloEditor`
+(``MeloEditor(EditStateIO, ...)``); its methods are the editor's public ``blocks``, ``save``, ``reload``,
+``restore``, ``replace_state``, ``use_key_projection``, ``export_peft`` and ``adapter_names``. The formats
+are ``melo_fast.io`` (``checkpoint``, ``export``, ``fingerprint``); checking a state built elsewhere
+against the model is ``restore.py``. Reading (``blocks``, ``save``, ``export_peft``) takes one published
+:class:`~melo_fast.routing.EditState`, never the open block; replacing publishes one new state under the
+editor's lock, as a commit does.
 """
 
 from __future__ import annotations
