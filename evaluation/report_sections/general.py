@@ -83,7 +83,8 @@ def generality() -> list[str]:
               "below). Raw locality counts the questions that ask an edited fact in other words as failures; "
               "clean locality leaves them out (see the bullet on raw vs clean above):", "", g.shipped_table(), "",
               "The same on another split of the dev file (`--split-seed 1`: other subjects in A and B; projection "
-              "trained on that A, its radius chosen there, run on that B):", "", *g.other_split_lines(), "",
+              "trained on that A, its radius chosen there, run on that B; SmolLM2 on its first 100 records):", "",
+              *g.other_split_lines(), "",
               "MiniLM's `kp` run replayed at other absolute radii (the blocks do not depend on the radius; for "
               "reading the trade-off only, the shipped radius is the one chosen on A):", "", g.shipped_curve(), ""]
     lines += ["**Routing bound of the shipped routers** (`probe.py`: MELO's vector database, no block trained; "
