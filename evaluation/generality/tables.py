@@ -327,7 +327,8 @@ def shipped(model: str, variant: str) -> str:
 
 
 # --- the shipped key projection (melo_fast.KeyProjection) ---------------------------------------------
-SHIPPED_HEADER = ["model", "key function", "radius (chosen on A)", "A held out: locality (negatives / never edited)",
+SHIPPED_HEADER = ["model", "key function", "radius (chosen on A)", "training s (1 thread)",
+                  "A held out: locality (negatives / never edited)",
                   "A held out: paraphrases routed", "variant", "edits (B)", "ES", "ERR", "gen generate / rephrase",
                   "locality", "locality clean", "edit CPU s / edit"]
 
@@ -342,7 +343,8 @@ def shipped_rows(model: str) -> list[list[str]]:
     localities = [v for k, v in held.items() if k.startswith("locality_negatives")], [
         v for k, v in held.items() if k.startswith("locality_never_edited")]
     head = [model, f"`{trained['router']}` ({trained['key_position']})", f"{trained['radius']:.2f}",
-            f"{f3(min(localities[0]))} / {f3(min(localities[1]))}", f3(held["paraphrases_routed"])]
+            f"{trained['training']['seconds']:.0f}", f"{f3(min(localities[0]))} / {f3(min(localities[1]))}",
+            f3(held["paraphrases_routed"])]
     rows = []
     for name in ("melo", "kp", "kp_para1", "kp_para3", "kp_prefix3"):
         v = variants.get(name)
@@ -353,8 +355,8 @@ def shipped_rows(model: str) -> list[list[str]]:
         rows.append(head + [label, str(v["edits"]), f3(v["es"]), f3(v["err"]),
                             f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["locality"]),
                             f3(v["locality_clean"]), f"{v['edit_cpu_seconds'] / max(1, v['edits']):.2f}"])
-        head = ["", "", "", "", ""]
-    return rows or [head + ["(no end-to-end run)"] + ["–"] * (len(SHIPPED_HEADER) - 6)]
+        head = [""] * len(head)
+    return rows or [head + ["(no end-to-end run)"] + ["–"] * (len(SHIPPED_HEADER) - len(head) - 1)]
 
 
 def shipped_table() -> str:
