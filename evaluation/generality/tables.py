@@ -399,3 +399,25 @@ def other_split_lines() -> list[str]:
         return ["(not run: no `results/split1/`)"]
     return [table(["model", "variant", "radius (chosen on A)", "edits (B)", "ES", "ERR", "gen generate / rephrase",
                    "locality", "locality clean"], rows)]
+
+
+def main_job_line() -> str:
+    """The SmolLM2 projection (trained on zsRE part A) on the main job's shipped everyday facts (``demo``)."""
+    report = load("demo_smollm2_kp")
+    if report is None:
+        return "(not run: no `demo_smollm2_kp.json`)"
+    parts = []
+    for name in ("unedited", "melo"):
+        m = report["methods"][name]["metrics"]
+        parts.append(f"{name}: ES {f3(m['es'])}, ERR {f3(m['err'])}, generality {f2(m['generality_generate'])} / "
+                     f"{f2(m['generality_rephrase'])}, locality {f3(m['locality'])}")
+    conflicts = report["methods"]["melo"]["db"]["conflicts"]
+    plain_path = HERE.parents[0] / "runs" / "smollm2_demo" / "demo_report.json"  # `make demo`'s run
+    plain = "(not run)"
+    if plain_path.exists():
+        m = json.loads(plain_path.read_text())["methods"]["melo"]["metrics"]
+        plain = (f"generality {f2(m['generality_generate'])} / {f2(m['generality_rephrase'])}, locality "
+                 f"{f3(m['locality'])}")
+    return (f"{'; '.join(parts)} ({report['edited']} edits; {conflicts} cluster conflicts at the projection's radius "
+            f"{report['methods']['melo']['init_radius']:.2f}; MELO without a projection on the same facts, "
+            f"`evaluation/runs/smollm2_demo`: {plain})")

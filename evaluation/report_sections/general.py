@@ -85,6 +85,13 @@ def generality() -> list[str]:
               "The same on another split of the dev file (`--split-seed 1`: other subjects in A and B; projection "
               "trained on that A, its radius chosen there, run on that B; SmolLM2 on its first 100 records):", "",
               *g.other_split_lines(), "",
+              "**Another prompt style.** The same SmolLM2 projection on the main job's shipped everyday facts "
+              "(statements such as \"The largest planet in the solar system is\", not zsRE questions; "
+              "`python -m melo_fast demo --key-projection /tmp/melo_generality/kp_smollm2.safetensors --methods "
+              "unedited,melo --threads 1`, its report copied to `results/demo_smollm2_kp.json`): "
+              + g.main_job_line() + ". Its radius was chosen on zsRE questions; on these statements the edits' "
+              "scopes reach other questions about the same subjects. Train a projection on paraphrases in the "
+              "style of the questions you will edit.", "",
               "MiniLM's `kp` run replayed at other absolute radii (the blocks do not depend on the radius; for "
               "reading the trade-off only, the shipped radius is the one chosen on A):", "", g.shipped_curve(), ""]
     lines += ["**Routing bound of the shipped routers** (`probe.py`: MELO's vector database, no block trained; "
