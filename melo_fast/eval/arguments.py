@@ -116,6 +116,15 @@ def key_projection(args):
         raise SystemExit(f"--key-projection: {err}") from None
 
 
+def with_projection(config: MeloConfig, args, projection) -> MeloConfig:
+    """``config`` patched with ``projection``'s router and key position, where ``--router``/``--key-position``
+    did not name them (a named one that differs is refused by ``melo_fast.patch``); ``config`` if None."""
+    if projection is None:
+        return config
+    return config.replace(router=args.router or projection.router,
+                          key_position=parse_key_position(args.key_position) or projection.key_position)
+
+
 def config_overrides(args) -> dict:
     """The MeloConfig fields given on the command line (None: keep the preset's / demo's value)."""
     targets = [t.strip() for t in args.targets.split(",") if t.strip()] if args.targets else None
@@ -127,10 +136,6 @@ def config_overrides(args) -> dict:
             raise ValueError(f"--init-radius must be a number or 'auto', got {args.init_radius!r}") from None
     changes = {"num_iter": args.num_iter, "init_radius": radius, "router": args.router,
                "targets": targets, "scale": args.scale, "key_position": parse_key_position(args.key_position)}
-    projection = key_projection(args)
-    if projection is not None:  # its key function; an explicit --router/--key-position that differs is refused later
-        changes["router"] = changes["router"] or projection.router
-        changes["key_position"] = changes["key_position"] or projection.key_position
     return {k: v for k, v in changes.items() if v is not None}
 
 

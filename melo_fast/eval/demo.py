@@ -69,6 +69,7 @@ from melo_fast.eval.arguments import (
     key_projection,
     load_or_exit,
     recorded_arguments,
+    with_projection,
 )
 from melo_fast.eval.data import shipped_data_path
 from melo_fast.eval.harness import METHODS, SequentialEval, Settings, probe_set_name
@@ -166,6 +167,7 @@ def run(args) -> dict:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; choose from {', '.join(METHODS)}")
     if getattr(args, "sweep", False) and getattr(args, "key_projection", None):
         raise SystemExit("--sweep replays routing by the router's raw keys; it cannot run with --key-projection")
+    projection = key_projection(args)  # a missing or bad file stops here, before any model loads
     reporting.check_plotting("demo")
     torch.manual_seed(args.seed)
     data = args.data or shipped_data_path(DATA_FILES[args.model])
@@ -176,7 +178,7 @@ def run(args) -> dict:
         deployed = (_deploy_smollm2 if args.model == "smollm2" else _deploy_minilm)(args, records)
     except (ImportError, FileNotFoundError) as err:  # a model package or file missing: say what to install
         raise SystemExit(f"melo_fast demo: {err}") from None
-    config, task = deployed.config, deployed.task
+    config, task = with_projection(deployed.config, args, projection), deployed.task
 
     settings = Settings(batch_size=args.batch_size, holdout=args.holdout, progress=not args.no_progress)
     harness = SequentialEval(task, records, settings)
@@ -206,7 +208,7 @@ def run(args) -> dict:
     count = count if count is not None else (3 if task.kind != "classifier" else 5)
     if "melo" in methods:
         torch.manual_seed(args.seed)
-        results["melo"] = harness.run_melo(config, keep=True, key_projection=key_projection(args))
+        results["melo"] = harness.run_melo(config, keep=True, key_projection=projection)
         measured = results["melo"].extra
         report["radius"] = {"setting": config.init_radius, "relative_radius": config.relative_radius,
                             "key_scale": measured["key_scale"], "init_radius": measured["init_radius"]}

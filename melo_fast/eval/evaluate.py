@@ -22,6 +22,7 @@ from melo_fast.eval.arguments import (
     load_or_exit,
     preset,
     recorded_arguments,
+    with_projection,
 )
 from melo_fast.eval.harness import SequentialEval, Settings
 from melo_fast.eval.local_model import load_local_model
@@ -54,7 +55,8 @@ def run_eval(args) -> dict:
     torch.manual_seed(args.seed)
     records = load_or_exit(args.data, args.limit)
     config, batch_size = preset(args.preset) if args.preset else (MeloConfig(), 10)
-    config = config.replace(**config_overrides(args))
+    projection = key_projection(args)
+    config = with_projection(config.replace(**config_overrides(args)), args, projection)
     try:
         model, tokenizer = load_local_model(args.model)
     except (FileNotFoundError, ImportError) as err:
@@ -68,7 +70,7 @@ def run_eval(args) -> dict:
     harness = SequentialEval(task, records, settings)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     print(f"melo_fast eval: {args.model} ({task.kind}), {harness.describe()}, init_radius {config.init_radius!r}")
-    runs = harness.run(config, methods, key_projection=key_projection(args))
+    runs = harness.run(config, methods, key_projection=projection)
     results = {name: result.to_dict() for name, result in runs.items()}
     print(report.format_table(results))
     if task.kind != "classifier":
