@@ -136,9 +136,12 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("seed", [0])
-def test_insert_matches_the_plain_rules_over_thousands_of_keys(seed, one_thread):
+@pytest.mark.parametrize("seed, per_key_radii", [(0, False), (1, True)])
+def test_insert_matches_the_plain_rules_over_thousands_of_keys(seed, per_key_radii, one_thread):
+    """``per_key_radii``: every key brings its own radius (``insert(..., radii=...)``, an edit given in
+    several wordings), drawn around ``RADIUS``; the rules read it wherever MELO's read ``init_radius``."""
     stream = EditStream(seed)
+    draw = random.Random(seed)
     db, oracle = VectorDatabase(DIM, RADIUS), OracleDatabase(RADIUS)
     totals = dict.fromkeys(("new_clusters", "merged", "conflicts", "forgotten", "superseded"), 0)
     refused = inserted = 0
@@ -153,10 +156,11 @@ def test_insert_matches_the_plain_rules_over_thousands_of_keys(seed, one_thread)
             assert all(before[name] is tensor for name, tensor in db.state_dict()[0].items())
             refused += 1
             continue
-        expected = oracle.insert(keys, labels, batch)
+        radii = [draw.choice((0.5, 1.0, 1.5)) * RADIUS for _ in labels] if per_key_radii else None
+        expected = oracle.insert(keys, labels, batch, radii)
         published, frozen = db.copy(), {name: t.clone() for name, t in db.state_dict()[0].items()}
         db = db.copy()  # as the editor does: insert into a copy, never into the published database
-        counts = db.insert(keys, labels, batch)
+        counts = db.insert(keys, labels, batch, radii=radii)
         assert all(torch.equal(t, frozen[name]) for name, t in published.state_dict()[0].items()), f"batch {batch}"
         inserted += len(keys)
         assert vars(counts) == expected, f"batch {batch}"

@@ -25,7 +25,7 @@ def stored():
 def placement(db, batch, labels, block_id=3):
     ids, new = db._label_ids([(label,) for label in labels])
     assert not new
-    return Placement(db, batch, ids, block_id, db._scan_geometry(), (None, None))
+    return Placement(db, batch, ids, block_id, [db.init_radius] * batch.shape[0], db._scan_geometry(), (None, None))
 
 
 def test_each_step_records_what_it_found():

@@ -28,7 +28,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -47,6 +47,7 @@ from melo_fast.routing import BlockLoRAHook, EditState, RefusesCopy, RouterHook,
 from melo_fast.routing.keys import read_keys
 from melo_fast.targets import ModelKind
 from melo_fast.vecdb import COINCIDE_FRACTION, InsertCounts, VectorDatabase, coinciding_conflicts
+from melo_fast.vecdb.wordings import insert_wordings, prompt_rows
 
 
 class MeloEditor(EditStateIO, RefusesCopy):
@@ -157,7 +158,9 @@ class MeloEditor(EditStateIO, RefusesCopy):
         return EditBatch.check(batch, self.kind, next(self.model.parameters()).device)
 
     # --- the low-level path -------------------------------------------------------------------
-    def open_block(self, batch: Mapping[str, torch.Tensor], freeze_model: bool = True) -> list[nn.Parameter]:
+    def open_block(
+        self, batch: Mapping[str, torch.Tensor], freeze_model: bool = True, paraphrase_of: Sequence[int] | None = None
+    ) -> list[nn.Parameter]:
         """Start a new block for ``batch`` and return its trainable parameters.
 
         Reads the batch's keys (a forward pass that stops at the router, in eval mode and without
@@ -169,10 +172,15 @@ class MeloEditor(EditStateIO, RefusesCopy):
                 on the prompt for causal LMs, ``[N, T_dec]`` for seq2seq, ``[N]`` for classifiers).
             freeze_model: switch off ``requires_grad`` of the model's own parameters until the block
                 is closed, so optimizers built from ``model.parameters()`` train only the block.
+            paraphrase_of: None (MELO: every row is an edit of its own), or per row the row of the prompt it
+                is another wording of (a prompt's own index). The commit then makes each prompt and its
+                paraphrases one cluster, with the key projection's ``paraphrase_radius`` when it has one
+                (:mod:`melo_fast.vecdb.wordings`); ``edit_texts(..., paraphrases=...)`` fills it in.
 
         Raises:
             RuntimeError: a block is already open (in any thread).
-            ValueError: a bad batch, or two rows that are the same input with different targets.
+            ValueError: a bad batch, a bad ``paraphrase_of`` (the message names the row), or two rows that
+                are the same input with different targets.
 
         If opening fails half-way (say, out of memory), the model's parameters are unfrozen again and
         no block stays open.
@@ -182,6 +190,9 @@ class MeloEditor(EditStateIO, RefusesCopy):
             if self._open is not None:
                 raise RuntimeError("melo_fast: a block is already open; commit() or abort() it first")
             checked = self.edit_batch(batch)
+            if paraphrase_of is not None:
+                paraphrase_of = [int(row) if isinstance(row, torch.Tensor) else row for row in paraphrase_of]
+                prompt_rows(paraphrase_of, checked.targets)
             radius, scale = self._radius()
             keys = self.keys(batch)
             targets = checked.targets
@@ -191,7 +202,7 @@ class MeloEditor(EditStateIO, RefusesCopy):
                     f"melo_fast: edit rows {clashes} are the same input with different targets; one block "
                     "cannot hold both. Keep one target per input (edit the other in a later batch: the later edit wins)"
                 )
-            block = OpenBlock(keys, targets, radius, scale)
+            block = OpenBlock(keys, targets, radius, scale, paraphrase_of, self._paraphrase_radius(radius))
             block.open(self.model, self.routing, self.lora_layers, freeze_model)
             self._open = block
             return list(block.parameters)
@@ -216,7 +227,12 @@ class MeloEditor(EditStateIO, RefusesCopy):
             database = state.database.copy()
             database.init_radius, database.key_scale = self._open.radius, self._open.key_scale
             # open_block refused clashing rows already, at this radius: no second scan of the batch.
-            counts = database.insert(self._open.keys, self._open.targets, block_id, refuse_clashes=False)
+            opened = self._open
+            if opened.paraphrase_of is None:
+                counts = database.insert(opened.keys, opened.targets, block_id, refuse_clashes=False)
+            else:
+                counts = insert_wordings(database, opened.keys, opened.targets, block_id, opened.paraphrase_of,
+                                         opened.paraphrase_radius, refuse_clashes=False)
             try:
                 for layer in self.lora_layers.values():
                     layer.store_block()  # past every published view: no reader sees it yet
@@ -285,7 +301,7 @@ class MeloEditor(EditStateIO, RefusesCopy):
         self._open = None
 
     # --- MELO's editing loop ------------------------------------------------------------------
-    def edit(self, batch: Mapping[str, torch.Tensor]) -> EditResult:
+    def edit(self, batch: Mapping[str, torch.Tensor], paraphrase_of: Sequence[int] | None = None) -> EditResult:
         """Edit the model with one batch: train a new block, then route the batch's keys to it.
 
         The model is put in eval mode during the edit (dropout off) and restored after. Works when
@@ -296,6 +312,8 @@ class MeloEditor(EditStateIO, RefusesCopy):
         Args:
             batch: as for :meth:`open_block` (``input_ids``/``attention_mask`` ``[N, T]`` int64 and
                 HF-style ``labels``), on the model's device.
+            paraphrase_of: as for :meth:`open_block`: which rows are other wordings of which prompt (None:
+                every row its own edit, MELO).
 
         Raises:
             ValueError: a bad batch (missing or empty labels, wrong shapes or device), or two rows
@@ -310,7 +328,7 @@ class MeloEditor(EditStateIO, RefusesCopy):
             was_training = self.model.training
             self.model.eval()
             try:
-                parameters = self.open_block(batch)
+                parameters = self.open_block(batch, paraphrase_of=paraphrase_of)
                 try:
                     settings = self.config.train_settings
                     training_batch, loss_fn = batch, loss_of  # keys and edit targets: the batch as given
@@ -376,10 +394,11 @@ class MeloEditor(EditStateIO, RefusesCopy):
             tokenizer: the model's tokenizer.
             max_length: truncate every prompt (and paraphrase) to that many tokens.
             paraphrases: None, or ``N`` lists (``[]`` for none) of other wordings of each prompt, written by
-                you: ``paraphrases[i][j]`` is one more row of this edit with target ``targets[i]``. Its key
-                joins the database with that target and the block trains on it, so the edit also answers
-                that wording (and inputs whose keys fall near its key); an edit of the prompt alone reaches
-                few paraphrases.
+                you: ``paraphrases[i][j]`` is one more row of this edit with target ``targets[i]``. The block
+                trains on it and its key joins its prompt's cluster (one cluster around the mean of the
+                edit's wordings, with the key projection's ``paraphrase_radius`` if it has one:
+                :mod:`melo_fast.vecdb.wordings`), so the edit also answers that wording and inputs whose
+                keys fall near the edit's wordings; an edit of the prompt alone reaches few paraphrases.
                 Rows: the ``N`` prompts first, then the paraphrases in order (row numbers in errors of
                 :meth:`edit` count this way).
 
@@ -398,7 +417,11 @@ class MeloEditor(EditStateIO, RefusesCopy):
         batch = EditBatch.from_texts(self.model, prompts, targets, tokenizer, max_length, paraphrases)
         if self.tokenizer is None:
             self.tokenizer = tokenizer
-        return self.edit(dict(batch.inputs))
+        if not paraphrases or not any(paraphrases):
+            return self.edit(dict(batch.inputs))
+        # The rows are the prompts, then each prompt's paraphrases in order (EditBatch.from_texts).
+        paraphrase_of = list(range(len(prompts))) + [i for i, wordings in enumerate(paraphrases) for _ in wordings]
+        return self.edit(dict(batch.inputs), paraphrase_of=paraphrase_of)
 
     def warmup(self, training: bool = True) -> int:
         """Compile the Triton kernels this model will launch, now rather than on a serving request.
@@ -449,6 +472,14 @@ class MeloEditor(EditStateIO, RefusesCopy):
             database.init_radius, database.key_scale = radius, scale
             self.routing.published = dataclasses.replace(state, database=database)
             return radius
+
+    def _paraphrase_radius(self, radius: float) -> float:
+        """The radius of an edit given in several wordings: the key projection's ``paraphrase_radius`` with
+        ``init_radius="auto"`` when it chose one, else ``radius`` (the radius of every edit)."""
+        projection = self.routing.published.projection
+        if projection is not None and self.config.init_radius == "auto" and projection.paraphrase_radius is not None:
+            return projection.paraphrase_radius
+        return radius
 
     def _radius(self) -> tuple[float, float | None]:
         """``(init_radius, key_scale)`` for the next commit: the database's, or measured now."""

@@ -17,7 +17,10 @@ held-out facts together (:func:`_held_out_counts`, :func:`_choose_radius`): half
 are inserted as edits into a real :class:`~melo_fast.vecdb.VectorDatabase`, ten a block, alone and after
 one edit per training fact, and the radius is the largest on a grid that keeps at least ``locality`` of
 the edited facts' negatives, and as much of the unedited facts' wordings, out of every edit's scope in
-both. Why held-out questions: the training facts' negatives were pushed away by training itself, so a
+both. The ``paraphrase_radius`` is chosen the same way with every edit given in
+:data:`CALIBRATION_PARAPHRASES` + 1 wordings (:mod:`melo_fast.vecdb.wordings`), as
+``edit_texts(..., paraphrases=...)`` inserts them: more wordings make a wider scope, so a smaller radius
+keeps the same locality. Why held-out questions: the training facts' negatives were pushed away by training itself, so a
 radius judged on them would be too large for new questions. Why all folds: a locality of 0.99 cannot be
 told from 0.97 on a few dozen questions. The map returned is the first fold's.
 
@@ -40,9 +43,13 @@ from torch import nn
 from melo_fast.editing import calibration
 from melo_fast.routing.key_projection import KeyProjection
 from melo_fast.vecdb import VectorDatabase
+from melo_fast.vecdb.wordings import insert_wordings
 
 RADIUS_GRID = tuple(round(0.02 * i, 2) for i in range(1, 76))  # unit keys: distances lie in [0, 2]
 EDITS_PER_BATCH = 10  # how the validation edits are grouped into blocks (the harness's batch size)
+# Paraphrases per edit when the paraphrase radius is chosen: "a few", what a user can write per edit.
+# Fewer make a narrower scope (the radius errs on the safe side); many more may reach wider.
+CALIBRATION_PARAPHRASES = 3
 
 
 @dataclass(frozen=True)
@@ -121,7 +128,7 @@ def train_key_projection(
     keys = _raw_keys(editor, tokenizer, texts, progress)
     index = {t: i for i, t in enumerate(texts)}
     ids = [_ids(f, index) for f in facts]
-    counts: dict[float, Counter] = {}
+    counts: dict[int, dict[float, Counter]] = {0: {}, CALIBRATION_PARAPHRASES: {}}  # paraphrases per edit ->
     first = None
     for fold, held in enumerate(_topic_folds(facts, folds, generator)):
         train_ids = [ids[i] for i in range(len(facts)) if i not in held]
@@ -129,21 +136,25 @@ def train_key_projection(
         fitted = _fit(keys, train_ids, held_ids, rank, temperature, steps, facts_per_step, lr, weight_decay,
                       check_every, seed + fold, generator, f"key projection {fold + 1}/{folds}", progress)
         with torch.no_grad():
-            for radius, fold_counts in _held_out_counts(fitted(keys), train_ids, held_ids, locality).items():
-                counts.setdefault(radius, Counter()).update(fold_counts)
+            projected = fitted(keys)
+            for given, pooled in counts.items():
+                for radius, fold_counts in _held_out_counts(projected, train_ids, held_ids, locality, given).items():
+                    pooled.setdefault(radius, Counter()).update(fold_counts)
         first = first or (fitted, len(train_ids), len(held_ids))
-    radius, figures = _choose_radius(counts, locality)
+    radius, figures = _choose_radius(counts[0], locality)
+    paraphrase_radius, paraphrase_figures = _choose_radius(counts[CALIBRATION_PARAPHRASES], locality)
     projection, training_facts, held_facts = first
     info = {
         "facts": len(facts), "training_facts": training_facts, "held_out_facts": held_facts, "folds": folds,
         "texts": len(texts), "rank": rank, "temperature": temperature, "steps": steps,
         "best_step": projection.best_step, "held_out_loss": round(projection.best_loss, 4),
-        "locality_target": locality, "held_out": figures, "seed": seed,
+        "locality_target": locality, "held_out": figures, "held_out_paraphrased": paraphrase_figures,
+        "calibration_paraphrases": CALIBRATION_PARAPHRASES, "seed": seed,
         "seconds": round(time.perf_counter() - start, 1),
     }
     config = editor.config
     return KeyProjection(projection.mean, projection.std, projection.weight, radius, config.router,
-                         config.key_position, info)
+                         config.key_position, info, paraphrase_radius)
 
 
 @dataclass
@@ -264,11 +275,13 @@ def _held_out_loss(project, keys, held, facts_per_step: int, temperature: float)
 
 
 # --- the radius -------------------------------------------------------------------------------------
-def _held_out_counts(projected: torch.Tensor, train, held, locality: float) -> dict[float, Counter]:
+def _held_out_counts(projected: torch.Tensor, train, held, locality: float, given: int = 0) -> dict[float, Counter]:
     """Per radius of :data:`RADIUS_GRID`: held-out questions kept out of every scope, and paraphrases routed home.
 
     Edits are the first wordings of half the held-out facts, ten a block, in two databases: alone (few
-    edits), and after one edit per training fact (many edits). Both matter because MELO's insert splits
+    edits), and after one edit per training fact (many edits). With ``given`` > 0 every edit comes with
+    up to ``given`` more of its fact's wordings as paraphrases (:func:`~melo_fast.vecdb.wordings.insert_wordings`,
+    all at the radius), and the paraphrases routed are the wordings not given. Both matter because MELO's insert splits
     clusters of different edits at half their distance: in a full database conflicts shrink the scopes,
     while a few edits keep the whole radius, so locality is worst when there are few edits. Two kinds
     of question are counted in both: the hard negatives of the edited facts (other questions about an
@@ -277,11 +290,12 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float) -> d
     Radii past the first one where a kind falls below ``locality - 0.1`` are left out (never chosen).
     """
     edited, unedited = held[0::2], held[1::2]
-    edits = [p[0] for p, _ in edited]  # blocks 0, 1, ... in both databases
-    databases = {"few_edits": edits, "many_edits": edits + [p[0] for p, _ in train]}
+    edits = [p[: 1 + given] for p, _ in edited]  # each edit's wordings; blocks 0, 1, ... in both databases
+    databases = {"few_edits": edits, "many_edits": edits + [p[: 1 + given] for p, _ in train]}
     questions = {"negatives": [i for _, n in edited for i in n], "never_edited": [i for p, _ in unedited for i in p]}
-    paraphrases = [i for p, _ in edited for i in p[1:]]
-    owners = torch.tensor([f // EDITS_PER_BATCH for f, (p, _) in enumerate(edited) for _ in p[1:]], dtype=torch.long)
+    paraphrases = [i for p, _ in edited for i in p[1 + given :]]
+    owners = torch.tensor([f // EDITS_PER_BATCH for f, (p, _) in enumerate(edited) for _ in p[1 + given :]],
+                          dtype=torch.long)
     out = {}
     for radius in RADIUS_GRID:
         counts = Counter()
@@ -289,7 +303,15 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float) -> d
             database = VectorDatabase(projected.shape[1], radius, device=projected.device)
             for b in range(0, len(stored), EDITS_PER_BATCH):
                 group = range(b, min(b + EDITS_PER_BATCH, len(stored)))
-                database.insert(projected[[stored[f] for f in group]], [(f,) for f in group], b // EDITS_PER_BATCH)
+                rows, labels, prompt_of = [], [], []
+                for f in group:
+                    first = len(rows)
+                    rows += stored[f]
+                    labels += [(f,)] * len(stored[f])
+                    prompt_of += [first] * len(stored[f])
+                # Facts that share a wording make coinciding rows: the database's rules place them (no refusal).
+                insert_wordings(database, projected[rows], labels, b // EDITS_PER_BATCH, prompt_of, radius,
+                                refuse_clashes=False)
             for kind, rows in questions.items():
                 counts[f"{kind}_{name}_kept_out"] += int((database.search(projected[rows]) < 0).sum()) if rows else 0
                 counts[f"{kind}_{name}"] += len(rows)

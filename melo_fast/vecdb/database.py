@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -46,6 +47,13 @@ class _LabelTable:
         for label in labels:
             self.index.setdefault(label, len(self.items))
             self.items.append(label)
+
+
+def _checked_radii(radii: Sequence[float], n: int) -> list[float]:
+    radii = [float(r) for r in radii]
+    if len(radii) != n or not all(math.isfinite(r) and r > 0 for r in radii):
+        raise ValueError(f"VectorDatabase.insert: radii must be {n} finite numbers > 0 (one per key), got {radii}")
+    return radii
 
 
 class VectorDatabase:
@@ -202,7 +210,12 @@ class VectorDatabase:
         return geometry[3], geometry[4]
 
     def insert(
-        self, keys: torch.Tensor, labels: list[tuple[int, ...]], block_id: int, refuse_clashes: bool = True
+        self,
+        keys: torch.Tensor,
+        labels: list[tuple[int, ...]],
+        block_id: int,
+        refuse_clashes: bool = True,
+        radii: Sequence[float] | None = None,
     ) -> InsertCounts:
         """Place the keys of one edit batch, all routing to ``block_id``.
 
@@ -233,10 +246,15 @@ class VectorDatabase:
             refuse_clashes: refuse a batch with two keys that coincide (within :attr:`coincide_tolerance`)
                 with different labels. False when the caller has refused them already (the editor does,
                 with :func:`coinciding_conflicts`, before training), so the batch is not scanned twice.
+            radii: ``N`` per-key radii > 0 used in place of ``init_radius`` in the rules above (a key's
+                reach, the radius of a cluster it creates, the floor of one it joins); None: ``init_radius``
+                for every key (MELO). The editor gives an edit stated in several wordings its own radius
+                (:mod:`melo_fast.vecdb.wordings`). The re-edit rule and :attr:`coincide_tolerance` keep
+                ``init_radius``.
 
         Raises:
-            ValueError: bad shapes, or two keys of the batch coincide with different labels (nothing
-                changes).
+            ValueError: bad shapes, radii that are not ``N`` finite numbers > 0, or two keys of the batch
+                coincide with different labels (nothing changes).
         """
         if keys.dim() != 2 or keys.shape[1] != self.dim:
             raise ValueError(f"VectorDatabase.insert: keys must be [N, {self.dim}], got {tuple(keys.shape)}")
@@ -244,12 +262,13 @@ class VectorDatabase:
             raise ValueError(f"VectorDatabase.insert: {keys.shape[0]} keys but {len(labels)} labels")
         if self.init_radius is None:
             raise RuntimeError("VectorDatabase.insert: init_radius is not set yet")
+        radii = [self.init_radius] * keys.shape[0] if radii is None else _checked_radii(radii, keys.shape[0])
         if keys.shape[0] == 0:
             return InsertCounts()
         keys = keys.detach().to(self.device, torch.float32).contiguous()
         key_labels, new_labels = self._label_ids([tuple(int(t) for t in label) for label in labels])
         buffers = (self._center_rows, self._point_rows)
-        placed = Placement(self, keys, key_labels, block_id, self._scan_geometry(), buffers).run(refuse_clashes)
+        placed = Placement(self, keys, key_labels, block_id, radii, self._scan_geometry(), buffers).run(refuse_clashes)
         # Commit: nothing above touched self, so a failure leaves the database as it was.
         self.centers, self.radii, self.cluster_labels = placed.centers, placed.radii, placed.cluster_labels
         self.point_offsets, self.points, self.point_blocks = placed.point_offsets, placed.points, placed.point_blocks

@@ -18,8 +18,8 @@ as named steps, so that Python only ever loops over the batch and over the clust
    computes nearest clusters after this step); re-centred clusters are compared with every key directly.
 3. **MELO's rules** (host; :meth:`~Placement.fetch_reached`, :meth:`~Placement.apply_rules`), key by key,
    on the clusters the batch touches only. Which ones those are is known before the loop (a cluster is
-   touched exactly when some key's nearest cluster is it and that key is within its radius +
-   ``init_radius``), so their points come back in one transfer.
+   touched exactly when some key's nearest cluster is it and that key is within its radius + the key's
+   radius, ``init_radius`` unless the caller gave per-key radii), so their points come back in one transfer.
 4. **Rebuild** (device; :meth:`~Placement.rebuild`): new clusters are appended to the centers and points
    past every view handed out (:class:`~melo_fast.vecdb.rows.RowBuffer`: no copy); the small per-cluster
    and per-point tensors, and centers or points when a row or segment in the middle changes, are
@@ -198,6 +198,9 @@ class Placement:
         keys: ``[N, d]`` float32 keys on the database's device.
         key_labels: ``N`` label ids (indices into the database's labels, new ones included).
         block_id: the block every key routes to.
+        radii: per key, the radius it reaches with and gives a cluster it creates or joins (the database's
+            ``init_radius`` for every key unless the caller gives others; MELO's rules with ``init_radius``
+            read as the key's own radius).
         geometry: ``(||center||² [C], reach [C])`` of the database's tensors (its scan geometry).
         buffers: the database's room to append centers and points (:class:`RowBuffer` or None each).
 
@@ -210,8 +213,9 @@ class Placement:
         counts: how the keys were placed.
     """
 
-    def __init__(self, db, keys: torch.Tensor, key_labels: list[int], block_id: int, geometry, buffers):
-        self.db, self.keys, self.labels, self.block_id = db, keys, key_labels, block_id
+    def __init__(self, db, keys: torch.Tensor, key_labels: list[int], block_id: int, radii: list[float], geometry,
+                 buffers):
+        self.db, self.keys, self.labels, self.block_id, self.radii = db, keys, key_labels, block_id, radii
         self.center_sq_norms, self.reach = geometry
         self.center_rows, self.point_rows = buffers
         self.tolerance, self.init_radius = db.coincide_tolerance, db.init_radius
@@ -370,11 +374,11 @@ class Placement:
     # --- 3. MELO's rules -------------------------------------------------------------------------------
     def fetch_reached(self) -> None:
         """Bring the clusters MELO's rules will touch to the host in one transfer: a key's nearest cluster,
-        when the key is within its radius + ``init_radius``."""
+        when the key is within its radius + the key's radius."""
         segments = self.segments
         reached = sorted(
-            {c for c, d in self.nearest if c >= 0 and c not in self.touched
-             and not d > segments[c].radius + self.init_radius}
+            {c for (c, d), radius in zip(self.nearest, self.radii, strict=True) if c >= 0 and c not in self.touched
+             and not d > segments[c].radius + radius}
         )
         if not reached:
             return
@@ -402,16 +406,16 @@ class Placement:
     def apply_rules(self) -> None:
         """MELO's rules, key by key, against the nearest clusters found above: far → new cluster; same
         label → merge; another label → conflict split, forgetting points left outside."""
-        counts, init_radius = self.counts, self.init_radius
-        for i, (c, distance) in enumerate(self.nearest):
+        counts = self.counts
+        for i, ((c, distance), radius) in enumerate(zip(self.nearest, self.radii, strict=True)):
             cluster = self.touched.get(c)
-            if c < 0 or distance > (cluster.radius if cluster else self.segments[c].radius) + init_radius:
-                self.new_clusters.append((i, init_radius))
+            if c < 0 or distance > (cluster.radius if cluster else self.segments[c].radius) + radius:
+                self.new_clusters.append((i, radius))
                 counts.new_clusters += 1
             elif cluster.segment.label == self.labels[i]:
                 cluster.vectors = torch.cat([cluster.vectors, self.host_keys[i : i + 1]])
                 cluster.sources.append(-1 - i)
-                cluster.radius = max(covering_radius(cluster.recenter(), self.db.dim), init_radius)
+                cluster.radius = max(covering_radius(cluster.recenter(), self.db.dim), radius)
                 counts.merged += 1
             else:
                 self.new_clusters.append((i, distance / 2 + SPLIT_MARGIN))

@@ -81,8 +81,9 @@ class OracleDatabase:
         self.labels: list[tuple] = []
         self.conflicts = self.forgotten = self.superseded = 0
 
-    def insert(self, keys: torch.Tensor, labels: list[tuple], block: int) -> dict:
+    def insert(self, keys: torch.Tensor, labels: list[tuple], block: int, radii: list[float] | None = None) -> dict:
         keys = list(keys.float())
+        radii = [self.init_radius] * len(keys) if radii is None else list(radii)
         labels = [tuple(label) for label in labels]
         for i in range(len(keys)):
             for j in range(i + 1, len(keys)):
@@ -120,14 +121,14 @@ class OracleDatabase:
         candidates = list(self.clusters)
         centers = stack([c.center for c in candidates])
         nearest = [lowest(distances(key, centers)) for key in keys]
-        for key, label, (c, distance) in zip(keys, labels, nearest, strict=True):
+        for key, label, (c, distance), radius in zip(keys, labels, nearest, radii, strict=True):
             cluster = candidates[c] if c >= 0 else None
-            if cluster is None or distance > cluster.radius + self.init_radius:
-                self.clusters.append(Cluster(key, self.init_radius, label, block))
+            if cluster is None or distance > cluster.radius + radius:
+                self.clusters.append(Cluster(key, radius, label, block))
                 counts["new_clusters"] += 1
             elif cluster.label == label:
                 cluster.points.append((key, block))
-                cluster.radius = max(covering(cluster.recenter(), len(cluster.center)), self.init_radius)
+                cluster.radius = max(covering(cluster.recenter(), len(cluster.center)), radius)
                 counts["merged"] += 1
             else:
                 self.clusters.append(Cluster(key, distance / 2 + SPLIT_MARGIN, label, block))
