@@ -64,6 +64,7 @@ from melo_fast.eval import metrics  # noqa: E402
 from melo_fast.eval.harness import SequentialEval, Settings  # noqa: E402
 from melo_fast.eval.probes import ProbeSet  # noqa: E402
 from melo_fast.vecdb import COINCIDE_FRACTION, VectorDatabase, coinciding_conflicts  # noqa: E402
+from melo_fast.vecdb.wordings import insert_wordings  # noqa: E402
 
 
 @dataclass
@@ -251,14 +252,14 @@ class GeneralityEval(SequentialEval):
                 groups = [[r] for r in records] if variant.per_edit_blocks else [records]
                 for group in groups:
                     start, cpu = time.perf_counter(), time.process_time()
-                    block, n_dropped, n_rows, keys, labels = edit_group(editor, self.task, group, variant, prefixes,
-                                                                        rng, self.training)
+                    block, n_dropped, n_rows, keys, labels, paraphrase_of = edit_group(
+                        editor, self.task, group, variant, prefixes, rng, self.training)
                     edit_seconds += time.perf_counter() - start
                     edit_cpu += time.process_time() - cpu  # one thread: CPU time, not the shared machine's waits
                     dropped += n_dropped
                     rows_trained += n_rows
                     block_of_record += [block] * len(group)
-                    inserts.append((keys, labels, block))
+                    inserts.append((keys, labels, block, paraphrase_of))
                 indices = self._batch_indices(b)
                 answers = self.answerer.routed("edit", editor, indices)  # ES: the batch right after its edit
                 es += [self.task.score(a, self.sets["edit"].references[i])[self.task.primary]
@@ -275,7 +276,12 @@ class GeneralityEval(SequentialEval):
             for relative in grid:
                 radius_here = relative * editor.db.key_scale if editor.db.key_scale is not None else relative
                 db = VectorDatabase(editor.db.dim, radius_here, key_scale=editor.db.key_scale)
-                for keys, labels, block in inserts:
+                for keys, labels, block, paraphrase_of in inserts:
+                    if paraphrase_of is not None:  # the projection's paraphrase radius, scaled like its radius
+                        projection = editor.state.projection
+                        scaled = radius_here * (projection.paraphrase_radius or projection.radius) / projection.radius
+                        insert_wordings(db, keys, labels, block, paraphrase_of, scaled, refuse_clashes=False)
+                        continue
                     drop = {j for _, j in coinciding_conflicts(keys, labels, COINCIDE_FRACTION * db.init_radius)}
                     keep = [i for i in range(len(labels)) if i not in drop]
                     db.insert(keys[keep], [labels[i] for i in keep], block)
@@ -325,13 +331,14 @@ def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng
     ``training``: ``"melo"``, MELO's fixed loop (:func:`melo_loop`); ``"default"``, ``editor.edit`` as shipped
     (early stop, frozen-prefix replay, continuation tokens; not with prefixes).
 
-    Returns ``(block id, rows dropped, rows trained, keys inserted, their labels)``.
+    Returns ``(block id, rows dropped, rows trained, keys inserted, their labels, paraphrase_of or None)``.
     """
-    texts, targets = [], []
-    for r in records:
+    texts, targets, record_of = [], [], []
+    for k, r in enumerate(records):
         for text in [r.prompt, *common.given_paraphrases(r, variant.paraphrases)]:
             texts.append(text)
             targets.append(r.target_new)
+            record_of.append(k)
     # The editor refuses two rows that coincide with different targets: keep the first (as a user would).
     tolerance = COINCIDE_FRACTION * editor.db.init_radius
     key_batch = edit_rows(task, texts, targets)
@@ -340,11 +347,18 @@ def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng
     if drop:
         texts = [t for i, t in enumerate(texts) if i not in drop]
         targets = [t for i, t in enumerate(targets) if i not in drop]
+        record_of = [k for i, k in enumerate(record_of) if i not in drop]
         key_batch = edit_rows(task, texts, targets)
         keys, labels = editor.keys(key_batch), editor.edit_batch(key_batch).targets
+    # With the shipped projection, a record's rows are one edit in several wordings, as edit_texts(...,
+    # paraphrases=...) makes them (its first row left is the prompt); the research variants keep every row
+    # an edit of its own, as they were measured.
+    paraphrase_of = None
+    if variant.key_projection and variant.paraphrases:
+        paraphrase_of = [record_of.index(k) for k in record_of]
     if training == "default" and not variant.prefixes:
-        block = editor.edit(key_batch).block_id
-        return block, len(drop), len(texts), keys, labels
+        block = editor.edit(key_batch, paraphrase_of=paraphrase_of).block_id
+        return block, len(drop), len(texts), keys, labels, paraphrase_of
     train_texts, train_targets = list(texts), list(targets)
     for text, target in zip(texts, targets, strict=True):
         for prefix in rng.sample(prefixes, variant.prefixes) if variant.prefixes else []:
@@ -357,7 +371,8 @@ def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng
     model.eval()
     try:
         with torch.enable_grad():
-            parameters = editor.open_block(key_batch)  # the keys inserted at commit: prompt + paraphrases only
+            # the keys inserted at commit: prompt + paraphrases only
+            parameters = editor.open_block(key_batch, paraphrase_of=paraphrase_of)
             try:
                 train_block(model, train_batch, parameters, settings)  # MELO's loop on all training rows
                 block, _ = editor.commit()
@@ -367,7 +382,7 @@ def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng
                 raise
     finally:
         model.train(was_training)
-    return block, len(drop), len(train_texts), keys, labels
+    return block, len(drop), len(train_texts), keys, labels, paraphrase_of
 
 
 def radius_from_probe(probe_json: dict, spec: str, projection: bool, paraphrases: int, floor: str) -> float | None:
