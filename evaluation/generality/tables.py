@@ -147,11 +147,19 @@ def grid_point(v: dict, floor: str) -> dict | None:
     return next((p for p in v["grid"] if abs(p["relative_radius"] - radius) < 1e-6), None)
 
 
-def e2e_variants(model: str) -> dict:
-    """Every variant of the e2e JSONs of a model (``e2e_<model>*.json``), in file then run order."""
+# The kp paraphrase variants since an edit's wordings make one cluster with the projection's paraphrase
+# radius (melo_fast/vecdb/wordings.py); the earlier files hold them as measured before, a cluster per wording.
+WORDINGS_RUN = "wordings"
+
+
+def e2e_variants(model: str, before_wordings: bool = False) -> dict:
+    """Every variant of the e2e JSONs of a model (``e2e_<model>*.json``), in file then run order (a later file's
+    variant replaces an earlier one of the same name). ``before_wordings``: leave out ``e2e_<model>_wordings.json``
+    (the kp paraphrase variants as they were measured before it)."""
     variants = {}
     for path in sorted(RESULTS.glob(f"e2e_{model}*.json")):
-        variants.update(json.loads(path.read_text())["variants"])
+        if not (before_wordings and path.stem == f"e2e_{model}_{WORDINGS_RUN}"):
+            variants.update(json.loads(path.read_text())["variants"])
     return variants
 
 
@@ -327,31 +335,45 @@ def shipped(model: str, variant: str) -> str:
 
 
 # --- the shipped key projection (melo_fast.KeyProjection) ---------------------------------------------
-SHIPPED_HEADER = ["model", "key function", "radius (chosen on A)", "training s (1 thread)",
+SHIPPED_HEADER = ["model", "key function", "radius / paraphrase radius (chosen on A)", "training s (1 thread)",
                   "A held out: locality (negatives / never edited)",
-                  "A held out: paraphrases routed", "variant", "edits (B)", "ES", "ERR", "gen generate / rephrase",
-                  "locality", "locality clean", "edit CPU s / edit"]
+                  "A held out: paraphrases routed (0 / 3 given)", "variant", "edits (B)", "ES", "ERR",
+                  "gen generate / rephrase", "locality", "locality clean", "edit CPU s / edit"]
+SHIPPED_VARIANTS = {  # (variant, measured before one-cluster wordings?) -> label
+    ("melo", False): "MELO (no projection)",
+    ("kp", False): "projection",
+    ("kp_para1", True): "projection + 1 paraphrase, a cluster per wording (before)",
+    ("kp_para3", True): "projection + 3 paraphrases, a cluster per wording (before)",
+    ("kp_para1", False): "projection + 1 paraphrase (one cluster, paraphrase radius)",
+    ("kp_para3", False): "projection + 3 paraphrases (one cluster, paraphrase radius)",
+    ("kp_prefix3", False): "projection + 3 prefixed rows",
+}
 
 
 def shipped_rows(model: str) -> list[list[str]]:
     """The shipped projection of ``model`` (``library_projection_<model>.json``) and its end-to-end runs on B."""
     trained = load(f"library_projection_{model}")
-    variants = e2e_variants(model)
     if trained is None:
         return [[model, "(not run)"] + ["–"] * (len(SHIPPED_HEADER) - 2)]
-    held = trained["training"]["held_out"]
+    runs = {False: e2e_variants(model), True: e2e_variants(model, before_wordings=True)}
+    if not (RESULTS / f"e2e_{model}_{WORDINGS_RUN}.json").exists():
+        runs[True] = {}  # no run since: the paraphrase rows are the current ones
+    training = trained["training"]
+    held, worded = training["held_out"], training.get("held_out_paraphrased", {})
     localities = [v for k, v in held.items() if k.startswith("locality_negatives")], [
         v for k, v in held.items() if k.startswith("locality_never_edited")]
-    head = [model, f"`{trained['router']}` ({trained['key_position']})", f"{trained['radius']:.2f}",
-            f"{trained['training']['seconds']:.0f}", f"{f3(min(localities[0]))} / {f3(min(localities[1]))}",
-            f3(held["paraphrases_routed"])]
+    paraphrase_radius = worded.get("radius")
+    head = [model, f"`{trained['router']}` ({trained['key_position']})",
+            f"{trained['radius']:.2f} / " + ("–" if paraphrase_radius is None else f"{paraphrase_radius:.2f}"),
+            f"{training['seconds']:.0f}", f"{f3(min(localities[0]))} / {f3(min(localities[1]))}",
+            f"{f3(held['paraphrases_routed'])} / {f3(worded['paraphrases_routed']) if worded else '–'}"]
     rows = []
-    for name in ("melo", "kp", "kp_para1", "kp_para3", "kp_prefix3"):
-        v = variants.get(name)
+    for (name, before), label in SHIPPED_VARIANTS.items():
+        v = runs[before].get(name)
+        if before and v is not None and v == runs[False].get(name):
+            continue  # not replaced by a later run
         if v is None or (name == "melo" and model == "minilm"):
             continue  # MiniLM's MELO row is in the tables below (at its default radius)
-        label = {"melo": "MELO (no projection)", "kp": "projection", "kp_para1": "projection + 1 paraphrase",
-                 "kp_para3": "projection + 3 paraphrases", "kp_prefix3": "projection + 3 prefixed rows"}[name]
         rows.append(head + [label, str(v["edits"]), f3(v["es"]), f3(v["err"]),
                             f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["locality"]),
                             f3(v["locality_clean"]), f"{v['edit_cpu_seconds'] / max(1, v['edits']):.2f}"])
