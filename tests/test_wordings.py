@@ -1,7 +1,7 @@
-"""An edit given in several wordings becomes one cluster around their mean, with a radius of its own.
+"""An edit given in several wordings: its rows (``paraphrase_of``) and the radius of their keys.
 
-``insert_wordings`` (``melo_fast/vecdb/wordings.py``) places the prompts first and the paraphrases second,
-so a paraphrase joins its own prompt's cluster instead of making one more; the editor uses it for
+``melo_fast/vecdb/wordings.py`` checks which rows word which prompt and gives the keys of an edit with
+paraphrases the paraphrase radius (``VectorDatabase.insert(..., radii=...)``); the editor uses it for
 ``edit_texts(..., paraphrases=...)`` and for ``edit``/``open_block`` given ``paraphrase_of``.
 """
 
@@ -14,33 +14,26 @@ import melo_fast
 from melo_fast import KeyProjection
 from melo_fast.editing import build_edit_batch
 from melo_fast.vecdb import VectorDatabase
-from melo_fast.vecdb.wordings import insert_wordings
+from melo_fast.vecdb.wordings import prompt_rows, wording_radii
 from tests.tiny_models import build
 
 RED, BLUE = (1,), (2,)
 
 
-def test_an_edits_wordings_become_one_cluster_around_their_mean():
-    # Rows: prompt 0 (red) at the origin, prompt 1 (blue) far away, then two paraphrases of prompt 0.
-    keys = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.8, 0.0], [0.0, 0.8]])
-    labels, paraphrase_of = [RED, BLUE, RED, RED], [0, 1, 0, 0]
+def test_the_keys_of_an_edit_with_paraphrases_get_the_paraphrase_radius():
+    # Rows: prompt 0 (red), prompt 1 (blue, alone), then two paraphrases of prompt 0.
+    paraphrase_of = [0, 1, 0, 0]
+    assert prompt_rows(paraphrase_of, [RED, BLUE, RED, RED]) == [0, 1]
+    assert wording_radii(paraphrase_of, 1.0, 0.5) == [0.5, 1.0, 0.5, 0.5]
+    keys = torch.tensor([[0.0, 0.0], [10.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
     db = VectorDatabase(dim=2, init_radius=1.0)
-    counts = insert_wordings(db, keys, labels, 0, paraphrase_of, paraphrase_radius=0.5)
-    assert (counts.new_clusters, counts.merged, counts.conflicts) == (2, 2, 0) and db.num_clusters == 2
-    torch.testing.assert_close(db.centers[0], keys[[0, 2, 3]].mean(0))
-    spread = (keys[[0, 2, 3]] - keys[[0, 2, 3]].mean(0)).norm(dim=1).max().item()
-    assert db.radii[0].item() == pytest.approx(max(spread, 0.5), rel=1e-3)  # the worded edit's own radius
-    assert db.radii[1].item() == 1.0  # a prompt without paraphrases keeps init_radius (MELO)
-    assert db.search(keys).tolist() == [0, 0, 0, 0]
-    # MELO's one insert: every wording its own cluster, each a ball of init_radius.
-    plain = VectorDatabase(dim=2, init_radius=1.0)
-    plain.insert(keys, labels, 0)
-    assert plain.num_clusters == 4
+    db.insert(keys, [RED, BLUE, RED, RED], 0, radii=wording_radii(paraphrase_of, 1.0, 0.5))
+    assert db.num_clusters == 4 and db.radii.tolist() == [0.5, 1.0, 0.5, 0.5]
+    # Each wording routes home (it is its own cluster's center); 0.7 from one is outside its 0.5 radius.
+    assert db.search(torch.cat([keys, torch.tensor([[0.7, 0.0], [10.7, 0.0]])])).tolist() == [0, 0, 0, 0, -1, 0]
 
 
-def test_bad_wordings_are_refused_naming_the_row_and_change_nothing():
-    keys = torch.randn(3, 2)
-    db = VectorDatabase(dim=2, init_radius=1.0)
+def test_bad_wordings_are_refused_naming_the_row():
     cases = [
         ([0, 1], "2 entries for 3 rows"),
         ([0, 0, 5], r"paraphrase_of\[2\] = 5 is not a row"),
@@ -48,14 +41,13 @@ def test_bad_wordings_are_refused_naming_the_row_and_change_nothing():
     ]
     for paraphrase_of, message in cases:
         with pytest.raises(ValueError, match=message):
-            insert_wordings(db, keys, [RED, RED, RED], 0, paraphrase_of, 0.5)
+            prompt_rows(paraphrase_of, [RED, RED, RED])
     with pytest.raises(ValueError, match="row 1 words row 0 but asks for another target"):
-        insert_wordings(db, keys, [RED, BLUE, RED], 0, [0, 0, 2], 0.5)
+        prompt_rows([0, 0, 2], [RED, BLUE, RED])
     with pytest.raises(ValueError, match="paraphrase_radius must be a finite number > 0"):
-        insert_wordings(db, keys, [RED, RED, RED], 0, [0, 0, 0], 0.0)
-    with pytest.raises(ValueError, match="same input with different targets"):
-        insert_wordings(db, torch.zeros(3, 2), [RED, RED, BLUE], 0, [0, 0, 2], 0.5)
-    assert len(db) == 0
+        wording_radii([0, 0, 2], 1.0, 0.0)
+    with pytest.raises(ValueError, match=r"radii must be 2 finite numbers > 0"):
+        VectorDatabase(dim=2, init_radius=1.0).insert(torch.zeros(2, 2), [RED, RED], 0, radii=[1.0])
 
 
 def _editor_with_projection(paraphrase_radius: float | None):
@@ -71,16 +63,22 @@ def _editor_with_projection(paraphrase_radius: float | None):
     return family, melo_fast.patch(family.model, config, tokenizer=family.tokenizer, key_projection=projection)
 
 
+def _radius_of_each_point(editor) -> list[float]:
+    """The radius of the cluster holding each stored point, in insertion order (one block here)."""
+    db = editor.db
+    sizes = (db.point_offsets[1:] - db.point_offsets[:-1]).tolist()
+    return [radius for radius, size in zip(db.radii.tolist(), sizes, strict=True) for _ in range(size)]
+
+
 def test_edit_texts_gives_an_edit_with_paraphrases_the_projections_paraphrase_radius():
-    family, editor = _editor_with_projection(paraphrase_radius=1.5)
+    family, editor = _editor_with_projection(paraphrase_radius=0.1)
     prompts, targets = ["The capital of France is", "Dogs like to chase"], ["Rome", "cats"]
     paraphrases = [["France's capital city is", "The French capital is"], []]
     editor.edit_texts(prompts, targets, family.tokenizer, paraphrases=paraphrases)
-    # A radius of 1.5 on unit keys: both paraphrases join their prompt's cluster (same block, one cluster).
-    assert len(editor.db) == 4 and editor.db.num_clusters == 2
-    radii = sorted(editor.db.radii.tolist())
-    assert radii[0] == pytest.approx(0.2) and radii[1] >= 1.5 - 1e-6  # the prompt alone keeps the radius
+    assert len(editor.db) == 4 and editor.db.init_radius == pytest.approx(0.2)
     texts = [*prompts, *paraphrases[0]]
+    # The three wordings of the edit with paraphrases: 0.1; the prompt without any: the projection's 0.2.
+    assert sorted(_radius_of_each_point(editor)) == pytest.approx([0.1, 0.1, 0.1, 0.2], abs=1e-6)
     assert editor.route(family.tokenizer(texts, return_tensors="pt", padding=True)).tolist() == [0, 0, 0, 0]
 
 
@@ -88,8 +86,7 @@ def test_without_a_paraphrase_radius_an_edit_in_several_wordings_keeps_the_radiu
     family, editor = _editor_with_projection(paraphrase_radius=None)
     editor.edit_texts(["The capital of France is"], ["Rome"], family.tokenizer,
                       paraphrases=[["France's capital city is"]])
-    assert editor.db.init_radius == pytest.approx(0.2)
-    assert min(editor.db.radii.tolist()) >= 0.2 - 1e-6
+    assert _radius_of_each_point(editor) == pytest.approx([0.2, 0.2], abs=1e-6)
 
 
 def test_edit_refuses_a_bad_paraphrase_of_before_training():

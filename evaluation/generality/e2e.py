@@ -64,7 +64,7 @@ from melo_fast.eval import metrics  # noqa: E402
 from melo_fast.eval.harness import SequentialEval, Settings  # noqa: E402
 from melo_fast.eval.probes import ProbeSet  # noqa: E402
 from melo_fast.vecdb import COINCIDE_FRACTION, VectorDatabase, coinciding_conflicts  # noqa: E402
-from melo_fast.vecdb.wordings import insert_wordings  # noqa: E402
+from melo_fast.vecdb.wordings import wording_radii  # noqa: E402
 
 
 @dataclass
@@ -277,14 +277,15 @@ class GeneralityEval(SequentialEval):
                 radius_here = relative * editor.db.key_scale if editor.db.key_scale is not None else relative
                 db = VectorDatabase(editor.db.dim, radius_here, key_scale=editor.db.key_scale)
                 for keys, labels, block, paraphrase_of in inserts:
+                    radii = None
                     if paraphrase_of is not None:  # the projection's paraphrase radius, scaled like its radius
                         projection = editor.state.projection
                         scaled = radius_here * (projection.paraphrase_radius or projection.radius) / projection.radius
-                        insert_wordings(db, keys, labels, block, paraphrase_of, scaled, refuse_clashes=False)
-                        continue
+                        radii = wording_radii(paraphrase_of, radius_here, scaled)
                     drop = {j for _, j in coinciding_conflicts(keys, labels, COINCIDE_FRACTION * db.init_radius)}
                     keep = [i for i in range(len(labels)) if i not in drop]
-                    db.insert(keys[keep], [labels[i] for i in keep], block)
+                    db.insert(keys[keep], [labels[i] for i in keep], block,
+                              radii=None if radii is None else [radii[i] for i in keep])
                 editor.replace_state(db, blocks, editor.state.projection)
                 point = {"relative_radius": relative, **self.final(editor, block_of_record), **db.stats()}
                 out["grid"].append({k: round(v, 4) if isinstance(v, float) else v for k, v in point.items()})
@@ -351,8 +352,8 @@ def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng
         key_batch = edit_rows(task, texts, targets)
         keys, labels = editor.keys(key_batch), editor.edit_batch(key_batch).targets
     # With the shipped projection, a record's rows are one edit in several wordings, as edit_texts(...,
-    # paraphrases=...) makes them (its first row left is the prompt); the research variants keep every row
-    # an edit of its own, as they were measured.
+    # paraphrases=...) makes them (its first row left is the prompt: their keys get the projection's
+    # paraphrase radius); the research variants keep every row an edit of its own, as they were measured.
     paraphrase_of = None
     if variant.key_projection and variant.paraphrases:
         paraphrase_of = [record_of.index(k) for k in record_of]

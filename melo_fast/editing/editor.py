@@ -47,7 +47,7 @@ from melo_fast.routing import BlockLoRAHook, EditState, RefusesCopy, RouterHook,
 from melo_fast.routing.keys import read_keys
 from melo_fast.targets import ModelKind
 from melo_fast.vecdb import COINCIDE_FRACTION, InsertCounts, VectorDatabase, coinciding_conflicts
-from melo_fast.vecdb.wordings import insert_wordings, prompt_rows
+from melo_fast.vecdb.wordings import prompt_rows, wording_radii
 
 
 class MeloEditor(EditStateIO, RefusesCopy):
@@ -173,8 +173,8 @@ class MeloEditor(EditStateIO, RefusesCopy):
             freeze_model: switch off ``requires_grad`` of the model's own parameters until the block
                 is closed, so optimizers built from ``model.parameters()`` train only the block.
             paraphrase_of: None (MELO: every row is an edit of its own), or per row the row of the prompt it
-                is another wording of (a prompt's own index). The commit then makes each prompt and its
-                paraphrases one cluster, with the key projection's ``paraphrase_radius`` when it has one
+                is another wording of (a prompt's own index). The commit then inserts the keys of a prompt
+                with paraphrases, and theirs, with the key projection's ``paraphrase_radius`` when it has one
                 (:mod:`melo_fast.vecdb.wordings`); ``edit_texts(..., paraphrases=...)`` fills it in.
 
         Raises:
@@ -228,11 +228,9 @@ class MeloEditor(EditStateIO, RefusesCopy):
             database.init_radius, database.key_scale = self._open.radius, self._open.key_scale
             # open_block refused clashing rows already, at this radius: no second scan of the batch.
             opened = self._open
-            if opened.paraphrase_of is None:
-                counts = database.insert(opened.keys, opened.targets, block_id, refuse_clashes=False)
-            else:
-                counts = insert_wordings(database, opened.keys, opened.targets, block_id, opened.paraphrase_of,
-                                         opened.paraphrase_radius, refuse_clashes=False)
+            radii = None if opened.paraphrase_of is None else wording_radii(
+                opened.paraphrase_of, opened.radius, opened.paraphrase_radius)
+            counts = database.insert(opened.keys, opened.targets, block_id, refuse_clashes=False, radii=radii)
             try:
                 for layer in self.lora_layers.values():
                     layer.store_block()  # past every published view: no reader sees it yet
@@ -395,10 +393,10 @@ class MeloEditor(EditStateIO, RefusesCopy):
             max_length: truncate every prompt (and paraphrase) to that many tokens.
             paraphrases: None, or ``N`` lists (``[]`` for none) of other wordings of each prompt, written by
                 you: ``paraphrases[i][j]`` is one more row of this edit with target ``targets[i]``. The block
-                trains on it and its key joins its prompt's cluster (one cluster around the mean of the
-                edit's wordings, with the key projection's ``paraphrase_radius`` if it has one:
-                :mod:`melo_fast.vecdb.wordings`), so the edit also answers that wording and inputs whose
-                keys fall near the edit's wordings; an edit of the prompt alone reaches few paraphrases.
+                trains on it and its key joins the database with that target (the edit's keys with the key
+                projection's ``paraphrase_radius`` if it has one: :mod:`melo_fast.vecdb.wordings`), so the
+                edit also answers that wording and inputs whose keys fall near one of the edit's wordings; an
+                edit of the prompt alone reaches few paraphrases.
                 Rows: the ``N`` prompts first, then the paraphrases in order (row numbers in errors of
                 :meth:`edit` count this way).
 

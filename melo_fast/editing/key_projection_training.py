@@ -18,11 +18,11 @@ are inserted as edits into a real :class:`~melo_fast.vecdb.VectorDatabase`, ten 
 one edit per training fact, and the radius is the largest on a grid that keeps at least ``locality`` of
 the edited facts' negatives, and as much of the unedited facts' wordings, out of every edit's scope in
 both. The ``paraphrase_radius`` is chosen the same way with every edit given in
-:data:`CALIBRATION_PARAPHRASES` + 1 wordings (:mod:`melo_fast.vecdb.wordings`), as
-``edit_texts(..., paraphrases=...)`` inserts them: more wordings make a wider scope, so a smaller radius
-keeps the same locality. Why held-out questions: the training facts' negatives were pushed away by training itself, so a
-radius judged on them would be too large for new questions. Why all folds: a locality of 0.99 cannot be
-told from 0.97 on a few dozen questions. The map returned is the first fold's.
+:data:`CALIBRATION_PARAPHRASES` + 1 wordings, each a row of the edit as ``edit_texts(..., paraphrases=...)``
+inserts them: more wordings make a wider scope, so a smaller radius keeps the same locality
+(:mod:`melo_fast.vecdb.wordings`). Why held-out questions: the training facts' negatives were pushed away
+by training itself, so a radius judged on them would be too large for new questions. Why all folds: a
+locality of 0.99 cannot be told from 0.97 on a few dozen questions. The map returned is the first fold's.
 
 Cost: one forward pass to the router per distinct text (the router's keys are read once; training
 then touches only ``[rank, d]`` numbers); about a minute of CPU per fold for a few hundred facts.
@@ -43,7 +43,6 @@ from torch import nn
 from melo_fast.editing import calibration
 from melo_fast.routing.key_projection import KeyProjection
 from melo_fast.vecdb import VectorDatabase
-from melo_fast.vecdb.wordings import insert_wordings
 
 RADIUS_GRID = tuple(round(0.02 * i, 2) for i in range(1, 76))  # unit keys: distances lie in [0, 2]
 EDITS_PER_BATCH = 10  # how the validation edits are grouped into blocks (the harness's batch size)
@@ -280,8 +279,8 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
 
     Edits are the first wordings of half the held-out facts, ten a block, in two databases: alone (few
     edits), and after one edit per training fact (many edits). With ``given`` > 0 every edit comes with
-    up to ``given`` more of its fact's wordings as paraphrases (:func:`~melo_fast.vecdb.wordings.insert_wordings`,
-    all at the radius), and the paraphrases routed are the wordings not given. Both matter because MELO's insert splits
+    up to ``given`` more of its fact's wordings as rows of the edit (all at the radius), and the paraphrases
+    routed are the wordings not given. Both matter because MELO's insert splits
     clusters of different edits at half their distance: in a full database conflicts shrink the scopes,
     while a few edits keep the whole radius, so locality is worst when there are few edits. Two kinds
     of question are counted in both: the hard negatives of the edited facts (other questions about an
@@ -303,15 +302,10 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
             database = VectorDatabase(projected.shape[1], radius, device=projected.device)
             for b in range(0, len(stored), EDITS_PER_BATCH):
                 group = range(b, min(b + EDITS_PER_BATCH, len(stored)))
-                rows, labels, prompt_of = [], [], []
-                for f in group:
-                    first = len(rows)
-                    rows += stored[f]
-                    labels += [(f,)] * len(stored[f])
-                    prompt_of += [first] * len(stored[f])
+                rows = [row for f in group for row in stored[f]]
+                labels = [(f,) for f in group for _ in stored[f]]
                 # Facts that share a wording make coinciding rows: the database's rules place them (no refusal).
-                insert_wordings(database, projected[rows], labels, b // EDITS_PER_BATCH, prompt_of, radius,
-                                refuse_clashes=False)
+                database.insert(projected[rows], labels, b // EDITS_PER_BATCH, refuse_clashes=False)
             for kind, rows in questions.items():
                 counts[f"{kind}_{name}_kept_out"] += int((database.search(projected[rows]) < 0).sum()) if rows else 0
                 counts[f"{kind}_{name}"] += len(rows)

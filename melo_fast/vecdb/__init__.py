@@ -5,7 +5,7 @@
   (MELO's rules and the re-edit rule, DESIGN §1 and §2.10);
 - ``scan.py``: the insert's exact scan of the centers;
 - ``rows.py``: :class:`~melo_fast.vecdb.rows.RowBuffer`, room to append rows to published tensors;
-- ``wordings.py``: an edit given in several wordings as one cluster (prompts first, then paraphrases);
+- ``wordings.py``: an edit given in several wordings: which rows, and the radius of their keys;
 - ``naive.py``: the same rules as plain loops over clusters, the oracle the fast code is tested against.
 """
 

@@ -1,29 +1,24 @@
-"""An edit given in several wordings (a prompt and its paraphrases) as one cluster with a radius of its own.
+"""An edit given in several wordings (a prompt and its paraphrases): which rows they are, and their radius.
 
-``edit_texts(..., paraphrases=...)`` makes every paraphrase one more row of its prompt's edit. MELO places
-a batch with every key's nearest cluster found once, before any key is placed, so the wordings of one
-edit never meet: each becomes a cluster of its own, and the edit's scope grows by one ball per wording,
-taking in other questions with it. Here the prompts go in first and the paraphrases second, as if they
-came in a later batch: each paraphrase then finds its own prompt's cluster (same label, within reach)
-and joins it, so the edit is one cluster centered on the mean of its wordings (the question's
-prototype), its radius the larger of their spread and ``paraphrase_radius``. Both steps insert into
-one block.
+``edit_texts(..., paraphrases=...)`` makes every paraphrase one more row of its prompt's edit. The
+database places every row by MELO's rules, so each wording is a point (mostly a cluster) of its own, and
+the edit's scope is the union of their balls: with more wordings it reaches more of the questions
+around them, wanted (other paraphrases) and unwanted (other questions about the subject). So such an
+edit gets a radius of its own, ``paraphrase_radius``, smaller than the one an edit of one wording
+needs for the same locality; a key projection chooses it on facts it never trained on
+(``KeyProjection.paraphrase_radius``).
 
-Why a radius of its own: the wordings' mean is a better center than any one wording, so a smaller ball
-reaches as many unseen wordings; and with unit keys (a key projection) the mean lies inside the
-sphere, where a ball of the same radius covers more of it. A key projection chooses the radius for
-edits in several wordings on facts it never trained on (``KeyProjection.paraphrase_radius``).
+Why not one cluster around the mean of the wordings (the paraphrases inserted after their prompt, so
+they merge into its cluster): it routed slightly more held-out paraphrases, but MELO's conflict rule
+splits a cluster at half the distance *from its center*, forgetting the points left outside, and with
+several wordings per cluster later conflicts forgot the edit prompts themselves (ERR fell; measured on
+zsRE, EVALUATION.md, issue 22). A wording that is its own cluster's center is never forgotten that way.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-
-import torch
-
-from melo_fast.vecdb.database import VectorDatabase
-from melo_fast.vecdb.insert import InsertCounts, coinciding_conflicts
 
 
 def prompt_rows(paraphrase_of: Sequence[int], labels: Sequence[tuple[int, ...]]) -> list[int]:
@@ -55,50 +50,18 @@ def prompt_rows(paraphrase_of: Sequence[int], labels: Sequence[tuple[int, ...]])
     return [row for row in range(n) if paraphrase_of[row] == row]
 
 
-def insert_wordings(
-    database: VectorDatabase,
-    keys: torch.Tensor,
-    labels: list[tuple[int, ...]],
-    block_id: int,
-    paraphrase_of: Sequence[int],
-    paraphrase_radius: float,
-    refuse_clashes: bool = True,
-) -> InsertCounts:
-    """Insert one edit batch whose rows are prompts and paraphrases of them, all routing to ``block_id``.
-
-    Prompts without paraphrases keep the database's ``init_radius`` (MELO); a prompt with paraphrases,
-    and its paraphrases, get ``paraphrase_radius``. Prompts first, then paraphrases (module docstring).
+def wording_radii(paraphrase_of: Sequence[int], radius: float, paraphrase_radius: float) -> list[float]:
+    """Per row, the radius its key is inserted with (``VectorDatabase.insert(..., radii=...)``).
 
     Args:
-        database: changed in place (the editor passes a copy it publishes afterwards).
-        keys: ``[N, d]`` float keys.
-        labels: ``N`` edit targets.
-        block_id: the block every row routes to.
-        paraphrase_of: per row, the row of the prompt it words (its own index for a prompt).
-        paraphrase_radius: the radius of an edit given in several wordings (> 0).
-        refuse_clashes: refuse two rows that coincide with different labels (checked over the whole batch
-            before either step; False: the caller did).
-
-    Returns:
-        The two steps' counts, added.
+        paraphrase_of: per row, the row of the prompt it words (checked by :func:`prompt_rows`).
+        radius: the radius of an edit in one wording (the database's ``init_radius``).
+        paraphrase_radius: the radius of every row of an edit given with paraphrases (> 0).
 
     Raises:
-        ValueError: a bad ``paraphrase_of`` (:func:`prompt_rows`) or ``paraphrase_radius``, or rows that
-            coincide with different labels (checked before anything changes).
+        ValueError: ``paraphrase_radius`` is not a finite number > 0.
     """
-    prompts = prompt_rows(paraphrase_of, labels)
     if not (math.isfinite(paraphrase_radius) and paraphrase_radius > 0):
         raise ValueError(f"melo_fast: paraphrase_radius must be a finite number > 0, got {paraphrase_radius}")
-    if refuse_clashes and (pairs := coinciding_conflicts(keys, labels, database.coincide_tolerance)):
-        raise ValueError(f"VectorDatabase.insert: rows {pairs} of the batch are the same input with different targets")
-    paraphrases = [row for row in range(len(labels)) if paraphrase_of[row] != row]
-    worded = {paraphrase_of[row] for row in paraphrases}  # prompts given with paraphrases
-    counts = InsertCounts()
-    for rows in (prompts, paraphrases):
-        if not rows:
-            continue
-        radii = [paraphrase_radius if paraphrase_of[row] in worded else database.init_radius for row in rows]
-        step = database.insert(keys[rows], [labels[row] for row in rows], block_id, refuse_clashes=False, radii=radii)
-        for field in vars(counts):
-            setattr(counts, field, getattr(counts, field) + getattr(step, field))
-    return counts
+    worded = {prompt for row, prompt in enumerate(paraphrase_of) if prompt != row}  # prompts with paraphrases
+    return [paraphrase_radius if prompt in worded else radius for prompt in paraphrase_of]
