@@ -147,8 +147,8 @@ def grid_point(v: dict, floor: str) -> dict | None:
     return next((p for p in v["grid"] if abs(p["relative_radius"] - radius) < 1e-6), None)
 
 
-# The kp paraphrase variants since an edit's wordings make one cluster with the projection's paraphrase
-# radius (melo_fast/vecdb/wordings.py); the earlier files hold them as measured before, a cluster per wording.
+# The kp paraphrase variants since an edit's wordings get the projection's paraphrase radius
+# (melo_fast/vecdb/wordings.py); the earlier files hold them as measured before, at its one radius.
 WORDINGS_RUN = "wordings"
 
 
@@ -342,10 +342,10 @@ SHIPPED_HEADER = ["model", "key function", "radius / paraphrase radius (chosen o
 SHIPPED_VARIANTS = {  # (variant, measured before one-cluster wordings?) -> label
     ("melo", False): "MELO (no projection)",
     ("kp", False): "projection",
-    ("kp_para1", True): "projection + 1 paraphrase, a cluster per wording (before)",
-    ("kp_para3", True): "projection + 3 paraphrases, a cluster per wording (before)",
-    ("kp_para1", False): "projection + 1 paraphrase (one cluster, paraphrase radius)",
-    ("kp_para3", False): "projection + 3 paraphrases (one cluster, paraphrase radius)",
+    ("kp_para1", True): "projection + 1 paraphrase, one radius (before)",
+    ("kp_para3", True): "projection + 3 paraphrases, one radius (before)",
+    ("kp_para1", False): "projection + 1 paraphrase (paraphrase radius)",
+    ("kp_para3", False): "projection + 3 paraphrases (paraphrase radius)",
     ("kp_prefix3", False): "projection + 3 prefixed rows",
 }
 
@@ -421,6 +421,23 @@ def other_split_lines() -> list[str]:
         return ["(not run: no `results/split1/`)"]
     return [table(["model", "variant", "radius (chosen on A)", "edits (B)", "ES", "ERR", "gen generate / rephrase",
                    "locality", "locality clean"], rows)]
+
+
+def all_of_b_lines() -> list[str]:
+    """SmolLM2's shipped-projection runs on every part-B record (``results/all_b/``), where the shipped table has
+    its first 100: the same edits as MiniLM's, against every locality question."""
+    rows = []
+    for run in sorted((RESULTS / "all_b").glob("e2e_*.json")):
+        data = json.loads(run.read_text())
+        for name, v in data["variants"].items():
+            rows.append([data["model"], name, str(v["edits"]), f3(v["es"]), f3(v["err"]),
+                         f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["generate_routed_own"]),
+                         f3(v["gen_generate_given_routed"]), f3(v["locality"]), f3(v["locality_clean"]),
+                         f"{v['edit_cpu_seconds'] / max(1, v['edits']):.2f}"])
+    if not rows:
+        return ["(not run: no `results/all_b/`)"]
+    return [table(["model", "variant", "edits (B)", "ES", "ERR", "gen generate / rephrase", "routed own",
+                   "gen if routed", "locality", "locality clean", "edit CPU s / edit"], rows)]
 
 
 def main_job_line() -> str:

@@ -73,7 +73,8 @@ def generality() -> list[str]:
     lines += ["**Shipped: `melo_fast.KeyProjection`** (`melo_fast.train_key_projection`, trained by "
               "`library_projection.py` on part A's facts, `melo_fast.eval.paraphrase_facts`: 5 folds of A's subjects, "
               "each held out once; the radius is the largest that keeps ≥ 0.99 of the held-out folds' hard negatives "
-              "and never-edited wordings out of every edit's scope, with few and with many edits in the database). "
+              "and never-edited wordings out of every edit's scope, with few and with many edits in the database; "
+              "the paraphrase radius the same with every edit given 3 paraphrases). "
               "End to end on part B (`e2e.py`, variants `melo`, `kp`, `kp_para1`, `kp_para3`, `kp_prefix3`: no "
               "projection; the projection; with 1 or 3 user paraphrases per edit; with `MeloConfig.prefix_rows=3`) "
               "at the projection's own radius, nothing fitted on B; SmolLM2 on the first 100 part-B records (its "
@@ -81,10 +82,17 @@ def generality() -> list[str]:
               "(`--training default`), "
               "MiniLM's with MELO's fixed loop like its other rows (its MELO rows are in the end-to-end tables "
               "below). Raw locality counts the questions that ask an edited fact in other words as failures; "
-              "clean locality leaves them out (see the bullet on raw vs clean above):", "", g.shipped_table(), "",
+              "clean locality leaves them out (see the bullet on raw vs clean above). Paraphrase rows marked "
+              "\"before\" were measured when an edit's wordings had the projection's one radius; since, they get "
+              "its paraphrase radius (`melo_fast/vecdb/wordings.py`, `e2e_<model>_wordings.json`):", "",
+              g.shipped_table(), "",
               "The same on another split of the dev file (`--split-seed 1`: other subjects in A and B; projection "
               "trained on that A, its radius chosen there, run on that B; SmolLM2 on its first 100 records):", "",
               *g.other_split_lines(), "",
+              "SmolLM2 on every part-B record (`results/all_b/`; the rows above use its first 100, as its runs "
+              "cost minutes per edit batch here): the same radius chosen on A, every edit and every locality "
+              "question. \"routed own\": held-out generate prompts routed to their edit's block; \"gen if "
+              "routed\": generality among those:", "", *g.all_of_b_lines(), "",
               "**Another prompt style.** The same SmolLM2 projection on the main job's shipped everyday facts "
               "(statements such as \"The largest planet in the solar system is\", not zsRE questions; "
               "`python -m melo_fast demo --key-projection /tmp/melo_generality/kp_smollm2.safetensors --methods "
@@ -112,7 +120,11 @@ def generality() -> list[str]:
             lines += ["Not run (asked for by the recorded command, absent from the results): "
                       + ", ".join(f"`{v}`" for v in not_run) + "."]
         lines += [""]
+        variants = g.e2e_variants(model).values()
         for floor, _, view in g.E2E_VIEWS:
+            if floor is not None and not any(g.grid_point(v, floor) for v in variants):
+                lines += [f"{title}, {view}: no run replayed that radius (`--grid picks`).", ""]
+                continue
             lines += [f"{title}, {view}:", "", g.e2e_table(model, floor), ""]
     return lines
 
