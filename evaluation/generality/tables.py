@@ -440,6 +440,22 @@ def all_of_b_lines() -> list[str]:
                    "gen if routed", "locality", "locality clean", "edit CPU s / edit"], rows)]
 
 
+def one_cluster_line() -> str:
+    """MiniLM's 3-paraphrase run when an edit's wordings made one cluster around their mean (``results/one_cluster/``,
+    the design rejected for its forgotten points), beside the shipped run (``e2e_minilm_wordings.json``)."""
+    path = RESULTS / "one_cluster" / "e2e_minilm_kp_para3.json"
+    shipped_run = load("e2e_minilm_wordings")
+    if not path.exists() or shipped_run is None or "kp_para3" not in shipped_run["variants"]:
+        return "(not run)"
+    parts = []
+    for label, v in (("one cluster per edit", json.loads(path.read_text())["variants"]["kp_para3"]),
+                     ("a cluster per wording (shipped)", shipped_run["variants"]["kp_para3"])):
+        parts.append(f"{label}: generality {f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}, ERR {f3(v['err'])}, "
+                     f"locality {f3(v['locality'])} (clean {f3(v['locality_clean'])}), "
+                     f"{v['db']['forgotten_points']} points forgotten")
+    return "; ".join(parts)
+
+
 def main_job_line() -> str:
     """The SmolLM2 projection (trained on zsRE part A) on the main job's shipped everyday facts (``demo``)."""
     report = load("demo_smollm2_kp")

@@ -89,6 +89,10 @@ def generality() -> list[str]:
               "The same on another split of the dev file (`--split-seed 1`: other subjects in A and B; projection "
               "trained on that A, its radius chosen there, run on that B; SmolLM2 on its first 100 records):", "",
               *g.other_split_lines(), "",
+              "**Why each wording keeps its own cluster.** Inserting an edit's paraphrases after its prompt makes "
+              "one cluster around the mean of its wordings; MELO's conflict rule then splits that cluster at half "
+              "the distance from its center and forgets the points outside, the edit prompts among them. MiniLM, "
+              "projection + 3 paraphrases, at the paraphrase radius chosen on A: " + g.one_cluster_line() + ".", "",
               "SmolLM2 on every part-B record (`results/all_b/`; the rows above use its first 100, as its runs "
               "cost minutes per edit batch here): the same radius chosen on A, every edit and every locality "
               "question. \"routed own\": held-out generate prompts routed to their edit's block; \"gen if "
