@@ -339,15 +339,8 @@ SHIPPED_HEADER = ["model", "key function", "radius / paraphrase radius (chosen o
                   "A held out: locality (negatives / never edited)",
                   "A held out: paraphrases routed (0 / 3 given)", "variant", "edits (B)", "ES", "ERR",
                   "gen generate / rephrase", "locality", "locality clean", "edit CPU s / edit"]
-SHIPPED_VARIANTS = {  # (variant, measured before one-cluster wordings?) -> label
-    ("melo", False): "MELO (no projection)",
-    ("kp", False): "projection",
-    ("kp_para1", True): "projection + 1 paraphrase, one radius (before)",
-    ("kp_para3", True): "projection + 3 paraphrases, one radius (before)",
-    ("kp_para1", False): "projection + 1 paraphrase (paraphrase radius)",
-    ("kp_para3", False): "projection + 3 paraphrases (paraphrase radius)",
-    ("kp_prefix3", False): "projection + 3 prefixed rows",
-}
+SHIPPED_VARIANTS = {"melo": "MELO (no projection)", "kp": "projection", "kp_para1": "projection + 1 paraphrase",
+                    "kp_para3": "projection + 3 paraphrases", "kp_prefix3": "projection + 3 prefixed rows"}
 
 
 def shipped_rows(model: str) -> list[list[str]]:
@@ -355,9 +348,13 @@ def shipped_rows(model: str) -> list[list[str]]:
     trained = load(f"library_projection_{model}")
     if trained is None:
         return [[model, "(not run)"] + ["–"] * (len(SHIPPED_HEADER) - 2)]
-    runs = {False: e2e_variants(model), True: e2e_variants(model, before_wordings=True)}
-    if not (RESULTS / f"e2e_{model}_{WORDINGS_RUN}.json").exists():
-        runs[True] = {}  # no run since: the paraphrase rows are the current ones
+    before = e2e_variants(model, before_wordings=True)
+    since = (load(f"e2e_{model}_{WORDINGS_RUN}") or {}).get("variants", {})
+    runs = [(name, before.get(name), "") for name in ("melo", "kp")]
+    for name in ("kp_para1", "kp_para3"):
+        runs.append((name, before.get(name), ", one radius" + (" (before)" if name in since else "")))
+    runs += [(name, since.get(name), " (paraphrase radius)") for name in ("kp_para1", "kp_para3")]
+    runs.append(("kp_prefix3", before.get("kp_prefix3"), ""))
     training = trained["training"]
     held, worded = training["held_out"], training.get("held_out_paraphrased", {})
     localities = [v for k, v in held.items() if k.startswith("locality_negatives")], [
@@ -368,13 +365,10 @@ def shipped_rows(model: str) -> list[list[str]]:
             f"{training['seconds']:.0f}", f"{f3(min(localities[0]))} / {f3(min(localities[1]))}",
             f"{f3(held['paraphrases_routed'])} / {f3(worded['paraphrases_routed']) if worded else '–'}"]
     rows = []
-    for (name, before), label in SHIPPED_VARIANTS.items():
-        v = runs[before].get(name)
-        if before and v is not None and v == runs[False].get(name):
-            continue  # not replaced by a later run
+    for name, v, how in runs:
         if v is None or (name == "melo" and model == "minilm"):
             continue  # MiniLM's MELO row is in the tables below (at its default radius)
-        rows.append(head + [label, str(v["edits"]), f3(v["es"]), f3(v["err"]),
+        rows.append(head + [SHIPPED_VARIANTS[name] + how, str(v["edits"]), f3(v["es"]), f3(v["err"]),
                             f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["locality"]),
                             f3(v["locality_clean"]), f"{v['edit_cpu_seconds'] / max(1, v['edits']):.2f}"])
         head = [""] * len(head)
@@ -404,19 +398,30 @@ def other_split_lines() -> list[str]:
     rows = []
     for model in MODELS:
         trained = folder / f"library_projection_{model}.json"
-        variants = {}
+        variants, before = {}, {}
         for run in sorted(folder.glob(f"e2e_{model}*.json")):
-            variants.update(json.loads(run.read_text())["variants"])
+            found = json.loads(run.read_text())["variants"]
+            variants.update(found)
+            if run.stem != f"e2e_{model}_{WORDINGS_RUN}":
+                before.update(found)
         if not (trained.exists() and variants):
             continue
-        radius = json.loads(trained.read_text())["radius"]
-        for name, label in (("melo", "MELO (default radius)"), ("kp", "projection"),
-                            ("kp_para3", "projection + 3 paraphrases")):
-            v = variants.get(name)
-            if v is not None:
-                rows.append([model, label, "–" if name == "melo" else f"{radius:.2f}", str(v["edits"]), f3(v["es"]),
-                             f3(v["err"]), f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["locality"]),
-                             f3(v["locality_clean"])])
+        trained = json.loads(trained.read_text())
+        radius = trained["radius"]
+        paraphrase_radius = trained["training"].get("held_out_paraphrased", {}).get("radius")
+        since = (folder / f"e2e_{model}_{WORDINGS_RUN}.json").exists()
+        for label, v, shown_radius in (
+                ("MELO (default radius)", variants.get("melo"), None),
+                ("projection", variants.get("kp"), radius),
+                ("projection + 3 paraphrases, one radius" + (" (before)" if since else ""), before.get("kp_para3"),
+                 radius),
+                ("projection + 3 paraphrases (paraphrase radius)", variants.get("kp_para3") if since else None,
+                 paraphrase_radius)):
+            if v is None:
+                continue
+            rows.append([model, label, "–" if shown_radius is None else f"{shown_radius:.2f}", str(v["edits"]),
+                         f3(v["es"]), f3(v["err"]), f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}",
+                         f3(v["locality"]), f3(v["locality_clean"])])
     if not rows:
         return ["(not run: no `results/split1/`)"]
     return [table(["model", "variant", "radius (chosen on A)", "edits (B)", "ES", "ERR", "gen generate / rephrase",
