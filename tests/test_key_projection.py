@@ -61,23 +61,27 @@ def test_bad_projections_and_keys_are_refused_with_what_is_wrong():
         KeyProjection(torch.zeros(3), torch.tensor([1.0, 0.0, 1.0]), torch.zeros(2, 3), 0.5, "r", "last")
     with pytest.raises(ValueError, match=r"radius must be in \(0, 2\]"):
         KeyProjection(torch.zeros(3), torch.ones(3), torch.zeros(2, 3), 2.5, "r", "last")
-    with pytest.raises(ValueError, match=r"paraphrase_radius must be in \(0, 2\]"):
-        KeyProjection(torch.zeros(3), torch.ones(3), torch.zeros(2, 3), 0.5, "r", "last", paraphrase_radius=0.0)
+    with pytest.raises(ValueError, match=r"paraphrase_radii\[2\] must be in \(0, 2\]"):
+        KeyProjection(torch.zeros(3), torch.ones(3), torch.zeros(2, 3), 0.5, "r", "last", paraphrase_radii={2: 0.0})
+    with pytest.raises(ValueError, match="maps a number of paraphrases >= 1"):
+        KeyProjection(torch.zeros(3), torch.ones(3), torch.zeros(2, 3), 0.5, "r", "last", paraphrase_radii={0: 0.4})
     with pytest.raises(ValueError, match=r"takes \[N, 6\] keys of router 'r'"):
         _projection("r", 6)(torch.randn(2, 5))
 
 
 def test_a_saved_projection_loads_identical(tmp_path):
     projection = _projection("h.1.mlp.c_fc", 6, key_position="mean")
-    projection.paraphrase_radius = 0.3
+    projection.paraphrase_radii = {1: 0.4, 3: 0.3}
     projection.save(tmp_path / "p.safetensors")
     loaded = KeyProjection.load(tmp_path / "p.safetensors")
     for name, tensor in projection.tensors().items():
         assert torch.equal(loaded.tensors()[name], tensor)
-    assert loaded.meta() == projection.meta() and loaded.paraphrase_radius == 0.3
+    assert loaded.meta() == projection.meta() and loaded.paraphrase_radii == {1: 0.4, 3: 0.3}
+    # The largest number calibrated up to the one given; beyond the last, the last.
+    assert [loaded.radius_for(k) for k in range(6)] == [0.5, 0.4, 0.4, 0.3, 0.3, 0.3]
     # A projection saved before paraphrase radii existed: edits in several wordings use its one radius.
-    meta = {k: v for k, v in projection.meta().items() if k != "paraphrase_radius"}
-    assert KeyProjection.from_data(projection.tensors(), meta).paraphrase_radius is None
+    meta = {k: v for k, v in projection.meta().items() if k != "paraphrase_radii"}
+    assert KeyProjection.from_data(projection.tensors(), meta).radius_for(3) == 0.5
     with pytest.raises(FileNotFoundError, match="no key projection file"):
         KeyProjection.load(tmp_path / "missing.safetensors")
     (tmp_path / "other.safetensors").write_bytes(b"not a projection")
@@ -210,10 +214,11 @@ def test_training_brings_the_wordings_of_a_fact_together():
     assert info["best_step"] in (50, 100, 150, 200) and info["folds"] == 5 and projection.out_dim == 16
     localities = [v for k, v in info["held_out"].items() if k.startswith("locality_")]
     assert projection.radius == info["held_out"]["radius"] and len(localities) == 4 and min(localities) >= 0.99
-    # The radius of an edit in several wordings, chosen the same way with 3 paraphrases per edit.
+    # The radius of an edit in several wordings, chosen the same way with 1, 2 and 3 paraphrases per edit.
     worded = info["held_out_paraphrased"]
-    assert projection.paraphrase_radius == worded["radius"] and info["calibration_paraphrases"] == 3
-    assert min(v for k, v in worded.items() if k.startswith("locality_")) >= 0.99
+    assert projection.paraphrase_radii == {k: worded[str(k)]["radius"] for k in (1, 2, 3)}
+    for figures in worded.values():
+        assert min(v for k, v in figures.items() if k.startswith("locality_")) >= 0.99
     assert (projection.router, projection.key_position) == (editor.config.router, editor.config.key_position)
     editor.use_key_projection(projection)  # it fits the editor it was trained for
     assert editor.db.dim == 16

@@ -278,10 +278,10 @@ class GeneralityEval(SequentialEval):
                 db = VectorDatabase(editor.db.dim, radius_here, key_scale=editor.db.key_scale)
                 for keys, labels, block, paraphrase_of in inserts:
                     radii = None
-                    if paraphrase_of is not None:  # the projection's paraphrase radius, scaled like its radius
+                    if paraphrase_of is not None:  # the projection's paraphrase radii, scaled like its radius
                         projection = editor.state.projection
-                        scaled = radius_here * (projection.paraphrase_radius or projection.radius) / projection.radius
-                        radii = wording_radii(paraphrase_of, radius_here, scaled)
+                        scale = radius_here / projection.radius
+                        radii = wording_radii(paraphrase_of, lambda k, s=scale, p=projection: s * p.radius_for(k))
                     drop = {j for _, j in coinciding_conflicts(keys, labels, COINCIDE_FRACTION * db.init_radius)}
                     keep = [i for i in range(len(labels)) if i not in drop]
                     db.insert(keys[keep], [labels[i] for i in keep], block,

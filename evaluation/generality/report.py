@@ -221,7 +221,7 @@ def prose(fig: dict) -> dict:
   projection + 3 paraphrases).
 
 **Shipped since:** `paraphrases=` in `MeloEditor.edit_texts` (user-written wordings of each prompt become rows
-of the same edit, with the key projection's paraphrase radius; default `None` = MELO's behaviour) and
+of the same edit, with the key projection's radius for that many paraphrases; default `None` = MELO's behaviour) and
 `melo_fast.KeyProjection` (`melo_fast.train_key_projection`, passed to `melo_fast.patch(..., key_projection=...)`;
 default `None`), with end-to-end figures in EVALUATION.md.
 **Recommendation** (section 5): ship the projection (with a mean-token router in an early layer for decoder LMs)

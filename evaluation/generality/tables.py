@@ -154,12 +154,21 @@ WORDINGS_RUN = "wordings"
 
 def e2e_variants(model: str, before_wordings: bool = False) -> dict:
     """Every variant of the e2e JSONs of a model (``e2e_<model>*.json``), in file then run order (a later file's
-    variant replaces an earlier one of the same name). ``before_wordings``: leave out ``e2e_<model>_wordings.json``
-    (the kp paraphrase variants as they were measured before it)."""
+    variant replaces an earlier one of the same name). ``before_wordings``: leave out ``e2e_<model>_wordings*.json``
+    (the kp paraphrase variants as they were measured before them)."""
     variants = {}
     for path in sorted(RESULTS.glob(f"e2e_{model}*.json")):
-        if not (before_wordings and path.stem == f"e2e_{model}_{WORDINGS_RUN}"):
+        if not (before_wordings and path.stem.startswith(f"e2e_{model}_{WORDINGS_RUN}")):
             variants.update(json.loads(path.read_text())["variants"])
+    return variants
+
+
+def wordings_variants(folder: Path, model: str) -> dict:
+    """The kp paraphrase variants run since an edit's wordings get their own radius (``e2e_<model>_wordings*.json``
+    in ``folder``, later files replacing earlier ones)."""
+    variants = {}
+    for path in sorted(folder.glob(f"e2e_{model}_{WORDINGS_RUN}*.json")):
+        variants.update(json.loads(path.read_text())["variants"])
     return variants
 
 
@@ -335,12 +344,17 @@ def shipped(model: str, variant: str) -> str:
 
 
 # --- the shipped key projection (melo_fast.KeyProjection) ---------------------------------------------
-SHIPPED_HEADER = ["model", "key function", "radius / paraphrase radius (chosen on A)", "training s (1 thread)",
+SHIPPED_HEADER = ["model", "key function", "radius; with 1, 2, 3 paraphrases (chosen on A)", "training s (1 thread)",
                   "A held out: locality (negatives / never edited)",
                   "A held out: paraphrases routed (0 / 3 given)", "variant", "edits (B)", "ES", "ERR",
                   "gen generate / rephrase", "locality", "locality clean", "edit CPU s / edit"]
 SHIPPED_VARIANTS = {"melo": "MELO (no projection)", "kp": "projection", "kp_para1": "projection + 1 paraphrase",
                     "kp_para3": "projection + 3 paraphrases", "kp_prefix3": "projection + 3 prefixed rows"}
+
+
+def paraphrased(training: dict) -> dict[int, dict]:
+    """A projection's held-out figures per number of paraphrases given (``info["held_out_paraphrased"]``)."""
+    return {int(k): v for k, v in training.get("held_out_paraphrased", {}).items() if k.isdigit()}
 
 
 def shipped_rows(model: str) -> list[list[str]]:
@@ -349,21 +363,21 @@ def shipped_rows(model: str) -> list[list[str]]:
     if trained is None:
         return [[model, "(not run)"] + ["–"] * (len(SHIPPED_HEADER) - 2)]
     before = e2e_variants(model, before_wordings=True)
-    since = (load(f"e2e_{model}_{WORDINGS_RUN}") or {}).get("variants", {})
+    since = wordings_variants(RESULTS, model)
     runs = [(name, before.get(name), "") for name in ("melo", "kp")]
     for name in ("kp_para1", "kp_para3"):
         runs.append((name, before.get(name), ", one radius" + (" (before)" if name in since else "")))
     runs += [(name, since.get(name), " (paraphrase radius)") for name in ("kp_para1", "kp_para3")]
     runs.append(("kp_prefix3", before.get("kp_prefix3"), ""))
     training = trained["training"]
-    held, worded = training["held_out"], training.get("held_out_paraphrased", {})
+    held, worded = training["held_out"], paraphrased(training)
     localities = [v for k, v in held.items() if k.startswith("locality_negatives")], [
         v for k, v in held.items() if k.startswith("locality_never_edited")]
-    paraphrase_radius = worded.get("radius")
+    most = worded[max(worded)] if worded else None
     head = [model, f"`{trained['router']}` ({trained['key_position']})",
-            f"{trained['radius']:.2f} / " + ("–" if paraphrase_radius is None else f"{paraphrase_radius:.2f}"),
+            f"{trained['radius']:.2f}; " + (", ".join(f"{worded[k]['radius']:.2f}" for k in sorted(worded)) or "–"),
             f"{training['seconds']:.0f}", f"{f3(min(localities[0]))} / {f3(min(localities[1]))}",
-            f"{f3(held['paraphrases_routed'])} / {f3(worded['paraphrases_routed']) if worded else '–'}"]
+            f"{f3(held['paraphrases_routed'])} / {f3(most['paraphrases_routed']) if most else '–'}"]
     rows = []
     for name, v, how in runs:
         if v is None or (name == "melo" and model == "minilm"):
@@ -402,14 +416,15 @@ def other_split_lines() -> list[str]:
         for run in sorted(folder.glob(f"e2e_{model}*.json")):
             found = json.loads(run.read_text())["variants"]
             variants.update(found)
-            if run.stem != f"e2e_{model}_{WORDINGS_RUN}":
+            if not run.stem.startswith(f"e2e_{model}_{WORDINGS_RUN}"):
                 before.update(found)
         if not (trained.exists() and variants):
             continue
         trained = json.loads(trained.read_text())
         radius = trained["radius"]
-        paraphrase_radius = trained["training"].get("held_out_paraphrased", {}).get("radius")
-        since = (folder / f"e2e_{model}_{WORDINGS_RUN}.json").exists()
+        worded = paraphrased(trained["training"])
+        paraphrase_radius = worded[3]["radius"] if 3 in worded else None
+        since = bool(wordings_variants(folder, model))
         for label, v, shown_radius in (
                 ("MELO (default radius)", variants.get("melo"), None),
                 ("projection", variants.get("kp"), radius),
@@ -449,12 +464,12 @@ def one_cluster_line() -> str:
     """MiniLM's 3-paraphrase run when an edit's wordings made one cluster around their mean (``results/one_cluster/``,
     the design rejected for its forgotten points), beside the shipped run (``e2e_minilm_wordings.json``)."""
     path = RESULTS / "one_cluster" / "e2e_minilm_kp_para3.json"
-    shipped_run = load("e2e_minilm_wordings")
-    if not path.exists() or shipped_run is None or "kp_para3" not in shipped_run["variants"]:
+    shipped_run = wordings_variants(RESULTS, "minilm").get("kp_para3")
+    if not path.exists() or shipped_run is None:
         return "(not run)"
     parts = []
     for label, v in (("one cluster per edit", json.loads(path.read_text())["variants"]["kp_para3"]),
-                     ("a cluster per wording (shipped)", shipped_run["variants"]["kp_para3"])):
+                     ("a cluster per wording (shipped)", shipped_run)):
         parts.append(f"{label}: generality {f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}, ERR {f3(v['err'])}, "
                      f"locality {f3(v['locality'])} (clean {f3(v['locality_clean'])}), "
                      f"{v['db']['forgotten_points']} points forgotten")

@@ -74,7 +74,7 @@ def generality() -> list[str]:
               "`library_projection.py` on part A's facts, `melo_fast.eval.paraphrase_facts`: 5 folds of A's subjects, "
               "each held out once; the radius is the largest that keeps ≥ 0.99 of the held-out folds' hard negatives "
               "and never-edited wordings out of every edit's scope, with few and with many edits in the database; "
-              "the paraphrase radius the same with every edit given 3 paraphrases). "
+              "the radius for edits given 1, 2 or 3 paraphrases the same with every edit given that many). "
               "End to end on part B (`e2e.py`, variants `melo`, `kp`, `kp_para1`, `kp_para3`, `kp_prefix3`: no "
               "projection; the projection; with 1 or 3 user paraphrases per edit; with `MeloConfig.prefix_rows=3`) "
               "at the projection's own radius, nothing fitted on B; SmolLM2 on the first 100 part-B records (its "
@@ -84,7 +84,8 @@ def generality() -> list[str]:
               "below). Raw locality counts the questions that ask an edited fact in other words as failures; "
               "clean locality leaves them out (see the bullet on raw vs clean above). Paraphrase rows marked "
               "\"before\" were measured when an edit's wordings had the projection's one radius; since, they get "
-              "its paraphrase radius (`melo_fast/vecdb/wordings.py`, `e2e_<model>_wordings.json`):", "",
+              "its radius for that many paraphrases (`melo_fast/vecdb/wordings.py`, `e2e_<model>_wordings.json`; "
+              "\"paraphrase radius\" below):", "",
               g.shipped_table(), "",
               "The same on another split of the dev file (`--split-seed 1`: other subjects in A and B; projection "
               "trained on that A, its radius chosen there, run on that B; SmolLM2 on its first 100 records):", "",
@@ -92,7 +93,8 @@ def generality() -> list[str]:
               "**Why each wording keeps its own cluster.** Inserting an edit's paraphrases after its prompt makes "
               "one cluster around the mean of its wordings; MELO's conflict rule then splits that cluster at half "
               "the distance from its center and forgets the points outside, the edit prompts among them. MiniLM, "
-              "projection + 3 paraphrases, at the paraphrase radius chosen on A: " + g.one_cluster_line() + ".", "",
+              "projection + 3 paraphrases, each at the radius for 3 paraphrases its calibration chose on A: "
+              + g.one_cluster_line() + ".", "",
               "SmolLM2 on every part-B record (`results/all_b/`; the rows above use its first 100, as its runs "
               "cost minutes per edit batch here): the same radius chosen on A, every edit and every locality "
               "question. \"routed own\": held-out generate prompts routed to their edit's block; \"gen if "

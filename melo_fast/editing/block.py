@@ -22,7 +22,7 @@ class OpenBlock:
         key_scale: the key scale the radius was measured from, or None.
         paraphrase_of: per row, the row of the prompt it words (its own index for a prompt), or None: every
             row is an edit of its own (MELO). See :mod:`melo_fast.vecdb.wordings`.
-        paraphrase_radius: the radius of an edit given in several wordings (with ``paraphrase_of``).
+        key_radii: per row, the radius its key is inserted with (with ``paraphrase_of``; None: ``radius``).
         parameters: A and B of every target (float32 master copies), what an optimizer trains.
         frozen: the model's parameters whose ``requires_grad`` opening switched off.
         thread: the opener: only its forward calls train the block, so only it may commit or abort.
@@ -33,7 +33,7 @@ class OpenBlock:
     radius: float
     key_scale: float | None
     paraphrase_of: list[int] | None = None
-    paraphrase_radius: float | None = None
+    key_radii: list[float] | None = None
     parameters: list[nn.Parameter] = field(default_factory=list)
     frozen: list[nn.Parameter] = field(default_factory=list)
     thread: int = field(default_factory=threading.get_ident)

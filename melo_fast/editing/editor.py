@@ -174,8 +174,8 @@ class MeloEditor(EditStateIO, RefusesCopy):
                 is closed, so optimizers built from ``model.parameters()`` train only the block.
             paraphrase_of: None (MELO: every row is an edit of its own), or per row the row of the prompt it
                 is another wording of (a prompt's own index). The commit then inserts the keys of a prompt
-                with paraphrases, and theirs, with the key projection's ``paraphrase_radius`` when it has one
-                (:mod:`melo_fast.vecdb.wordings`); ``edit_texts(..., paraphrases=...)`` fills it in.
+                with paraphrases, and theirs, with the key projection's radius for that many paraphrases when
+                it has one (:mod:`melo_fast.vecdb.wordings`); ``edit_texts(..., paraphrases=...)`` fills it in.
 
         Raises:
             RuntimeError: a block is already open (in any thread).
@@ -202,7 +202,8 @@ class MeloEditor(EditStateIO, RefusesCopy):
                     f"melo_fast: edit rows {clashes} are the same input with different targets; one block "
                     "cannot hold both. Keep one target per input (edit the other in a later batch: the later edit wins)"
                 )
-            block = OpenBlock(keys, targets, radius, scale, paraphrase_of, self._paraphrase_radius(radius))
+            key_radii = None if paraphrase_of is None else wording_radii(paraphrase_of, self._radius_for(radius))
+            block = OpenBlock(keys, targets, radius, scale, paraphrase_of, key_radii)
             block.open(self.model, self.routing, self.lora_layers, freeze_model)
             self._open = block
             return list(block.parameters)
@@ -228,9 +229,8 @@ class MeloEditor(EditStateIO, RefusesCopy):
             database.init_radius, database.key_scale = self._open.radius, self._open.key_scale
             # open_block refused clashing rows already, at this radius: no second scan of the batch.
             opened = self._open
-            radii = None if opened.paraphrase_of is None else wording_radii(
-                opened.paraphrase_of, opened.radius, opened.paraphrase_radius)
-            counts = database.insert(opened.keys, opened.targets, block_id, refuse_clashes=False, radii=radii)
+            counts = database.insert(opened.keys, opened.targets, block_id, refuse_clashes=False,
+                                     radii=opened.key_radii)
             try:
                 for layer in self.lora_layers.values():
                     layer.store_block()  # past every published view: no reader sees it yet
@@ -394,7 +394,7 @@ class MeloEditor(EditStateIO, RefusesCopy):
             paraphrases: None, or ``N`` lists (``[]`` for none) of other wordings of each prompt, written by
                 you: ``paraphrases[i][j]`` is one more row of this edit with target ``targets[i]``. The block
                 trains on it and its key joins the database with that target (the edit's keys with the key
-                projection's ``paraphrase_radius`` if it has one: :mod:`melo_fast.vecdb.wordings`), so the
+                projection's radius for that many paraphrases if it has one: :mod:`melo_fast.vecdb.wordings`), so the
                 edit also answers that wording and inputs whose keys fall near one of the edit's wordings; an
                 edit of the prompt alone reaches few paraphrases.
                 Rows: the ``N`` prompts first, then the paraphrases in order (row numbers in errors of
@@ -471,13 +471,13 @@ class MeloEditor(EditStateIO, RefusesCopy):
             self.routing.published = dataclasses.replace(state, database=database)
             return radius
 
-    def _paraphrase_radius(self, radius: float) -> float:
-        """The radius of an edit given in several wordings: the key projection's ``paraphrase_radius`` with
-        ``init_radius="auto"`` when it chose one, else ``radius`` (the radius of every edit)."""
+    def _radius_for(self, radius: float) -> Callable[[int], float]:
+        """The radius of an edit given with ``k`` paraphrases: the key projection's (``radius_for``) with
+        ``init_radius="auto"``, else ``radius`` (the radius of every edit); ``radius`` for ``k = 0``."""
         projection = self.routing.published.projection
-        if projection is not None and self.config.init_radius == "auto" and projection.paraphrase_radius is not None:
-            return projection.paraphrase_radius
-        return radius
+        if projection is None or self.config.init_radius != "auto":
+            return lambda k: radius
+        return lambda k: projection.radius_for(k) if k else radius
 
     def _radius(self) -> tuple[float, float | None]:
         """``(init_radius, key_scale)`` for the next commit: the database's, or measured now."""

@@ -17,8 +17,8 @@ held-out facts together (:func:`_held_out_counts`, :func:`_choose_radius`): half
 are inserted as edits into a real :class:`~melo_fast.vecdb.VectorDatabase`, ten a block, alone and after
 one edit per training fact, and the radius is the largest on a grid that keeps at least ``locality`` of
 the edited facts' negatives, and as much of the unedited facts' wordings, out of every edit's scope in
-both. The ``paraphrase_radius`` is chosen the same way with every edit given in
-:data:`CALIBRATION_PARAPHRASES` + 1 wordings, each a row of the edit as ``edit_texts(..., paraphrases=...)``
+both. A radius per number of paraphrases ``k`` (1 to :data:`CALIBRATION_PARAPHRASES`) is chosen the same
+way with every edit given ``k + 1`` wordings, each a row of the edit as ``edit_texts(..., paraphrases=...)``
 inserts them: more wordings make a wider scope, so a smaller radius keeps the same locality
 (:mod:`melo_fast.vecdb.wordings`). Why held-out questions: the training facts' negatives were pushed away
 by training itself, so a radius judged on them would be too large for new questions. Why all folds: a
@@ -46,8 +46,8 @@ from melo_fast.vecdb import VectorDatabase
 
 RADIUS_GRID = tuple(round(0.02 * i, 2) for i in range(1, 76))  # unit keys: distances lie in [0, 2]
 EDITS_PER_BATCH = 10  # how the validation edits are grouped into blocks (the harness's batch size)
-# Paraphrases per edit when the paraphrase radius is chosen: "a few", what a user can write per edit.
-# Fewer make a narrower scope (the radius errs on the safe side); many more may reach wider.
+# Paraphrase radii are chosen for 1 to this many paraphrases per edit: "a few", what a user can write per
+# edit (and what most held-out facts have to spare). More use the last one and may reach a little wider.
 CALIBRATION_PARAPHRASES = 3
 
 
@@ -104,9 +104,9 @@ def train_key_projection(
         progress: show tqdm progress bars.
 
     Returns:
-        The projection trained with the first fold held out (on the model's device), with ``radius``
-        chosen on all folds' held-out facts and ``info`` recording the held-out figures at that radius,
-        the counts and the seconds.
+        The projection trained with the first fold held out (on the model's device), with ``radius`` and
+        ``paraphrase_radii`` chosen on all folds' held-out facts and ``info`` recording the held-out figures
+        at each, the counts and the seconds.
 
     Raises:
         TypeError: a fact that is not a :class:`Fact` with text phrasings.
@@ -127,7 +127,8 @@ def train_key_projection(
     keys = _raw_keys(editor, tokenizer, texts, progress)
     index = {t: i for i, t in enumerate(texts)}
     ids = [_ids(f, index) for f in facts]
-    counts: dict[int, dict[float, Counter]] = {0: {}, CALIBRATION_PARAPHRASES: {}}  # paraphrases per edit ->
+    # paraphrases per edit -> radius -> pooled held-out counts
+    counts: dict[int, dict[float, Counter]] = {k: {} for k in range(CALIBRATION_PARAPHRASES + 1)}
     first = None
     for fold, held in enumerate(_topic_folds(facts, folds, generator)):
         train_ids = [ids[i] for i in range(len(facts)) if i not in held]
@@ -141,19 +142,19 @@ def train_key_projection(
                     pooled.setdefault(radius, Counter()).update(fold_counts)
         first = first or (fitted, len(train_ids), len(held_ids))
     radius, figures = _choose_radius(counts[0], locality)
-    paraphrase_radius, paraphrase_figures = _choose_radius(counts[CALIBRATION_PARAPHRASES], locality)
+    worded = {k: _choose_radius(counts[k], locality) for k in range(1, CALIBRATION_PARAPHRASES + 1)}
     projection, training_facts, held_facts = first
     info = {
         "facts": len(facts), "training_facts": training_facts, "held_out_facts": held_facts, "folds": folds,
         "texts": len(texts), "rank": rank, "temperature": temperature, "steps": steps,
         "best_step": projection.best_step, "held_out_loss": round(projection.best_loss, 4),
-        "locality_target": locality, "held_out": figures, "held_out_paraphrased": paraphrase_figures,
-        "calibration_paraphrases": CALIBRATION_PARAPHRASES, "seed": seed,
+        "locality_target": locality, "held_out": figures,
+        "held_out_paraphrased": {str(k): figures_k for k, (_, figures_k) in worded.items()}, "seed": seed,
         "seconds": round(time.perf_counter() - start, 1),
     }
     config = editor.config
     return KeyProjection(projection.mean, projection.std, projection.weight, radius, config.router,
-                         config.key_position, info, paraphrase_radius)
+                         config.key_position, info, {k: radius_k for k, (radius_k, _) in worded.items()})
 
 
 @dataclass

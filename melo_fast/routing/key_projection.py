@@ -12,8 +12,8 @@ negatives (``melo_fast.editing.key_projection_training``)::
 learns only the metric); the database then compares unit vectors, whose Euclidean distance is a
 monotone function of their cosine. The projection carries the radius chosen on facts it never trained
 on (the largest that kept held-out questions out of other edits' scopes), which the editor uses for
-``init_radius="auto"``, and a second one chosen the same way for edits given in several wordings
-(``paraphrase_radius``, :mod:`melo_fast.vecdb.wordings`).
+``init_radius="auto"``, and one per number of paraphrases, chosen the same way for edits given in several
+wordings (``paraphrase_radii``, :meth:`KeyProjection.radius_for`, :mod:`melo_fast.vecdb.wordings`).
 
 A projection belongs to one key function: the router module and key position it was trained on, which
 the editor checks. It is part of the published :class:`~melo_fast.routing.EditState` (the database
@@ -23,6 +23,7 @@ holds projected keys), so it is saved, reloaded and exported with the edits.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -45,8 +46,8 @@ class KeyProjection(nn.Module):
         router: the router module name the keys came from (``MeloConfig.router``).
         key_position: the key position they were read at (``MeloConfig.key_position``).
         info: what training recorded (figures on its validation facts, counts, seconds); JSON values.
-        paraphrase_radius: the radius of an edit given with paraphrases (``edit_texts(..., paraphrases=...)``),
-            in ``(0, 2]``; None: ``radius``.
+        paraphrase_radii: per number of paraphrases ``k >= 1``, the radius of an edit given with ``k``
+            paraphrases (``edit_texts(..., paraphrases=...)``), each in ``(0, 2]``; None: ``radius`` for all.
 
     Raises:
         ValueError: shapes that do not fit together, a non-positive or non-finite std, or a radius
@@ -62,7 +63,7 @@ class KeyProjection(nn.Module):
         router: str,
         key_position: str | int,
         info: dict | None = None,
-        paraphrase_radius: float | None = None,
+        paraphrase_radii: Mapping[int, float] | None = None,
     ):
         super().__init__()
         if weight.dim() != 2 or mean.shape != (weight.shape[1],) or std.shape != mean.shape:
@@ -72,18 +73,28 @@ class KeyProjection(nn.Module):
             )
         if not bool(torch.isfinite(std).all() and (std > 0).all()):
             raise ValueError("melo_fast: a KeyProjection's std must be finite and > 0 in every dimension")
-        for name, value in (("radius", radius), ("paraphrase_radius", radius if paraphrase_radius is None
-                                                   else paraphrase_radius)):
+        paraphrase_radii = {int(k): float(r) for k, r in (paraphrase_radii or {}).items()}
+        for name, value in (("radius", radius), *((f"paraphrase_radii[{k}]", r) for k, r in paraphrase_radii.items())):
             if not 0 < value <= 2:
                 raise ValueError(f"melo_fast: a KeyProjection's {name} must be in (0, 2] (unit keys), got {value}")
+        if any(k < 1 for k in paraphrase_radii):
+            raise ValueError(f"melo_fast: paraphrase_radii maps a number of paraphrases >= 1 to a radius, got "
+                             f"{sorted(paraphrase_radii)}")
         self.register_buffer("mean", mean.detach().float().clone())
         self.register_buffer("std", std.detach().float().clone())
         self.register_buffer("weight", weight.detach().float().clone())
         self.radius = float(radius)
-        self.paraphrase_radius = None if paraphrase_radius is None else float(paraphrase_radius)
+        self.paraphrase_radii = dict(sorted(paraphrase_radii.items()))
         self.router = router
         self.key_position = key_position
         self.info = dict(info or {})
+
+    def radius_for(self, paraphrases: int) -> float:
+        """The radius of an edit given with ``paraphrases`` paraphrases: that of the largest number calibrated
+        up to it (:attr:`radius` for none; beyond the largest calibrated, its radius: more wordings would
+        reach wider still, so their locality may fall a little below the target)."""
+        calibrated = [k for k in self.paraphrase_radii if k <= paraphrases]
+        return self.paraphrase_radii[calibrated[-1]] if calibrated else self.radius
 
     @property
     def in_dim(self) -> int:
@@ -131,15 +142,15 @@ class KeyProjection(nn.Module):
 
     def meta(self) -> dict:
         """Everything but the tensors, as JSON values."""
-        return {"radius": self.radius, "paraphrase_radius": self.paraphrase_radius, "router": self.router,
-                "key_position": self.key_position, "info": self.info}
+        return {"radius": self.radius, "paraphrase_radii": {str(k): r for k, r in self.paraphrase_radii.items()},
+                "router": self.router, "key_position": self.key_position, "info": self.info}
 
     @classmethod
     def from_data(cls, tensors: dict[str, torch.Tensor], meta: dict) -> KeyProjection:
         """The projection of :meth:`tensors` and :meth:`meta` (as a save holds them)."""
         return cls(
             tensors["mean"], tensors["std"], tensors["weight"], meta["radius"], meta["router"], meta["key_position"],
-            meta.get("info"), meta.get("paraphrase_radius"),
+            meta.get("info"), meta.get("paraphrase_radii"),
         )
 
     def save(self, path) -> None:
@@ -171,4 +182,4 @@ class KeyProjection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_dim} -> {self.out_dim}, router={self.router!r}, key_position={self.key_position!r}, " \
-               f"radius={self.radius:.4g}, paraphrase_radius={self.paraphrase_radius}"
+               f"radius={self.radius:.4g}, paraphrase_radii={self.paraphrase_radii}"

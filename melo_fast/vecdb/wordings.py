@@ -4,9 +4,9 @@
 database places every row by MELO's rules, so each wording is a point (mostly a cluster) of its own, and
 the edit's scope is the union of their balls: with more wordings it reaches more of the questions
 around them, wanted (other paraphrases) and unwanted (other questions about the subject). So such an
-edit gets a radius of its own, ``paraphrase_radius``, smaller than the one an edit of one wording
-needs for the same locality; a key projection chooses it on facts it never trained on
-(``KeyProjection.paraphrase_radius``).
+edit gets a radius of its own, by its number of paraphrases, smaller than the one an edit of one
+wording needs for the same locality; a key projection chooses them on facts it never trained on
+(``KeyProjection.radius_for``).
 
 Why not one cluster around the mean of the wordings (the paraphrases inserted after their prompt, so
 they merge into its cluster): it routed slightly more held-out paraphrases, but MELO's conflict rule
@@ -18,7 +18,8 @@ zsRE, EVALUATION.md, issue 22). A wording that is its own cluster's center is ne
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Callable, Sequence
 
 
 def prompt_rows(paraphrase_of: Sequence[int], labels: Sequence[tuple[int, ...]]) -> list[int]:
@@ -50,18 +51,21 @@ def prompt_rows(paraphrase_of: Sequence[int], labels: Sequence[tuple[int, ...]])
     return [row for row in range(n) if paraphrase_of[row] == row]
 
 
-def wording_radii(paraphrase_of: Sequence[int], radius: float, paraphrase_radius: float) -> list[float]:
+def wording_radii(paraphrase_of: Sequence[int], radius_for: Callable[[int], float]) -> list[float]:
     """Per row, the radius its key is inserted with (``VectorDatabase.insert(..., radii=...)``).
 
     Args:
         paraphrase_of: per row, the row of the prompt it words (checked by :func:`prompt_rows`).
-        radius: the radius of an edit in one wording (the database's ``init_radius``).
-        paraphrase_radius: the radius of every row of an edit given with paraphrases (> 0).
+        radius_for: the radius of an edit given with ``k`` paraphrases (``k = 0``: one wording), for every
+            row of that edit.
 
     Raises:
-        ValueError: ``paraphrase_radius`` is not a finite number > 0.
+        ValueError: a radius that is not a finite number > 0 (naming the number of paraphrases).
     """
-    if not (math.isfinite(paraphrase_radius) and paraphrase_radius > 0):
-        raise ValueError(f"melo_fast: paraphrase_radius must be a finite number > 0, got {paraphrase_radius}")
-    worded = {prompt for row, prompt in enumerate(paraphrase_of) if prompt != row}  # prompts with paraphrases
-    return [paraphrase_radius if prompt in worded else radius for prompt in paraphrase_of]
+    paraphrases = Counter(prompt for row, prompt in enumerate(paraphrase_of) if prompt != row)
+    radii = {k: float(radius_for(k)) for k in {paraphrases[prompt] for prompt in paraphrase_of}}
+    for k, radius in radii.items():
+        if not (math.isfinite(radius) and radius > 0):
+            raise ValueError(f"melo_fast: the radius of an edit with {k} paraphrase(s) must be a finite number > 0, "
+                             f"got {radius}")
+    return [radii[paraphrases[prompt]] for prompt in paraphrase_of]
