@@ -48,7 +48,8 @@ Each variant is trained once; its routing is then replayed on the probe's radius
 depend on the radius), and the tables read the grid at part A's radius for the floor named. "routed own": share
 of held-out generate prompts routed to their edit's block; "gen if routed": generality among those; "oracle gen":
 generality when every paraphrase is routed to its own block; edit CPU seconds are one thread's process time per
-edit."""
+edit. The radius column is the database's; in the `kp_para` rows the keys of an edit given with paraphrases use
+the projection's radius for that many paraphrases (the shipped table above)."""
 
 
 def load(name: str) -> dict | None:
@@ -458,6 +459,27 @@ def all_of_b_lines() -> list[str]:
         return ["(not run: no `results/all_b/`)"]
     return [table(["model", "variant", "edits (B)", "ES", "ERR", "gen generate / rephrase", "routed own",
                    "gen if routed", "locality", "locality clean", "edit CPU s / edit"], rows)]
+
+
+def paraphrase_radius_note() -> str:
+    """How finely the held-out hard negatives resolve locality, and each split's radius beside its radius for 3
+    paraphrases (``library_projection_<model>.json``, here and in ``split1/``)."""
+    parts, negatives = [], None
+    for label, folder in (("first split", RESULTS), ("second split", RESULTS / "split1")):
+        for model in MODELS:
+            path = folder / f"library_projection_{model}.json"
+            if not path.exists():
+                continue
+            training = json.loads(path.read_text())["training"]
+            worded = paraphrased(training)
+            if 3 in worded:
+                parts.append(f"{model} {label} {training['held_out']['radius']:.2f} → {worded[3]['radius']:.2f}")
+                negatives = negatives or worded[3]["questions"]["negatives_few_edits"]
+    if not parts:
+        return "(not run)"
+    return (f"It is judged on {negatives} held-out hard negatives (one question is {100 / negatives:.1f}% of them), "
+            "so one or two questions can move it by a grid step or more. Radius → radius for 3 paraphrases, chosen on "
+            f"each A: {'; '.join(parts)}.")
 
 
 def one_cluster_line() -> str:

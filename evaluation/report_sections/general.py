@@ -90,6 +90,9 @@ def generality() -> list[str]:
               "The same on another split of the dev file (`--split-seed 1`: other subjects in A and B; projection "
               "trained on that A, its radius chosen there, run on that B; SmolLM2 on its first 100 records):", "",
               *g.other_split_lines(), "",
+              "**What the paraphrase radius costs.** It keeps the held-out locality of edits given with "
+              "paraphrases at the target the radius keeps for edits of one wording, and pays for it in "
+              "generality where the paraphrases' extra reach must be cut back. " + g.paraphrase_radius_note(), "",
               "**Why each wording keeps its own cluster.** Inserting an edit's paraphrases after its prompt makes "
               "one cluster around the mean of its wordings; MELO's conflict rule then splits that cluster at half "
               "the distance from its center and forgets the points outside, the edit prompts among them. MiniLM, "
