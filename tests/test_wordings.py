@@ -51,8 +51,12 @@ def test_bad_wordings_are_refused_naming_the_row():
         prompt_rows([0, 0, 2], [RED, BLUE, RED])
     with pytest.raises(ValueError, match=r"an edit with 1 paraphrase\(s\) must be a finite number > 0, got 0.0"):
         wording_radii([0, 0, 2], lambda k: 0.0 if k else 1.0)
-    with pytest.raises(ValueError, match=r"radii must be 2 finite numbers > 0"):
+    with pytest.raises(ValueError, match=r"radii must be 2 finite numbers > 0 \(one per key\), got 1"):
         VectorDatabase(dim=2, init_radius=1.0).insert(torch.zeros(2, 2), [RED, RED], 0, radii=[1.0])
+    db = VectorDatabase(dim=2, init_radius=1.0)
+    with pytest.raises(ValueError, match=r"\(key, radius\) \[\(1, nan\)\] are not"):
+        db.insert(torch.eye(2), [RED, BLUE], 0, radii=[1.0, float("nan")])
+    assert len(db) == 0
 
 
 def _editor_with_projection(paraphrase_radii: dict[int, float] | None):

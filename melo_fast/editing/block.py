@@ -20,9 +20,8 @@ class OpenBlock:
         targets: each row's edit target, as the database compares them.
         radius: the ``init_radius`` its commit uses (measured at opening if ``"auto"`` and not yet known).
         key_scale: the key scale the radius was measured from, or None.
-        paraphrase_of: per row, the row of the prompt it words (its own index for a prompt), or None: every
-            row is an edit of its own (MELO). See :mod:`melo_fast.vecdb.wordings`.
-        key_radii: per row, the radius its key is inserted with (with ``paraphrase_of``; None: ``radius``).
+        key_radii: per row, the radius its key is inserted with (an edit given with paraphrases:
+            :mod:`melo_fast.vecdb.wordings`), or None: ``radius`` for every row (MELO).
         parameters: A and B of every target (float32 master copies), what an optimizer trains.
         frozen: the model's parameters whose ``requires_grad`` opening switched off.
         thread: the opener: only its forward calls train the block, so only it may commit or abort.
@@ -32,7 +31,6 @@ class OpenBlock:
     targets: list[tuple[int, ...]]
     radius: float
     key_scale: float | None
-    paraphrase_of: list[int] | None = None
     key_radii: list[float] | None = None
     parameters: list[nn.Parameter] = field(default_factory=list)
     frozen: list[nn.Parameter] = field(default_factory=list)

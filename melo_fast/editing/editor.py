@@ -203,7 +203,7 @@ class MeloEditor(EditStateIO, RefusesCopy):
                     "cannot hold both. Keep one target per input (edit the other in a later batch: the later edit wins)"
                 )
             key_radii = None if paraphrase_of is None else wording_radii(paraphrase_of, self._radius_for(radius))
-            block = OpenBlock(keys, targets, radius, scale, paraphrase_of, key_radii)
+            block = OpenBlock(keys, targets, radius, scale, key_radii)
             block.open(self.model, self.routing, self.lora_layers, freeze_model)
             self._open = block
             return list(block.parameters)

@@ -51,8 +51,10 @@ class _LabelTable:
 
 def _checked_radii(radii: Sequence[float], n: int) -> list[float]:
     radii = [float(r) for r in radii]
-    if len(radii) != n or not all(math.isfinite(r) and r > 0 for r in radii):
-        raise ValueError(f"VectorDatabase.insert: radii must be {n} finite numbers > 0 (one per key), got {radii}")
+    bad = [(i, r) for i, r in enumerate(radii) if not (math.isfinite(r) and r > 0)]
+    if len(radii) != n or bad:
+        raise ValueError(f"VectorDatabase.insert: radii must be {n} finite numbers > 0 (one per key), got "
+                         f"{len(radii)}" + (f"; (key, radius) {bad[:5]} are not" if bad else ""))
     return radii
 
 
