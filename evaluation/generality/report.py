@@ -110,12 +110,13 @@ def projection_table() -> str:
 # --- commands ------------------------------------------------------------------------------------------
 def commands() -> str:
     rows = []
-    for path in sorted(tables.RESULTS.glob("*.json")):
+    for path in sorted(tables.RESULTS.rglob("*.json")):  # subfolders too: split1/, all_b/, one_cluster/
         data = json.loads(path.read_text())
         seconds = data.get("total_seconds", data.get("seconds"))
         prov = data.get("provenance", {})
         clean = {True: "clean", False: "uncommitted changes", None: "?"}[prov.get("source_clean")]
-        rows.append([f"`{path.name}`", f"`{data.get('command', '?')}`", "–" if seconds is None else f"{seconds:.0f}",
+        rows.append([f"`{path.relative_to(tables.RESULTS)}`",
+                     f"`{data.get('command', '?')}`", "–" if seconds is None else f"{seconds:.0f}",
                      f"`{(prov.get('commit') or '?')[:10]}` ({clean})"])
     return table(["result", "command (from the repository root)", "wall s", "commit"], rows)
 
