@@ -279,14 +279,14 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
     """Per radius of :data:`RADIUS_GRID`: held-out questions kept out of every scope, and paraphrases routed home.
 
     Edits are the first wordings of half the held-out facts, ten a block, in two databases: alone (few
-    edits), and after one edit per training fact (many edits). With ``given`` > 0 every edit comes with
-    up to ``given`` more of its fact's wordings as rows of the edit (all at the radius), and the paraphrases
-    routed are the wordings not given. Both matter because MELO's insert splits
+    edits), and after one edit per training fact (many edits). Both matter because MELO's insert splits
     clusters of different edits at half their distance: in a full database conflicts shrink the scopes,
     while a few edits keep the whole radius, so locality is worst when there are few edits. Two kinds
     of question are counted in both: the hard negatives of the edited facts (other questions about an
     edited subject), and every wording of the held-out facts left unedited (questions never edited).
     Paraphrases: the edited facts' other wordings routed to their own edit's block, in the full database.
+    With ``given`` > 0 every edit (held-out and training) comes with up to ``given`` more of its fact's
+    wordings as rows of the edit, all at the radius, and the paraphrases counted are the wordings not given.
     Radii past the first one where a kind falls below ``locality - 0.1`` are left out (never chosen).
     """
     edited, unedited = held[0::2], held[1::2]

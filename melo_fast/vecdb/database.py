@@ -250,7 +250,7 @@ class VectorDatabase:
                 with :func:`coinciding_conflicts`, before training), so the batch is not scanned twice.
             radii: ``N`` per-key radii > 0 used in place of ``init_radius`` in the rules above (a key's
                 reach, the radius of a cluster it creates, the floor of one it joins); None: ``init_radius``
-                for every key (MELO). The editor gives an edit given in several wordings its own radius
+                for every key (MELO). The editor uses them for an edit stated in several wordings
                 (:mod:`melo_fast.vecdb.wordings`). The re-edit rule and :attr:`coincide_tolerance` keep
                 ``init_radius``.
 
