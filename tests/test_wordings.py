@@ -14,7 +14,7 @@ import melo_fast
 from melo_fast import KeyProjection
 from melo_fast.editing import build_edit_batch
 from melo_fast.vecdb import VectorDatabase
-from melo_fast.vecdb.wordings import prompt_rows, wording_radii
+from melo_fast.vecdb.wordings import check_paraphrase_of, wording_radii
 from tests.tiny_models import build
 
 RED, BLUE = (1,), (2,)
@@ -27,7 +27,7 @@ def radius_for(k: int) -> float:
 def test_the_keys_of_an_edit_with_paraphrases_get_the_radius_for_their_number():
     # Rows: prompt 0 (red), prompt 1 (blue, alone), then two paraphrases of prompt 0.
     paraphrase_of = [0, 1, 0, 0]
-    assert prompt_rows(paraphrase_of, [RED, BLUE, RED, RED]) == [0, 1]
+    check_paraphrase_of(paraphrase_of, [RED, BLUE, RED, RED])  # a valid batch: no error
     assert wording_radii(paraphrase_of, radius_for) == [0.5, 1.0, 0.5, 0.5]
     assert wording_radii([0, 1, 1], radius_for) == [1.0, 0.7, 0.7]  # one paraphrase of prompt 1
     keys = torch.tensor([[0.0, 0.0], [10.0, 0.0], [3.0, 0.0], [0.0, 3.0]])
@@ -46,9 +46,9 @@ def test_bad_wordings_are_refused_naming_the_row():
     ]
     for paraphrase_of, message in cases:
         with pytest.raises(ValueError, match=message):
-            prompt_rows(paraphrase_of, [RED, RED, RED])
+            check_paraphrase_of(paraphrase_of, [RED, RED, RED])
     with pytest.raises(ValueError, match="row 1 words row 0 but asks for another target"):
-        prompt_rows([0, 0, 2], [RED, BLUE, RED])
+        check_paraphrase_of([0, 0, 2], [RED, BLUE, RED])
     with pytest.raises(ValueError, match=r"an edit with 1 paraphrase\(s\) must be a finite number > 0, got 0.0"):
         wording_radii([0, 0, 2], lambda k: 0.0 if k else 1.0)
     with pytest.raises(ValueError, match=r"radii must be 2 finite numbers > 0 \(one per key\), got 1"):

@@ -47,7 +47,7 @@ from melo_fast.routing import BlockLoRAHook, EditState, RefusesCopy, RouterHook,
 from melo_fast.routing.keys import read_keys
 from melo_fast.targets import ModelKind
 from melo_fast.vecdb import COINCIDE_FRACTION, InsertCounts, VectorDatabase, coinciding_conflicts
-from melo_fast.vecdb.wordings import prompt_rows, wording_radii
+from melo_fast.vecdb.wordings import check_paraphrase_of, wording_radii
 
 
 class MeloEditor(EditStateIO, RefusesCopy):
@@ -192,7 +192,7 @@ class MeloEditor(EditStateIO, RefusesCopy):
             checked = self.edit_batch(batch)
             if paraphrase_of is not None:
                 paraphrase_of = [int(row) if isinstance(row, torch.Tensor) else row for row in paraphrase_of]
-                prompt_rows(paraphrase_of, checked.targets)
+                check_paraphrase_of(paraphrase_of, checked.targets)
             radius, scale = self._radius()
             keys = self.keys(batch)
             targets = checked.targets

@@ -22,11 +22,8 @@ from collections import Counter
 from collections.abc import Callable, Sequence
 
 
-def prompt_rows(paraphrase_of: Sequence[int], labels: Sequence[tuple[int, ...]]) -> list[int]:
-    """``paraphrase_of`` checked: per row, the row of the prompt it words (a prompt's own index).
-
-    Returns:
-        The prompt rows (``paraphrase_of[i] == i``), in order.
+def check_paraphrase_of(paraphrase_of: Sequence[int], labels: Sequence[tuple[int, ...]]) -> None:
+    """Refuse a bad ``paraphrase_of``: per row, the row of the prompt it words (a prompt's own index).
 
     Raises:
         ValueError: not one entry per row, an entry that is not a row, that points at a paraphrase, or
@@ -48,14 +45,13 @@ def prompt_rows(paraphrase_of: Sequence[int], labels: Sequence[tuple[int, ...]])
                 f"melo_fast: row {row} words row {prompt} but asks for another target; a paraphrase has its prompt's "
                 "target"
             )
-    return [row for row in range(n) if paraphrase_of[row] == row]
 
 
 def wording_radii(paraphrase_of: Sequence[int], radius_for: Callable[[int], float]) -> list[float]:
     """Per row, the radius its key is inserted with (``VectorDatabase.insert(..., radii=...)``).
 
     Args:
-        paraphrase_of: per row, the row of the prompt it words (checked by :func:`prompt_rows`).
+        paraphrase_of: per row, the row of the prompt it words (checked by :func:`check_paraphrase_of`).
         radius_for: the radius of an edit given with ``k`` paraphrases (``k = 0``: one wording), for every
             row of that edit.
 
