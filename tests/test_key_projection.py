@@ -8,12 +8,14 @@ radius on held-out facts; ``facts_from_records`` builds those facts from KnowEdi
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
 
 import melo_fast
 from melo_fast import Fact, KeyProjection
+from melo_fast.editing.key_projection_training import RADIUS_GRID, _choose_radius
 from melo_fast.eval.data import EditRecord, Probe
 from melo_fast.eval.paraphrase_facts import facts_from_records
 from tests.tiny_models import build
@@ -217,11 +219,40 @@ def test_training_brings_the_wordings_of_a_fact_together():
     # The radius of an edit in several wordings, chosen the same way with 1, 2 and 3 paraphrases per edit.
     worded = info["held_out_paraphrased"]
     assert projection.paraphrase_radii == {k: worded[str(k)]["radius"] for k in (1, 2, 3)}
-    for figures in worded.values():
-        assert min(v for k, v in figures.items() if k.startswith("locality_")) >= 0.99
+    for figures in worded.values():  # locality's radius, or the floor of the plain radius's reach
+        localities = [v for k, v in figures.items() if k.startswith("locality_")]
+        assert figures["floor"] or min(localities) >= 0.99
+        assert figures["radius"] <= projection.radius or not figures["floor"]
     assert (projection.router, projection.key_position) == (editor.config.router, editor.config.key_position)
     editor.use_key_projection(projection)  # it fits the editor it was trained for
     assert editor.db.dim == 16
+
+
+def _calibration(kept_out: list[int], routed: list[int]) -> dict:
+    """Pooled held-out counts at the first radii of the grid: hard negatives kept out and paraphrases routed
+    home, each of 100 (the shape :func:`_held_out_counts` returns)."""
+    radii = RADIUS_GRID[: len(kept_out)]
+    return {radius: Counter(negatives_few_edits=100, negatives_few_edits_kept_out=k, paraphrases=100,
+                            paraphrases_routed=r) for radius, k, r in zip(radii, kept_out, routed, strict=True)}
+
+
+def test_a_paraphrase_radius_never_routes_fewer_unseen_wordings_than_the_plain_radius():
+    plain_radius, _ = _choose_radius(_calibration([100, 100, 100, 99, 98], [10, 20, 30, 40, 50]), 0.99)
+    assert plain_radius == RADIUS_GRID[3]  # the largest radius keeping 99% of the negatives out; it routes 40%
+    plain = (plain_radius, 0.40)
+    # Edits with paraphrases: one more negative slips in from the second radius on. Locality alone would cut
+    # the radius to the first (20% routed); the floor keeps the smallest radius routing the plain 40%.
+    dip = _calibration([100, 98, 98, 98, 97], [20, 35, 45, 55, 65])
+    assert _choose_radius(dip, 0.99)[0] == RADIUS_GRID[0]
+    radius, figures = _choose_radius(dip, 0.99, plain)
+    assert (radius, figures["floor"], figures["paraphrases_routed"], figures["locality_negatives_few_edits"]) == (
+        RADIUS_GRID[2], True, 0.45, 0.98)
+    # Where locality already allows more reach, the floor changes nothing.
+    radius, figures = _choose_radius(_calibration([100, 100, 100, 99, 98], [30, 50, 60, 70, 80]), 0.99, plain)
+    assert (radius, figures["floor"]) == (RADIUS_GRID[3], False)
+    # The floor never looks past the plain radius: paraphrases that route less everywhere keep locality's radius.
+    radius, figures = _choose_radius(_calibration([100, 98, 98, 98, 98], [1, 2, 3, 4, 50]), 0.99, plain)
+    assert (radius, figures["floor"]) == (RADIUS_GRID[0], False)
 
 
 def test_training_refuses_what_it_cannot_learn_from():

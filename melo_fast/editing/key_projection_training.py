@@ -20,9 +20,11 @@ the edited facts' negatives, and as much of the unedited facts' wordings, out of
 both. A radius per number of paraphrases ``k`` (1 to :data:`CALIBRATION_PARAPHRASES`) is chosen the same
 way with every edit given ``k + 1`` wordings, each a row of the edit as ``edit_texts(..., paraphrases=...)``
 inserts them: more wordings make a wider scope, so a smaller radius keeps the same locality
-(:mod:`melo_fast.vecdb.wordings`). Why held-out questions: the training facts' negatives were pushed away
-by training itself, so a radius judged on them would be too large for new questions. Why all folds: a
-locality of 0.99 cannot be told from 0.97 on a few dozen questions. The map returned is the first fold's.
+(:mod:`melo_fast.vecdb.wordings`); but never one that routes fewer held-out paraphrases than edits
+without paraphrases do at the radius (:func:`_choose_radius`). Why held-out questions: the training facts'
+negatives were pushed away by training itself, so a radius judged on them would be too large for new
+questions. Why all folds: a locality of 0.99 cannot be told from 0.97 on a few dozen questions. The map
+returned is the first fold's.
 
 Cost: one forward pass to the router per distinct text (the router's keys are read once; training
 then touches only ``[rank, d]`` numbers); about a minute of CPU per fold for a few hundred facts.
@@ -142,7 +144,8 @@ def train_key_projection(
                     pooled.setdefault(radius, Counter()).update(fold_counts)
         first = first or (fitted, len(train_ids), len(held_ids))
     radius, figures = _choose_radius(counts[0], locality)
-    worded = {k: _choose_radius(counts[k], locality) for k in range(1, CALIBRATION_PARAPHRASES + 1)}
+    plain = (radius, _routed(counts[0][radius]))
+    worded = {k: _choose_radius(counts[k], locality, plain) for k in range(1, CALIBRATION_PARAPHRASES + 1)}
     projection, training_facts, held_facts = first
     info = {
         "facts": len(facts), "training_facts": training_facts, "held_out_facts": held_facts, "folds": folds,
@@ -325,30 +328,48 @@ def _shares(counts: Counter) -> dict[str, float]:
             (k[: -len("_kept_out")] for k in counts if k.endswith("_kept_out")) if counts[kind]}
 
 
-def _choose_radius(counts: dict[float, Counter], locality: float) -> tuple[float, dict]:
+def _choose_radius(counts: dict[float, Counter], locality: float,
+                   plain: tuple[float, float] | None = None) -> tuple[float, dict]:
     """The largest radius below which every kind of held-out question, pooled over the folds, stays out at
-    ``locality`` or more (in both databases); with the held-out figures at it."""
-    chosen, figures = RADIUS_GRID[0], None
+    ``locality`` or more (in both databases); with the held-out figures at it.
+
+    ``plain``: for edits given paraphrases, the radius of edits without them and the share of paraphrases
+    those route home. The radius is then at least the smallest one (up to the plain radius) that routes as
+    many: an edit given more wordings must not reach fewer unseen ones than the same edit without them. Why:
+    the hard negatives number a few hundred, so one question moves their locality by 0.3%, and a one-question
+    dip under ``locality`` could otherwise cut the radius far below where the wordings pay for themselves
+    (the figures say ``"floor": True`` when this rule set the radius).
+    """
+    chosen = None
     for radius in RADIUS_GRID:
-        if radius not in counts:
-            break
-        shares = _shares(counts[radius])
-        if min(shares.values(), default=1.0) < locality:
+        if radius not in counts or min(_shares(counts[radius]).values(), default=1.0) < locality:
             break
         chosen = radius
-        routed = counts[radius]["paraphrases_routed"] / max(1, counts[radius]["paraphrases"])
-        figures = {
-            "radius": radius, **{f"locality_{k}": round(v, 4) for k, v in shares.items()},
-            "paraphrases_routed": round(routed, 4),
-            "questions": {k: v for k, v in counts[radius].items() if not k.endswith(("_kept_out", "_routed"))},
-        }
-    if figures is None:
+    floor = None
+    if plain is not None:
+        plain_radius, plain_routed = plain
+        floor = next((r for r in RADIUS_GRID if r <= plain_radius and r in counts
+                      and _routed(counts[r]) >= plain_routed), None)
+    if chosen is None and floor is None:
         warnings.warn(
-            f"melo_fast: no radius down to {chosen} kept {locality:.0%} of the held-out questions out of other edits' "
-            "scopes; the projection uses the smallest. Train on more facts (with hard negatives), or set an "
+            f"melo_fast: no radius down to {RADIUS_GRID[0]} kept {locality:.0%} of the held-out questions out of other "
+            "edits' scopes; the projection uses the smallest. Train on more facts (with hard negatives), or set an "
             "absolute MeloConfig.init_radius",
             UserWarning,
             stacklevel=3,
         )
-        figures = {"radius": chosen, "note": "no radius of the grid kept the locality target"}
-    return chosen, figures
+        return RADIUS_GRID[0], {"radius": RADIUS_GRID[0], "note": "no radius of the grid kept the locality target"}
+    radius = max(r for r in (chosen, floor) if r is not None)
+    figures = {
+        "radius": radius, **{f"locality_{k}": round(v, 4) for k, v in _shares(counts[radius]).items()},
+        "paraphrases_routed": round(_routed(counts[radius]), 4),
+        "questions": {k: v for k, v in counts[radius].items() if not k.endswith(("_kept_out", "_routed"))},
+    }
+    if plain is not None:
+        figures["floor"] = radius != chosen
+    return radius, figures
+
+
+def _routed(counts: Counter) -> float:
+    """The share of held-out paraphrases routed to their own edit (:func:`_held_out_counts`)."""
+    return counts["paraphrases_routed"] / max(1, counts["paraphrases"])
