@@ -100,6 +100,11 @@ def test_generality_section_reads_the_committed_results(generator):
     melo = json.loads((GENERALITY_RESULTS / "e2e_minilm.json").read_text())["variants"]["melo"]
     assert f"{melo['gen_generate']:.2f} / {melo['gen_rephrase']:.2f} (locality {melo['locality']:.3f})" in text
     assert "edit_texts(..., paraphrases=" in text and "evaluation/generality/REPORT.md" in text
+    for label, folder in (("before the floor", "split1/before_floor"), ("with the floor", "split1")):
+        trained = json.loads((GENERALITY_RESULTS / folder / "library_projection_minilm.json").read_text())
+        run = json.loads((GENERALITY_RESULTS / folder / "e2e_minilm_wordings.json").read_text())["variants"]["kp_para3"]
+        assert (f"{label}: radius for 3 paraphrases {trained['training']['held_out_paraphrased']['3']['radius']:.2f}"
+                in text and f"on B generality {run['gen_generate']:.2f} / {run['gen_rephrase']:.2f}" in text)
 
 
 def test_generality_section_without_results_says_not_run(generator, tmp_path, monkeypatch):

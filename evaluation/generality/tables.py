@@ -473,13 +473,32 @@ def paraphrase_radius_note() -> str:
             training = json.loads(path.read_text())["training"]
             worded = paraphrased(training)
             if 3 in worded:
-                parts.append(f"{model} {label} {training['held_out']['radius']:.2f} → {worded[3]['radius']:.2f}")
+                floor = " (the floor)" if worded[3].get("floor") else ""
+                parts.append(f"{model} {label} {training['held_out']['radius']:.2f} → {worded[3]['radius']:.2f}{floor}")
                 negatives = negatives or worded[3]["questions"]["negatives_few_edits"]
     if not parts:
         return "(not run)"
     return (f"It is judged on {negatives} held-out hard negatives (one question is {100 / negatives:.1f}% of them), "
             "so one or two questions can move it by a grid step or more. Radius → radius for 3 paraphrases, chosen on "
             f"each A: {'; '.join(parts)}.")
+
+
+def before_floor_line() -> str:
+    """MiniLM's second-split run with 3 paraphrases before the paraphrase radius had its floor
+    (``results/split1/before_floor/``), beside the run since (``results/split1/``)."""
+    runs = []
+    for folder in (RESULTS / "split1" / "before_floor", RESULTS / "split1"):
+        trained, run = folder / "library_projection_minilm.json", wordings_variants(folder, "minilm").get("kp_para3")
+        if not trained.exists() or run is None:
+            return "(not run)"
+        worded = paraphrased(json.loads(trained.read_text())["training"])[3]
+        runs.append((worded, run))
+    return "; ".join(
+        f"{label}: radius for 3 paraphrases {worded['radius']:.2f} (A held out: paraphrases routed "
+        f"{f3(worded['paraphrases_routed'])}, negatives kept out {f3(worded['locality_negatives_few_edits'])}), on B "
+        f"generality {f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}, ERR {f3(v['err'])}, locality "
+        f"{f3(v['locality'])} (clean {f3(v['locality_clean'])})"
+        for label, (worded, v) in zip(("before the floor", "with the floor"), runs, strict=True))
 
 
 def one_cluster_line() -> str:

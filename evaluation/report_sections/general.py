@@ -74,7 +74,8 @@ def generality() -> list[str]:
               "`library_projection.py` on part A's facts, `melo_fast.eval.paraphrase_facts`: 5 folds of A's subjects, "
               "each held out once; the radius is the largest that keeps ≥ 0.99 of the held-out folds' hard negatives "
               "and never-edited wordings out of every edit's scope, with few and with many edits in the database; "
-              "the radius for edits given 1, 2 or 3 paraphrases the same with every edit given that many). "
+              "the radius for edits given 1, 2 or 3 paraphrases the same with every edit given that many, floored "
+              "where it would route fewer held-out paraphrases than the radius does, see below). "
               "End to end on part B (`e2e.py`, variants `melo`, `kp`, `kp_para1`, `kp_para3`, `kp_prefix3`: no "
               "projection; the projection; with 1 or 3 user paraphrases per edit; with `MeloConfig.prefix_rows=3`) "
               "at the projection's own radius, nothing fitted on B; SmolLM2 on the first 100 part-B records (its "
@@ -93,6 +94,12 @@ def generality() -> list[str]:
               "**What the paraphrase radius costs.** It keeps the held-out locality of edits given with "
               "paraphrases at the target the radius keeps for edits of one wording, and pays for it in "
               "generality where the paraphrases' extra reach must be cut back. " + g.paraphrase_radius_note(), "",
+              "**The floor under the paraphrase radius.** The radius for k paraphrases is never smaller than the "
+              "smallest radius at which edits given k paraphrases route, on A's held-out folds, as many held-out "
+              "paraphrases as edits without paraphrases do at the plain radius (and never above the plain radius "
+              "on that account): a user who adds wordings must not reach fewer unseen ones. It sets the radius "
+              "only where a dip of a question or two under the locality target cut it further. MiniLM, second "
+              "split: " + g.before_floor_line() + ".", "",
               "**Why each wording keeps its own cluster.** Inserting an edit's paraphrases after its prompt makes "
               "one cluster around the mean of its wordings; MELO's conflict rule then splits that cluster at half "
               "the distance from its center and forgets the points outside, the edit prompts among them. MiniLM, "
