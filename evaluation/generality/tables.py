@@ -444,21 +444,34 @@ def other_split_lines() -> list[str]:
                    "locality", "locality clean"], rows)]
 
 
-def all_of_b_lines() -> list[str]:
-    """SmolLM2's shipped-projection runs on every part-B record (``results/all_b/``), where the shipped table has
-    its first 100: the same edits as MiniLM's, against every locality question."""
+LARGER_RUNS = {"all_b": ("first", "all"), "split1/first_200": ("second", "first 200")}
+
+
+def larger_runs_lines() -> list[str]:
+    """SmolLM2's shipped-projection runs on more part-B records than the shipped table's first 100: every record of
+    the first split (``results/all_b/``) and the first 200 of the second (``results/split1/first_200/``); the
+    radius of the edits' keys is read from the split's ``library_projection_smollm2.json``."""
     rows = []
-    for run in sorted((RESULTS / "all_b").glob("e2e_*.json")):
-        data = json.loads(run.read_text())
-        for name, v in data["variants"].items():
-            rows.append([data["model"], name, str(v["edits"]), f3(v["es"]), f3(v["err"]),
-                         f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["generate_routed_own"]),
-                         f3(v["gen_generate_given_routed"]), f3(v["locality"]), f3(v["locality_clean"]),
-                         f"{v['edit_cpu_seconds'] / max(1, v['edits']):.2f}"])
+    for folder, (split, records) in LARGER_RUNS.items():
+        trained_path = RESULTS / Path(folder).parent / "library_projection_smollm2.json"
+        if not trained_path.exists():
+            continue
+        trained = json.loads(trained_path.read_text())
+        radii = {"kp": trained["radius"], **{f"kp_para{k}": v["radius"]
+                                              for k, v in paraphrased(trained["training"]).items()}}
+        for run in sorted((RESULTS / folder).glob("e2e_*.json")):
+            data = json.loads(run.read_text())
+            for name, v in data["variants"].items():
+                rows.append([split, records, data["model"], SHIPPED_VARIANTS.get(name, name), f"{radii[name]:.2f}",
+                             str(v["edits"]), f3(v["es"]), f3(v["err"]),
+                             f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])}", f3(v["generate_routed_own"]),
+                             f3(v["gen_generate_given_routed"]), f3(v["locality"]), f3(v["locality_clean"]),
+                             f"{v['edit_cpu_seconds'] / max(1, v['edits']):.2f}"])
     if not rows:
-        return ["(not run: no `results/all_b/`)"]
-    return [table(["model", "variant", "edits (B)", "ES", "ERR", "gen generate / rephrase", "routed own",
-                   "gen if routed", "locality", "locality clean", "edit CPU s / edit"], rows)]
+        return ["(not run: no `results/all_b/` or `results/split1/first_200/`)"]
+    return [table(["split", "part-B records", "model", "variant", "radius of the edits' keys", "edits (B)", "ES",
+                   "ERR", "gen generate / rephrase", "routed own", "gen if routed", "locality", "locality clean",
+                   "edit CPU s / edit"], rows)]
 
 
 def paraphrase_radius_note() -> str:

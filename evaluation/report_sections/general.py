@@ -105,10 +105,11 @@ def generality() -> list[str]:
               "the distance from its center and forgets the points outside, the edit prompts among them. MiniLM, "
               "projection + 3 paraphrases, each at the radius for 3 paraphrases its calibration chose on A: "
               + g.one_cluster_line() + ".", "",
-              "SmolLM2 on every part-B record (`results/all_b/`; the rows above use its first 100, as its runs "
-              "cost minutes per edit batch here): the same radius chosen on A, every edit and every locality "
+              "SmolLM2 on more part-B records (the rows above use the first 100, as its runs cost minutes per edit "
+              "batch here): every record of the first split (`results/all_b/`) and the first 200 of the second "
+              "(`results/split1/first_200/`), at the radii chosen on each A, every edit and every locality "
               "question. \"routed own\": held-out generate prompts routed to their edit's block; \"gen if "
-              "routed\": generality among those:", "", *g.all_of_b_lines(), "",
+              "routed\": generality among those:", "", *g.larger_runs_lines(), "",
               "**Another prompt style.** The same SmolLM2 projection on the main job's shipped everyday facts "
               "(statements such as \"The largest planet in the solar system is\", not zsRE questions; "
               "`python -m melo_fast demo --key-projection /tmp/melo_generality/kp_smollm2.safetensors --methods "
