@@ -98,8 +98,8 @@ def generality() -> list[str]:
               "smallest radius at which edits given k paraphrases route, on A's held-out folds, as many held-out "
               "paraphrases as edits without paraphrases do at the plain radius (and never above the plain radius "
               "on that account): a user who adds wordings must not reach fewer unseen ones. It sets the radius "
-              "only where a dip of a question or two under the locality target cut it further. MiniLM, second "
-              "split: " + g.before_floor_line() + ".", "",
+              "only where the locality rule cut it below that reach (marked \"the floor\" in the radii above). "
+              "MiniLM, second split: " + g.before_floor_line() + ".", "",
               "**Why each wording keeps its own cluster.** Inserting an edit's paraphrases after its prompt makes "
               "one cluster around the mean of its wordings; MELO's conflict rule then splits that cluster at half "
               "the distance from its center and forgets the points outside, the edit prompts among them. MiniLM, "
