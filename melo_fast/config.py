@@ -8,8 +8,9 @@
   ``editor.config = editor.config.replace(num_iter=10)`` changes the next edit (the only part a live
   editor lets change).
 - :class:`RadiusPolicy`: how the radius of a new cluster is chosen (absolute, or relative to the
-  measured key scale). The radius it resolves to lives in one place, the database
-  (``VectorDatabase.init_radius``), and is saved with the edits.
+  measured key scale), and what a conflict with another edit's cluster does to it. The radius it
+  resolves to, and the rule, live in one place, the database (``VectorDatabase.init_radius``,
+  ``conflict_rule``), and are saved with the edits.
 - ``backend``: which op backend runs here; a property of the process, not of the edits (a save made
   with one backend loads with any).
 
@@ -27,6 +28,7 @@ import math
 from dataclasses import dataclass
 
 from melo_fast.ops import BACKENDS
+from melo_fast.vecdb.database import CONFLICT_RULES
 
 KEY_POSITIONS = ("last", "mean")
 
@@ -133,12 +135,25 @@ class RadiusPolicy:
 
     init_radius: float | str
     relative_radius: float
+    conflict_rule: str
 
     def __post_init__(self):
         if self.init_radius != "auto" and not _positive_number(self.init_radius):
             _fail("init_radius", self.init_radius, 'must be "auto" (scale-free, the default) or an absolute radius > 0')
         if not _positive_number(self.relative_radius):
             _fail("relative_radius", self.relative_radius, "must be a number > 0")
+        if self.conflict_rule not in ("auto", *CONFLICT_RULES):
+            _fail("conflict_rule", self.conflict_rule, f"must be \"auto\" or one of {CONFLICT_RULES}")
+
+    def conflict_rule_for(self, projection) -> str:
+        """The database's conflict rule when routing through ``projection`` (a KeyProjection or None).
+
+        ``"auto"``: the projection's own rule while its radius is used (``init_radius="auto"``), since its
+        radii were chosen on held-out questions under that rule; MELO's ``"split"`` otherwise.
+        """
+        if self.conflict_rule != "auto":
+            return self.conflict_rule
+        return projection.conflict_rule if projection is not None and self.init_radius == "auto" else "split"
 
     @property
     def absolute(self) -> float | None:
@@ -168,6 +183,12 @@ class MeloConfig:
             With a key projection (``melo_fast.patch(..., key_projection=...)``), ``"auto"`` is the radius
             the projection chose when it was trained (``KeyProjection.radius``).
         relative_radius: the radius as a fraction of the key scale when ``init_radius="auto"``.
+        conflict_rule: what an edit's key does to a nearby cluster of another edit
+            (``VectorDatabase``): ``"split"``, MELO's rule (both radii shrink to half their distance,
+            points left outside are forgotten); ``"voronoi"``, both keep their radii and a query goes to
+            the nearer one. ``"auto"`` (default): the key projection's rule while its radius is used
+            (projections trained by ``train_key_projection`` choose their radii under ``"voronoi"``),
+            ``"split"`` otherwise.
         key_position: which token of an input gives its key: ``"last"`` real token (default),
             ``"mean"`` over real tokens, or an int index into the padded sequence (``-1`` is what
             the MELO paper's released implementation uses). For causal-LM edits the prompt
@@ -203,7 +224,7 @@ class MeloConfig:
     The fields group into :attr:`patch_spec` (router, targets, rank_per_block, key_position, scale),
     :attr:`train_settings` (edit_lr, num_iter, stop_loss, min_iter, cache_frozen_prefix, continuation_tokens,
     prefix_rows, scheduler_step, scheduler_gamma) and
-    :attr:`radius_policy` (init_radius, relative_radius), plus ``backend``.
+    :attr:`radius_policy` (init_radius, relative_radius, conflict_rule), plus ``backend``.
     """
 
     router: str | None = None
@@ -211,6 +232,7 @@ class MeloConfig:
     rank_per_block: int = 4
     init_radius: float | str = "auto"
     relative_radius: float = 0.1
+    conflict_rule: str = "auto"
     key_position: str | int = "last"
     edit_lr: float = 1e-2
     num_iter: int = 50

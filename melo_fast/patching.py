@@ -152,7 +152,8 @@ def patch(model: nn.Module, config: MeloConfig | None = None, tokenizer=None, ke
 
     radius = config.radius_policy.absolute  # resolved here, or measured before the first edit (None)
     key_width = linear_shape(router_module)[1]
-    database = VectorDatabase(key_width, radius, device=router_module.weight.device)
+    database = VectorDatabase(key_width, radius, device=router_module.weight.device,
+                              conflict_rule=config.radius_policy.conflict_rule_for(None))
     routing = Routing(EditState(database, {name: () for name, _ in targets}, 0))
     router = RouterHook(router_name, routing, config.key_position, config.backend, key_width)
     lora_layers = {

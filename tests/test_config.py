@@ -35,6 +35,7 @@ def test_json_round_trip():
         ("scale", float("inf")),
         ("init_radius", float("inf")),
         ("relative_radius", float("nan")),
+        ("conflict_rule", "merge"),
         ("stop_loss", float("inf")),
         ("num_iter", 0),
         ("scheduler_gamma", 1.5),

@@ -67,6 +67,8 @@ def test_bad_projections_and_keys_are_refused_with_what_is_wrong():
         KeyProjection(torch.zeros(3), torch.ones(3), torch.zeros(2, 3), 0.5, "r", "last", paraphrase_radii={2: 0.0})
     with pytest.raises(ValueError, match="maps a number of paraphrases >= 1"):
         KeyProjection(torch.zeros(3), torch.ones(3), torch.zeros(2, 3), 0.5, "r", "last", paraphrase_radii={0: 0.4})
+    with pytest.raises(ValueError, match="conflict_rule must be one of"):
+        KeyProjection(torch.zeros(3), torch.ones(3), torch.zeros(2, 3), 0.5, "r", "last", conflict_rule="merge")
     with pytest.raises(ValueError, match=r"takes \[N, 6\] keys of router 'r'"):
         _projection("r", 6)(torch.randn(2, 5))
 
@@ -84,6 +86,12 @@ def test_a_saved_projection_loads_identical(tmp_path):
     # A projection saved before paraphrase radii existed: edits in several wordings use its one radius.
     meta = {k: v for k, v in projection.meta().items() if k != "paraphrase_radii"}
     assert KeyProjection.from_data(projection.tensors(), meta).radius_for(3) == 0.5
+    # The conflict rule its radii were chosen under is kept; one saved before the rule was recorded used MELO's.
+    projection.conflict_rule = "voronoi"
+    projection.save(tmp_path / "v.safetensors")
+    assert KeyProjection.load(tmp_path / "v.safetensors").conflict_rule == "voronoi"
+    meta = {k: v for k, v in projection.meta().items() if k != "conflict_rule"}
+    assert KeyProjection.from_data(projection.tensors(), meta).conflict_rule == "split"
     with pytest.raises(FileNotFoundError, match="no key projection file"):
         KeyProjection.load(tmp_path / "missing.safetensors")
     (tmp_path / "other.safetensors").write_bytes(b"not a projection")
@@ -116,6 +124,37 @@ def test_an_absolute_radius_overrides_the_projections():
     family, editor, projection = _gpt2_with_projection(num_iter=2, init_radius=0.25)
     editor.edit_texts([PROMPT], [TARGET], family.tokenizer)
     assert editor.db.init_radius == 0.25 != projection.radius
+
+
+@pytest.mark.parametrize("configured, projection_rule, expected", [
+    ("auto", "voronoi", "voronoi"),  # the rule the projection's radii were chosen under
+    ("auto", "split", "split"),  # a projection saved before the rule was recorded
+    ("split", "voronoi", "split"),  # a rule the user names wins
+    ("voronoi", "split", "voronoi"),
+])
+def test_the_database_takes_the_projections_conflict_rule_unless_one_is_named(tmp_path, configured, projection_rule,
+                                                                              expected):
+    family = build("gpt2")
+    probe = melo_fast.patch(family.model, tokenizer=family.tokenizer)
+    router, width = probe.config.router, probe.router.key_width
+    melo_fast.unpatch(family.model)
+    projection = _projection(router, width)
+    projection.conflict_rule = projection_rule
+    config = melo_fast.MeloConfig(num_iter=2, conflict_rule=configured)
+    editor = melo_fast.patch(family.model, config, tokenizer=family.tokenizer, key_projection=projection)
+    assert editor.db.conflict_rule == expected
+    editor.edit_texts([PROMPT], [TARGET], family.tokenizer)
+    editor.save(tmp_path / "edits")
+    melo_fast.unpatch(family.model)
+    assert melo_fast.load(family.model, tmp_path / "edits").db.conflict_rule == expected
+    melo_fast.unpatch(family.model)
+    # Without a projection "auto" is MELO's split; an absolute radius is not the projection's: split too.
+    assert melo_fast.patch(family.model, config, tokenizer=family.tokenizer).db.conflict_rule == (
+        "split" if configured == "auto" else configured)
+    melo_fast.unpatch(family.model)
+    absolute = config.replace(init_radius=0.25)
+    editor = melo_fast.patch(family.model, absolute, tokenizer=family.tokenizer, key_projection=projection)
+    assert editor.db.conflict_rule == ("split" if configured == "auto" else configured)
 
 
 def test_edits_with_a_projection_save_load_and_reload_with_it(tmp_path):
@@ -224,8 +263,12 @@ def test_training_brings_the_wordings_of_a_fact_together():
         assert figures["floor"] or min(localities) >= 0.99
         assert figures["radius"] <= projection.radius or not figures["floor"]
     assert (projection.router, projection.key_position) == (editor.config.router, editor.config.key_position)
+    # Its radii were chosen under the voronoi rule, which an editor routing through it then uses.
+    assert projection.conflict_rule == info["conflict_rule"] == "voronoi"
     editor.use_key_projection(projection)  # it fits the editor it was trained for
-    assert editor.db.dim == 16
+    assert editor.db.dim == 16 and editor.db.conflict_rule == "voronoi"
+    with pytest.raises(ValueError, match="conflict_rule must be one of"):
+        melo_fast.train_key_projection(editor, facts, conflict_rule="merge", progress=False)
 
 
 def _calibration(kept_out: list[int], routed: list[int]) -> dict:

@@ -84,6 +84,28 @@ def test_conflict_forgets_points_now_outside_the_shrunk_radius():
     assert db.search(keys([0.5, 0], [1.3, 0])).tolist() == [-1, 2]
 
 
+def test_the_voronoi_rule_keeps_both_scopes_and_the_nearer_center_answers():
+    """The same conflict as above under ``conflict_rule="voronoi"``: nothing shrinks or is forgotten; between
+    the two edits the nearer center answers, and each edit keeps its full reach on its far side."""
+    split, voronoi = fresh(), VectorDatabase(dim=2, init_radius=RADIUS, conflict_rule="voronoi")
+    for db in (split, voronoi):
+        db.insert(keys([0, 0]), [A], 0)
+        db.insert(keys([1.0, 0]), [A], 1)
+        counts = db.insert(keys([1.3, 0]), [B], 2)
+        assert counts.conflicts == 1
+    assert voronoi.radii.tolist() == [RADIUS, RADIUS] and voronoi.stats()["forgotten_points"] == 0 and len(voronoi) == 3
+    #             far side of A   A's point 0   nearer B's center   far side of B   out of reach
+    probe = keys([-0.4, 0], [0, 0], [0.95, 0], [2.2, 0], [2.4, 0])
+    assert voronoi.search(probe).tolist() == [0, 0, 2, 2, -1]
+    assert split.search(probe).tolist() == [-1, -1, 2, -1, -1]
+    tensors, meta = voronoi.state_dict()
+    assert VectorDatabase.from_state_dict(tensors, meta, device="cpu").conflict_rule == "voronoi"
+    meta.pop("conflict_rule")  # a save from before the rule was recorded: made under MELO's split
+    assert VectorDatabase.from_state_dict(tensors, meta, device="cpu").conflict_rule == "split"
+    with pytest.raises(ValueError, match="conflict_rule must be one of"):
+        VectorDatabase(dim=2, init_radius=RADIUS, conflict_rule="merge")
+
+
 def test_nearest_clusters_are_computed_once_per_batch():
     db = fresh()
     db.insert(keys([0, 0]), [A], 0)

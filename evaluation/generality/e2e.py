@@ -269,13 +269,15 @@ class GeneralityEval(SequentialEval):
             out.update(edit_seconds=edit_seconds, edit_cpu_seconds=edit_cpu, eval_seconds=time.perf_counter() - start,
                        edits=len(self.edited), rows_trained=rows_trained, rows_dropped=dropped,
                        init_radius=editor.db.init_radius, key_scale=editor.db.key_scale,
-                       relative_radius=config.relative_radius, db=editor.db.stats(), blocks=editor.num_blocks)
+                       relative_radius=config.relative_radius, conflict_rule=editor.db.conflict_rule,
+                       db=editor.db.stats(), blocks=editor.num_blocks)
             out["grid"] = []
             blocks = editor.blocks()
             # A key projection's keys have no key scale: its grid is of absolute radii (unit keys).
             for relative in grid:
                 radius_here = relative * editor.db.key_scale if editor.db.key_scale is not None else relative
-                db = VectorDatabase(editor.db.dim, radius_here, key_scale=editor.db.key_scale)
+                db = VectorDatabase(editor.db.dim, radius_here, key_scale=editor.db.key_scale,
+                                    conflict_rule=editor.db.conflict_rule)
                 for keys, labels, block, paraphrase_of in inserts:
                     radii = None
                     if paraphrase_of is not None:  # the projection's paraphrase radii, scaled like its radius

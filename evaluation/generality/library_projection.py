@@ -35,6 +35,8 @@ def main(argv=None) -> None:
     parser.add_argument("--save", required=True, help="where the projection goes (kept out of the repository)")
     parser.add_argument("--split-seed", type=int, default=common.SEED,
                         help="seed of the by-subject split into parts A and B (another seed: another split)")
+    parser.add_argument("--conflict-rule", default="voronoi", choices=("voronoi", "split"),
+                        help="the database rule the radii are chosen under (train_key_projection's conflict_rule)")
     parser.add_argument("--out", required=True, help="JSON with what training reported")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
@@ -45,7 +47,7 @@ def main(argv=None) -> None:
     editor = melo_fast.patch(task.model, config, tokenizer=task.tokenizer)
     try:
         facts = facts_from_records(records)
-        projection = melo_fast.train_key_projection(editor, facts, progress=False)
+        projection = melo_fast.train_key_projection(editor, facts, progress=False, conflict_rule=args.conflict_rule)
     finally:
         melo_fast.unpatch(task.model)
     projection.save(args.save)
@@ -59,6 +61,7 @@ def main(argv=None) -> None:
         "router": projection.router,
         "key_position": projection.key_position,
         "radius": projection.radius,
+        "conflict_rule": projection.conflict_rule,
         "training": projection.info,
         "total_seconds": time.perf_counter() - start,
     })

@@ -15,7 +15,8 @@ Held-out facts: the topics (a fact's subject; facts of one topic stay together) 
 map's number of steps (checked every ``check_every`` steps). The radius is chosen on all folds'
 held-out facts together (:func:`_held_out_counts`, :func:`_choose_radius`): half of each fold's facts
 are inserted as edits into a real :class:`~melo_fast.vecdb.VectorDatabase`, ten a block, alone and after
-one edit per training fact, and the radius is the largest on a grid that keeps at least ``locality`` of
+one edit per training fact (under the ``conflict_rule`` the projection will be served with), and the
+radius is the largest on a grid that keeps at least ``locality`` of
 the edited facts' negatives, and as much of the unedited facts' wordings, out of every edit's scope in
 both. A radius per number of paraphrases ``k`` (1 to :data:`CALIBRATION_PARAPHRASES`) is chosen the same
 way with every edit given ``k + 1`` wordings, each a row of the edit as ``edit_texts(..., paraphrases=...)``
@@ -44,7 +45,7 @@ from torch import nn
 
 from melo_fast.editing import calibration
 from melo_fast.routing.key_projection import KeyProjection
-from melo_fast.vecdb import VectorDatabase
+from melo_fast.vecdb import CONFLICT_RULES, VectorDatabase
 
 RADIUS_GRID = tuple(round(0.02 * i, 2) for i in range(1, 76))  # unit keys: distances lie in [0, 2]
 EDITS_PER_BATCH = 10  # how the validation edits are grouped into blocks (the harness's batch size)
@@ -85,6 +86,7 @@ def train_key_projection(
     check_every: int = 100,
     seed: int = 0,
     progress: bool = True,
+    conflict_rule: str = "voronoi",
 ) -> KeyProjection:
     """Train a key projection on ``facts`` for ``editor``'s router and key position.
 
@@ -104,6 +106,11 @@ def train_key_projection(
         check_every: steps between held-out checks.
         seed: seeds the folds, the initial maps and the draws.
         progress: show tqdm progress bars.
+        conflict_rule: the database rule the radii are chosen under and that editors routing through the
+            projection use (``MeloConfig.conflict_rule="auto"``): ``"voronoi"`` (default) or MELO's
+            ``"split"`` (``VectorDatabase``). Why voronoi: under the split, conflicts between the many
+            edits shrank their scopes, and at the radius chosen for each rule voronoi routed more held-out
+            paraphrases home at the same locality (EVALUATION.md, issue 22).
 
     Returns:
         The projection trained with the first fold held out (on the model's device), with ``radius`` and
@@ -116,6 +123,8 @@ def train_key_projection(
     """
     start = time.perf_counter()
     facts = _checked(facts, folds, locality)
+    if conflict_rule not in CONFLICT_RULES:
+        raise ValueError(f"melo_fast: conflict_rule must be one of {CONFLICT_RULES}, got {conflict_rule!r}")
     if editor.state.projection is not None:
         raise ValueError(
             "melo_fast: this editor already routes through a key projection; train on raw keys: "
@@ -140,7 +149,8 @@ def train_key_projection(
         with torch.no_grad():
             projected = fitted(keys)
             for given, pooled in counts.items():
-                for radius, fold_counts in _held_out_counts(projected, train_ids, held_ids, locality, given).items():
+                for radius, fold_counts in _held_out_counts(projected, train_ids, held_ids, locality, given,
+                                                            conflict_rule).items():
                     pooled.setdefault(radius, Counter()).update(fold_counts)
         first = first or (fitted, len(train_ids), len(held_ids))
     radius, figures = _choose_radius(counts[0], locality)
@@ -153,11 +163,13 @@ def train_key_projection(
         "best_step": projection.best_step, "held_out_loss": round(projection.best_loss, 4),
         "locality_target": locality, "held_out": figures,
         "held_out_paraphrased": {str(k): figures_k for k, (_, figures_k) in worded.items()}, "seed": seed,
+        "conflict_rule": conflict_rule,
         "seconds": round(time.perf_counter() - start, 1),
     }
     config = editor.config
     return KeyProjection(projection.mean, projection.std, projection.weight, radius, config.router,
-                         config.key_position, info, {k: radius_k for k, (radius_k, _) in worded.items()})
+                         config.key_position, info, {k: radius_k for k, (radius_k, _) in worded.items()},
+                         conflict_rule)
 
 
 @dataclass
@@ -278,7 +290,8 @@ def _held_out_loss(project, keys, held, facts_per_step: int, temperature: float)
 
 
 # --- the radius -------------------------------------------------------------------------------------
-def _held_out_counts(projected: torch.Tensor, train, held, locality: float, given: int = 0) -> dict[float, Counter]:
+def _held_out_counts(projected: torch.Tensor, train, held, locality: float, given: int = 0,
+                     conflict_rule: str = "voronoi") -> dict[float, Counter]:
     """Per radius of :data:`RADIUS_GRID`: held-out questions kept out of every scope, and paraphrases routed home.
 
     Edits are the first wordings of half the held-out facts, ten a block, in two databases: alone (few
@@ -291,6 +304,7 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
     With ``given`` > 0 every edit (held-out and training) comes with up to ``given`` more of its fact's
     wordings as rows of the edit, all at the radius, and the paraphrases counted are the wordings not given.
     Radii past the first one where a kind falls below ``locality - 0.1`` are left out (never chosen).
+    Both databases place the edits under ``conflict_rule``, the rule the editor will serve them with.
     """
     edited, unedited = held[0::2], held[1::2]
     edits = [p[: 1 + given] for p, _ in edited]  # each edit's wordings; blocks 0, 1, ... in both databases
@@ -303,7 +317,7 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
     for radius in RADIUS_GRID:
         counts = Counter()
         for name, stored in databases.items():
-            database = VectorDatabase(projected.shape[1], radius, device=projected.device)
+            database = VectorDatabase(projected.shape[1], radius, device=projected.device, conflict_rule=conflict_rule)
             for b in range(0, len(stored), EDITS_PER_BATCH):
                 group = range(b, min(b + EDITS_PER_BATCH, len(stored)))
                 rows = [row for f in group for row in stored[f]]

@@ -152,7 +152,8 @@ class EditStateIO:
         """Route through ``projection`` from now on (None: raw router keys again, MELO's keys).
 
         Only before the first edit: the database holds keys of one key function, and a router's raw keys
-        are not kept to re-project. The next edit uses ``projection.radius`` when ``init_radius="auto"``.
+        are not kept to re-project. The next edit uses ``projection.radius`` when ``init_radius="auto"``, and the
+        database the projection's conflict rule when ``conflict_rule="auto"`` (``RadiusPolicy.conflict_rule_for``).
         (:func:`melo_fast.patch` takes ``key_projection=`` and calls this; a save holds the projection.)
 
         Raises:
@@ -182,7 +183,9 @@ class EditStateIO:
                 projection = projection.copy_to(state.database.device)  # the published state owns its copy
             width = self.router.key_width if projection is None else projection.out_dim
             # "auto" radius: None until the next edit takes the projection's radius (or measures one).
-            database = VectorDatabase(width, self.config.radius_policy.absolute, device=state.database.device)
+            policy = self.config.radius_policy
+            database = VectorDatabase(width, policy.absolute, device=state.database.device,
+                                      conflict_rule=policy.conflict_rule_for(projection))
             self.routing.published = dataclasses.replace(state, database=database, projection=projection)
 
     # --- serving with other engines (melo_fast.io.export) ------------------------------------------

@@ -365,7 +365,7 @@ class SequentialEval(Scoring):
         forced_values: list[float] = []
         try:
             editor.router.key_position = key_position
-            db = VectorDatabase(saved_db.dim, init_radius, device=saved_db.device)
+            db = VectorDatabase(saved_db.dim, init_radius, device=saved_db.device, conflict_rule=saved_db.conflict_rule)
             for b in range(len(self.batches)):
                 batch = self.task.edit_batch(self.batches[b])
                 db.insert(editor.keys(batch), editor.edit_batch(batch).targets, b)

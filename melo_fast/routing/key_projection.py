@@ -11,9 +11,10 @@ negatives (``melo_fast.editing.key_projection_training``)::
 ``mean`` and ``std`` are the training keys' per-dimension statistics (fixed before training, so ``W``
 learns only the metric); the database then compares unit vectors, whose Euclidean distance is a
 monotone function of their cosine. The projection carries the radius chosen on facts it never trained
-on (the largest that kept held-out questions out of other edits' scopes), which the editor uses for
-``init_radius="auto"``, and one per number of paraphrases, chosen the same way for edits given in several
-wordings (``paraphrase_radii``, :meth:`KeyProjection.radius_for`, :mod:`melo_fast.vecdb.wordings`).
+on (the largest that kept held-out questions out of other edits' scopes, under the database's conflict
+rule it records), which the editor uses for ``init_radius="auto"``, and one per number of paraphrases,
+chosen the same way for edits given in several wordings (``paraphrase_radii``,
+:meth:`KeyProjection.radius_for`, :mod:`melo_fast.vecdb.wordings`).
 
 A projection belongs to one key function: the router module and key position it was trained on, which
 the editor checks. It is part of the published :class:`~melo_fast.routing.EditState` (the database
@@ -30,6 +31,8 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
+
+from melo_fast.vecdb.database import CONFLICT_RULES
 
 METADATA_KEY = "melo_fast_key_projection"
 
@@ -48,6 +51,8 @@ class KeyProjection(nn.Module):
         info: what training recorded (figures on its validation facts, counts, seconds); JSON values.
         paraphrase_radii: per number of paraphrases ``k >= 1``, the radius of an edit given with ``k``
             paraphrases (``edit_texts(..., paraphrases=...)``), each in ``(0, 2]``; None: ``radius`` for all.
+        conflict_rule: the database rule the radii were chosen under (``VectorDatabase``'s
+            ``conflict_rule``), which an editor with ``MeloConfig.conflict_rule="auto"`` then uses.
 
     Raises:
         ValueError: shapes that do not fit together, a non-positive or non-finite std, or a radius
@@ -64,8 +69,12 @@ class KeyProjection(nn.Module):
         key_position: str | int,
         info: dict | None = None,
         paraphrase_radii: Mapping[int, float] | None = None,
+        conflict_rule: str = "split",
     ):
         super().__init__()
+        if conflict_rule not in CONFLICT_RULES:
+            raise ValueError(f"melo_fast: a KeyProjection's conflict_rule must be one of {CONFLICT_RULES}, got "
+                             f"{conflict_rule!r}")
         if weight.dim() != 2 or mean.shape != (weight.shape[1],) or std.shape != mean.shape:
             raise ValueError(
                 f"melo_fast: a KeyProjection needs mean [d], std [d] and weight [rank, d]; got "
@@ -88,6 +97,7 @@ class KeyProjection(nn.Module):
         self.router = router
         self.key_position = key_position
         self.info = dict(info or {})
+        self.conflict_rule = conflict_rule
 
     def radius_for(self, paraphrases: int) -> float:
         """The radius of an edit given with ``paraphrases`` paraphrases: that of the largest number calibrated
@@ -143,7 +153,8 @@ class KeyProjection(nn.Module):
     def meta(self) -> dict:
         """Everything but the tensors, as JSON values."""
         return {"radius": self.radius, "paraphrase_radii": {str(k): r for k, r in self.paraphrase_radii.items()},
-                "router": self.router, "key_position": self.key_position, "info": self.info}
+                "router": self.router, "key_position": self.key_position, "info": self.info,
+                "conflict_rule": self.conflict_rule}
 
     @classmethod
     def from_data(cls, tensors: dict[str, torch.Tensor], meta: dict) -> KeyProjection:
@@ -151,6 +162,7 @@ class KeyProjection(nn.Module):
         return cls(
             tensors["mean"], tensors["std"], tensors["weight"], meta["radius"], meta["router"], meta["key_position"],
             meta.get("info"), meta.get("paraphrase_radii"),
+            meta.get("conflict_rule", "split"),  # projections saved before the rule was recorded used MELO's
         )
 
     def save(self, path) -> None:
@@ -182,4 +194,5 @@ class KeyProjection(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_dim} -> {self.out_dim}, router={self.router!r}, key_position={self.key_position!r}, " \
-               f"radius={self.radius:.4g}, paraphrase_radii={self.paraphrase_radii}"
+               f"radius={self.radius:.4g}, paraphrase_radii={self.paraphrase_radii}, " \
+               f"conflict_rule={self.conflict_rule!r}"

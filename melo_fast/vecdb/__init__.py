@@ -9,7 +9,9 @@
 - ``naive.py``: the same rules as plain loops over clusters, the oracle the fast code is tested against.
 """
 
-from melo_fast.vecdb.database import VectorDatabase
+from melo_fast.vecdb.database import CONFLICT_RULES, VectorDatabase
 from melo_fast.vecdb.insert import COINCIDE_FRACTION, SPLIT_MARGIN, InsertCounts, coinciding_conflicts
 
-__all__ = ["COINCIDE_FRACTION", "SPLIT_MARGIN", "InsertCounts", "VectorDatabase", "coinciding_conflicts"]
+__all__ = [
+    "COINCIDE_FRACTION", "CONFLICT_RULES", "SPLIT_MARGIN", "InsertCounts", "VectorDatabase", "coinciding_conflicts",
+]

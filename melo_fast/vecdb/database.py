@@ -28,6 +28,9 @@ from melo_fast import ops
 from melo_fast.vecdb.insert import COINCIDE_FRACTION, InsertCounts, Placement
 from melo_fast.vecdb.scan import exact_distances, squared_norms
 
+# What a key does to a nearby cluster of another label (VectorDatabase's docstring).
+CONFLICT_RULES = ("split", "voronoi")
+
 
 class _LabelTable:
     """The distinct labels of a database and of its copies: append-only, so they can share it.
@@ -70,6 +73,19 @@ class VectorDatabase:
     :meth:`insert`, and recomputed once if anything else replaces the tensors.
     ``init_radius`` is None until it is known (``MeloConfig.init_radius="auto"`` sets it at the first
     edit from ``key_scale``, the model's measured key scale; see ``melo_fast.editing.calibration``).
+
+    ``conflict_rule`` says what a key does to the nearest cluster of another label within reach:
+
+    - ``"split"`` (MELO, DESIGN §1): both radii become half their distance and the old cluster forgets
+      the points left outside;
+    - ``"voronoi"``: the key makes its own cluster at its full radius and the old cluster is unchanged.
+      Search already goes to the nearest center, so where two scopes overlap the nearer edit answers:
+      the boundary between them is the bisecting plane, the same line the split draws between the two
+      centers, but each scope keeps its reach on every other side, and no stored point is forgotten.
+      Why: with many edits nearly every edit conflicts with some neighbour, and the split shrank
+      their scopes until a third of the paraphrases inside their own edit's radius routed nowhere
+      (SmolLM2 with a key projection, 367 zsRE edits; EVALUATION.md, issue 22). The price: a question
+      between two edits goes to the nearer one rather than to none.
     """
 
     def __init__(
@@ -78,7 +94,11 @@ class VectorDatabase:
         init_radius: float | None,
         device: torch.device | str = "cpu",
         key_scale: float | None = None,
+        conflict_rule: str = "split",
     ):
+        if conflict_rule not in CONFLICT_RULES:
+            raise ValueError(f"VectorDatabase: conflict_rule must be one of {CONFLICT_RULES}, got {conflict_rule!r}")
+        self.conflict_rule = conflict_rule
         self.dim = dim
         self.init_radius = None if init_radius is None else float(init_radius)
         self.key_scale = key_scale
@@ -229,7 +249,8 @@ class VectorDatabase:
            without points is removed. Other stored edits are untouched.
         2. MELO's rules, with each key's nearest cluster computed once for the batch, after step 1:
            far → new cluster; same label → merge (center = mean, radius = max(spread, init_radius));
-           other label → conflict split at half the distance, forgetting points left outside.
+           other label → conflict split at half the distance, forgetting points left outside
+           (``conflict_rule="voronoi"``: a new cluster at the key's radius, the old one unchanged).
 
         One deliberate widening: a spread used as a radius is widened by twice the rounding bound
         ``gamma_(d+2)`` of a ``d``-term float32 norm (``insert.covering_radius``: a factor
@@ -297,6 +318,7 @@ class VectorDatabase:
             "dim": self.dim,
             "init_radius": self.init_radius,
             "key_scale": self.key_scale,
+            "conflict_rule": self.conflict_rule,
             "labels": [list(label) for label in self.labels],
             "conflicts": self.conflicts,
             "forgotten": self.forgotten,
@@ -340,7 +362,9 @@ class VectorDatabase:
         if n_clusters and (int(cluster_labels.min()) < 0 or int(cluster_labels.max()) >= len(labels)):
             raise ValueError("database cluster labels point outside the saved label list")
         radius = meta["init_radius"]
-        db = cls(dim, radius, device=device, key_scale=meta.get("key_scale"))
+        # Saves from before the voronoi rule were all made under MELO's split.
+        db = cls(dim, radius, device=device, key_scale=meta.get("key_scale"),
+                 conflict_rule=meta.get("conflict_rule", "split"))
         for name, dtype in _TENSOR_DTYPES.items():
             setattr(db, name, tensors[name].to(db.device, dtype))
         db.labels = labels

@@ -405,7 +405,8 @@ class Placement:
 
     def apply_rules(self) -> None:
         """MELO's rules, key by key, against the nearest clusters found above: far → new cluster; same
-        label → merge; another label → conflict split, forgetting points left outside."""
+        label → merge; another label → conflict split, forgetting points left outside (with the database's
+        ``conflict_rule`` ``"voronoi"``: a new cluster of the key's radius, the old one unchanged)."""
         counts = self.counts
         for i, ((c, distance), radius) in enumerate(zip(self.nearest, self.radii, strict=True)):
             cluster = self.touched.get(c)
@@ -417,6 +418,9 @@ class Placement:
                 cluster.sources.append(-1 - i)
                 cluster.radius = max(covering_radius(cluster.recenter(), self.db.dim), radius)
                 counts.merged += 1
+            elif self.db.conflict_rule == "voronoi":  # both keep their radii: the nearer center decides
+                self.new_clusters.append((i, radius))
+                counts.conflicts += 1
             else:
                 self.new_clusters.append((i, distance / 2 + SPLIT_MARGIN))
                 cluster.radius = distance / 2 - SPLIT_MARGIN

@@ -74,8 +74,9 @@ class Cluster:
 
 
 class OracleDatabase:
-    def __init__(self, init_radius: float):
+    def __init__(self, init_radius: float, conflict_rule: str = "split"):
         self.init_radius = init_radius
+        self.conflict_rule = conflict_rule
         self.tolerance = COINCIDE_FRACTION * init_radius
         self.clusters: list[Cluster] = []
         self.labels: list[tuple] = []
@@ -130,6 +131,9 @@ class OracleDatabase:
                 cluster.points.append((key, block))
                 cluster.radius = max(covering(cluster.recenter(), len(cluster.center)), radius)
                 counts["merged"] += 1
+            elif self.conflict_rule == "voronoi":
+                self.clusters.append(Cluster(key, radius, label, block))
+                counts["conflicts"] += 1
             else:
                 self.clusters.append(Cluster(key, distance / 2 + SPLIT_MARGIN, label, block))
                 cluster.radius = distance / 2 - SPLIT_MARGIN
