@@ -105,6 +105,17 @@ def test_generality_section_reads_the_committed_results(generator):
         run = json.loads((GENERALITY_RESULTS / folder / "e2e_minilm_wordings.json").read_text())["variants"]["kp_para3"]
         assert (f"{label}: radius for 3 paraphrases {trained['training']['held_out_paraphrased']['3']['radius']:.2f}"
                 in text and f"on B generality {run['gen_generate']:.2f} / {run['gen_rephrase']:.2f}" in text)
+    # The conflict rule: routing alone under each rule at the radii chosen under it, and the voronoi runs end to end.
+    routing = json.loads((GENERALITY_RESULTS / "voronoi" / "conflict_rules_smollm2.json").read_text())
+    for rule in ("split", "voronoi"):
+        point = routing["results"][rule]["3"]["calibrated"][rule]
+        assert (f"| projection + 3 paraphrases | {rule} | {point['radius_for']['3']:.2f} ({rule}) | "
+                f"{point['generate_routed_own']:.3f} | {point['generate_misrouted']:.3f} |") in text
+    voronoi_run = json.loads((GENERALITY_RESULTS / "voronoi" / "e2e_minilm_wordings.json").read_text())["variants"]
+    trained = json.loads((GENERALITY_RESULTS / "voronoi" / "library_projection_minilm.json").read_text())
+    radius, v = trained["training"]["held_out_paraphrased"]["3"]["radius"], voronoi_run["kp_para3"]
+    assert (f"| minilm | first | all | projection + 3 paraphrases | voronoi | {radius:.2f} | {v['edits']} | "
+            f"{v['err']:.3f} | {v['gen_generate']:.2f} / {v['gen_rephrase']:.2f} |") in text
 
 
 def test_generality_section_without_results_says_not_run(generator, tmp_path, monkeypatch):

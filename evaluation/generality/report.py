@@ -142,6 +142,9 @@ def main() -> None:
         "commands": commands(),
         "probe_cells": PROBE_CELLS,
         "e2e_note": E2E_NOTE,
+        "conflict_routing": "\n".join(tables.conflict_routing_lines()),
+        "conflict_ceiling": tables.conflict_ceiling_line(),
+        "conflict_e2e": "\n".join(tables.conflict_e2e_lines()),
     }
     for model in MODELS:
         for floor, tag, _ in E2E_VIEWS:

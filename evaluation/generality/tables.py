@@ -331,8 +331,23 @@ def summary_lines() -> list[str]:
         "`melo_fast.patch(..., key_projection=...)` (default `None`: MELO's raw keys). End to end on B at the radius "
         f"it chose on A: MiniLM {shipped('minilm', 'kp')}, with 3 paraphrases {shipped('minilm', 'kp_para3')}; "
         f"SmolLM2 {shipped('smollm2', 'kp')}, with 3 paraphrases {shipped('smollm2', 'kp_para3')}, MELO "
-        f"{shipped('smollm2', 'melo')}.",
+        f"{shipped('smollm2', 'melo')}. Those projections chose their radii under MELO's conflict split; projections "
+        f"trained now choose them under the voronoi rule, and edit under it: {voronoi_shipped()}.",
     ]
+
+
+def voronoi_shipped() -> str:
+    """Each end-to-end run with a voronoi projection (``results/voronoi/**/e2e_*.json``), as :func:`shipped` reads."""
+    parts = []
+    for run in sorted((RESULTS / VORONOI).rglob("e2e_*.json")):
+        data = json.loads(run.read_text())
+        split = "second" if "split1" in run.relative_to(RESULTS / VORONOI).parts else "first"
+        records = "all" if data["shape"]["records"] >= 400 else f"first {data['shape']['records']}"
+        for name, v in data["variants"].items():
+            parts.append(f"{data['model']} ({split} split, {records} of B) {SHIPPED_VARIANTS.get(name, name)} "
+                         f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])} (locality {f3(v['locality'])}, clean "
+                         f"{f3(v['locality_clean'])}, {v['edits']} edits)")
+    return "; ".join(parts) if parts else "(not run)"
 
 
 def shipped(model: str, variant: str) -> str:
@@ -456,9 +471,7 @@ def larger_runs_lines() -> list[str]:
         trained_path = RESULTS / Path(folder).parent / "library_projection_smollm2.json"
         if not trained_path.exists():
             continue
-        trained = json.loads(trained_path.read_text())
-        radii = {"kp": trained["radius"], **{f"kp_para{k}": v["radius"]
-                                              for k, v in paraphrased(trained["training"]).items()}}
+        radii = _radii(json.loads(trained_path.read_text()))
         for run in sorted((RESULTS / folder).glob("e2e_*.json")):
             data = json.loads(run.read_text())
             for name, v in data["variants"].items():
@@ -550,3 +563,104 @@ def main_job_line() -> str:
     return (f"{'; '.join(parts)} ({report['edited']} edits; {conflicts} cluster conflicts at the projection's radius "
             f"{report['methods']['melo']['init_radius']:.2f}; MELO without a projection on the same facts, "
             f"`evaluation/runs/smollm2_demo`: {plain})")
+
+
+# --- the conflict rule ----------------------------------------------------------------------------------
+VORONOI = "voronoi"  # the folder of RESULTS with the runs whose projections chose their radii under the voronoi rule
+SPLITS = {"": "first", "split1": "second"}
+
+
+def _radii(trained: dict) -> dict[str, float]:
+    """A library projection JSON's radius per variant (``kp``, ``kp_para<k>``)."""
+    worded = paraphrased(trained["training"])
+    return {"kp": trained["radius"], **{f"kp_para{k}": v["radius"] for k, v in worded.items()}}
+
+
+def conflict_routing_lines() -> list[str]:
+    """Routing alone on part B under each conflict rule (``voronoi/[split1/]conflict_rules_<model>.json``): the
+    split at its radii, voronoi at the split's radii (the same scopes before conflicts), voronoi at its own."""
+    rows = []
+    for sub, split in SPLITS.items():
+        for model in MODELS:
+            path = RESULTS / VORONOI / sub / f"conflict_rules_{model}.json"
+            if not path.exists():
+                continue
+            data = json.loads(path.read_text())
+            for m, name in (("0", "projection"), ("3", "projection + 3 paraphrases")):
+                same = data["radii"]["split"][m] == data["radii"]["voronoi"][m]
+                for rule, radii_of in (("split", "split"), ("voronoi", "split"), ("split", "voronoi"),
+                                       ("voronoi", "voronoi")):
+                    if same and radii_of == "voronoi":
+                        continue  # one radius chosen under both rules: the rows above
+                    p = data["results"][rule][m]["calibrated"][radii_of]
+                    under = "both" if same else radii_of
+                    rows.append([model, split, str(data["edits"]), name, rule, f"{p['radius_for'][m]:.2f} ({under})",
+                                 f3(p["generate_routed_own"]), f3(p["generate_misrouted"]),
+                                 f3(p["generate_reach_alone"]), f3(p["edit_routed_own"]), f3(p["locality_kept_out"]),
+                                 f3(p["locality_clean_kept_out"]), str(p["forgotten_points"])])
+    if not rows:
+        return ["(not run: no `results/voronoi/conflict_rules_*.json`)"]
+    return [table(["model", "split", "edits (B)", "variant", "rule", "radius (chosen on A under)",
+                   "generate routed own", "misrouted", "within own radius alone", "edit prompts routed home",
+                   "locality kept out", "clean kept out", "points forgotten"], rows)]
+
+
+def conflict_e2e_lines() -> list[str]:
+    """End to end with the voronoi projections (``voronoi/<folder>/e2e_*.json``) beside the same variant, records
+    and split under MELO's split (``<folder>/e2e_<model>*.json``, later files replacing earlier ones)."""
+    rows = []
+    for run in sorted((RESULTS / VORONOI).rglob("e2e_*.json")):
+        relative = run.parent.relative_to(RESULTS / VORONOI)
+        data = json.loads(run.read_text())
+        model = data["model"]
+        sub = relative.parts[0] if relative.parts and relative.parts[0] in SPLITS else ""
+        trained = {rule: folder / sub / f"library_projection_{model}.json"
+                   for rule, folder in (("split", RESULTS), ("voronoi", RESULTS / VORONOI))}
+        if not all(p.exists() for p in trained.values()):
+            continue
+        radii = {rule: _radii(json.loads(p.read_text())) for rule, p in trained.items()}
+        before = {}
+        for path in sorted((RESULTS / relative).glob(f"e2e_{model}*.json")):
+            before.update(json.loads(path.read_text())["variants"])
+        records = "all" if data["shape"]["records"] >= 400 else f"first {data['shape']['records']}"
+        for name, v in data["variants"].items():
+            for rule, w in (("split", before.get(name)), ("voronoi", v)):
+                if w is None:
+                    continue
+                rows.append([model, SPLITS.get(sub, sub), records, SHIPPED_VARIANTS.get(name, name), rule,
+                             f"{radii[rule][name]:.2f}", str(w["edits"]), f3(w["err"]),
+                             f"{f2(w['gen_generate'])} / {f2(w['gen_rephrase'])}", f3(w["generate_routed_own"]),
+                             f3(w["generate_misrouted"]), f3(w["gen_generate_given_routed"]), f3(w["locality"]),
+                             f3(w["locality_clean"]), str(w["db"]["forgotten_points"])])
+    if not rows:
+        return ["(not run: no `results/voronoi/**/e2e_*.json`)"]
+    return [table(["model", "split", "part-B records", "variant", "rule", "radius of the edits' keys", "edits (B)",
+                   "ERR", "gen generate / rephrase", "routed own", "misrouted", "gen if routed", "locality",
+                   "locality clean", "points forgotten"], rows)]
+
+
+def conflict_ceiling_line() -> str:
+    """Per model, split and paraphrases: the most generate prompts either rule routes home at clean locality ≥ 0.99
+    over ``conflict_rules.py``'s radius grid on B (fitted on B: a ceiling, not a choice)."""
+    parts, radii = [], set()
+    for sub, split in SPLITS.items():
+        for model in MODELS:
+            path = RESULTS / VORONOI / sub / f"conflict_rules_{model}.json"
+            if not path.exists():
+                continue
+            results = json.loads(path.read_text())["results"]
+            radii |= {p["radius_for"]["0"] for p in results["split"]["0"]["grid"]}
+            for m, name in (("0", "projection"), ("3", "3 paraphrases")):
+                best = {}
+                for rule in ("split", "voronoi"):
+                    fit = [p for p in results[rule][m]["grid"] if p["locality_clean_kept_out"] >= 0.99]
+                    top = max(fit, key=lambda p: p["generate_routed_own"], default=None)
+                    best[rule] = ("–" if top is None
+                                  else f"{f3(top['generate_routed_own'])} ({top['radius_for'][m]:.2f})")
+                parts.append(f"{model} {split} split, {name}: split {best['split']}, voronoi {best['voronoi']}")
+    if not parts:
+        return "(not run: no `results/voronoi/conflict_rules_*.json`)"
+    return (f"The most held-out generate prompts routed home at clean locality ≥ 0.99 on B, over radii "
+            f"{min(radii):.2f} to {max(radii):.2f} (fitted on B itself: each rule's ceiling, not a choice; "
+            "rule (radius)): "
+            + "; ".join(parts) + ".")

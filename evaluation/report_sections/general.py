@@ -86,7 +86,8 @@ def generality() -> list[str]:
               "clean locality leaves them out (see the bullet on raw vs clean above). Paraphrase rows marked "
               "\"before\" were measured when an edit's wordings had the projection's one radius; since, they get "
               "its radius for that many paraphrases (`melo_fast/vecdb/wordings.py`, `e2e_<model>_wordings.json`; "
-              "\"paraphrase radius\" below):", "",
+              "\"paraphrase radius\" below). These projections chose their radii under MELO's conflict rule; "
+              "projections trained since use the voronoi rule (\"The conflict rule\" below):", "",
               g.shipped_table(), "",
               "The same on another split of the dev file (`--split-seed 1`: other subjects in A and B; projection "
               "trained on that A, its radius chosen there, run on that B; SmolLM2 on its first 100 records):", "",
@@ -110,6 +111,22 @@ def generality() -> list[str]:
               "(`results/split1/first_200/`), at the radii chosen on each A, every edit and every locality "
               "question. \"routed own\": held-out generate prompts routed to their edit's block; \"gen if "
               "routed\": generality among those:", "", *g.larger_runs_lines(), "",
+              "**The conflict rule.** Every row above was measured under MELO's conflict rule: when an edit's key "
+              "lands within reach of another edit's cluster, both radii shrink to half their distance and stored "
+              "keys left outside are forgotten. With hundreds of edits nearly every edit conflicts with a neighbour "
+              "(`VectorDatabase.stats()[\"conflicts\"]`), and the split cuts each scope on every side, not only "
+              "between the two edits. Under the voronoi rule (`MeloConfig.conflict_rule`; `train_key_projection` "
+              "chooses its radii under it since, and an editor routing through the projection uses it) both keep "
+              "their radius and search, which already goes to the nearest center, gives a question between them to "
+              "the nearer one. Routing alone on part B (`conflict_rules.py`: no block trained; one map per model "
+              "and split, its radii chosen on A under each rule, `results/voronoi/[split1/]"
+              "library_projection_<model>.json` beside the split's; the voronoi rule is shown at the split's radii "
+              "too, the same scopes before conflicts). \"within own radius alone\": held-out generate prompts "
+              "within their edit's radius of one of its wordings, every other edit ignored; \"edit prompts routed "
+              "home\": routing's half of ERR:", "", *g.conflict_routing_lines(), "",
+              g.conflict_ceiling_line(), "",
+              "End to end with the voronoi projections (`results/voronoi/`), each beside the same variant, split "
+              "and records under MELO's rule (the runs above):", "", *g.conflict_e2e_lines(), "",
               "**Another prompt style.** The same SmolLM2 projection on the main job's shipped everyday facts "
               "(statements such as \"The largest planet in the solar system is\", not zsRE questions; "
               "`python -m melo_fast demo --key-projection /tmp/melo_generality/kp_smollm2.safetensors --methods "

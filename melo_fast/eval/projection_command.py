@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=2000, help="the most training steps")
     parser.add_argument("--locality", type=float, default=0.99,
                         help="share of held-out questions the chosen radius must keep out of other edits")
+    parser.add_argument("--conflict-rule", default="voronoi", choices=("voronoi", "split"),
+                        help="the database rule the radii are chosen under and edits then use (split: MELO's)")
     parser.set_defaults(run=run)
 
 
@@ -39,7 +41,7 @@ def run(args) -> None:
     config = melo_fast.MeloConfig(router=args.router, key_position=args.key_position)
     editor = melo_fast.patch(model, config, tokenizer=tokenizer)
     projection = melo_fast.train_key_projection(
-        editor, facts, rank=args.rank, steps=args.steps, locality=args.locality
+        editor, facts, rank=args.rank, steps=args.steps, locality=args.locality, conflict_rule=args.conflict_rule
     )
     projection.save(args.out)
     print(f"wrote {args.out}: {projection}")

@@ -2,7 +2,7 @@
 
 - ``database.py``: :class:`VectorDatabase` (the tensors, search, statistics, state dict);
 - ``insert.py``: one batch's insert as the named steps of a :class:`~melo_fast.vecdb.insert.Placement`
-  (MELO's rules and the re-edit rule, DESIGN §1 and §2.10);
+  (MELO's rules and the re-edit rule, DESIGN §1 and §2.10, with MELO's conflict split or the voronoi rule);
 - ``scan.py``: the insert's exact scan of the centers;
 - ``rows.py``: :class:`~melo_fast.vecdb.rows.RowBuffer`, room to append rows to published tensors;
 - ``wordings.py``: an edit given in several wordings: which rows, and the radius of their keys;

@@ -20,6 +20,8 @@ as named steps, so that Python only ever loops over the batch and over the clust
    on the clusters the batch touches only. Which ones those are is known before the loop (a cluster is
    touched exactly when some key's nearest cluster is it and that key is within its radius + the key's
    radius, ``init_radius`` unless the caller gave per-key radii), so their points come back in one transfer.
+   A conflict follows the database's ``conflict_rule``: MELO's split, or voronoi (the key's own cluster,
+   the old one unchanged).
 4. **Rebuild** (device; :meth:`~Placement.rebuild`): new clusters are appended to the centers and points
    past every view handed out (:class:`~melo_fast.vecdb.rows.RowBuffer`: no copy); the small per-cluster
    and per-point tensors, and centers or points when a row or segment in the middle changes, are
