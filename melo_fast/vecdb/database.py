@@ -83,7 +83,7 @@ class VectorDatabase:
       the boundary between them is the bisecting plane, the same line the split draws between the two
       centers, but each scope keeps its reach on every other side, and no stored point is forgotten.
       Why: with many edits nearly every edit conflicts with some neighbour, and the split shrank
-      their scopes until a third of the paraphrases inside their own edit's radius routed nowhere
+      their scopes until nearly a third of the paraphrases inside their own edit's radius routed nowhere
       (SmolLM2 with a key projection, 367 zsRE edits; EVALUATION.md, issue 22). The price: a question
       between two edits goes to the nearer one rather than to none.
     """
