@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import melo_fast  # noqa: E402
 from evaluation.generality import common  # noqa: E402
-from evaluation.generality.e2e import KP_GRID, GeneralityEval, build_task, edit_rows  # noqa: E402
+from evaluation.generality.e2e import KP_GRID, GeneralityEval, build_task, edit_rows, edit_texts  # noqa: E402
 from melo_fast.eval.harness import Settings  # noqa: E402
 from melo_fast.vecdb import COINCIDE_FRACTION, VectorDatabase, coinciding_conflicts  # noqa: E402
 from melo_fast.vecdb.wordings import wording_radii  # noqa: E402
@@ -48,12 +48,7 @@ def edit_keys(harness, editor, paraphrases: int) -> list[tuple[torch.Tensor, lis
     rows coinciding with another target dropped as ``e2e.edit_group`` drops them."""
     out = []
     for records in harness.batches:
-        texts, targets, record_of = [], [], []
-        for k, record in enumerate(records):
-            for text in [record.prompt, *common.given_paraphrases(record, paraphrases)]:
-                texts.append(text)
-                targets.append(record.target_new)
-                record_of.append(k)
+        texts, targets, record_of = edit_texts(records, paraphrases)
         batch = edit_rows(harness.task, texts, targets)
         keys, labels = editor.keys(batch), [tuple(t) for t in editor.edit_batch(batch).targets]
         drop = {j for _, j in coinciding_conflicts(keys, labels, COINCIDE_FRACTION * editor.db.init_radius)}

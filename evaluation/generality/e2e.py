@@ -327,6 +327,18 @@ class GeneralityEval(SequentialEval):
         }
 
 
+def edit_texts(records, paraphrases: int) -> tuple[list[str], list[str], list[int]]:
+    """The rows of one edit batch: each record's prompt and its first ``paraphrases`` user paraphrases, with
+    their targets and, per row, the index of its record in ``records``."""
+    texts, targets, record_of = [], [], []
+    for k, r in enumerate(records):
+        for text in [r.prompt, *common.given_paraphrases(r, paraphrases)]:
+            texts.append(text)
+            targets.append(r.target_new)
+            record_of.append(k)
+    return texts, targets, record_of
+
+
 def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng: random.Random,
                training: str = "melo"):
     """Edit ``records`` as one block: key rows (prompt + m paraphrases) and training rows (+ prefixed copies).
@@ -336,12 +348,7 @@ def edit_group(editor, task, records, variant: Variant, prefixes: list[str], rng
 
     Returns ``(block id, rows dropped, rows trained, keys inserted, their labels, paraphrase_of or None)``.
     """
-    texts, targets, record_of = [], [], []
-    for k, r in enumerate(records):
-        for text in [r.prompt, *common.given_paraphrases(r, variant.paraphrases)]:
-            texts.append(text)
-            targets.append(r.target_new)
-            record_of.append(k)
+    texts, targets, record_of = edit_texts(records, variant.paraphrases)
     # The editor refuses two rows that coincide with different targets: keep the first (as a user would).
     tolerance = COINCIDE_FRACTION * editor.db.init_radius
     key_batch = edit_rows(task, texts, targets)
