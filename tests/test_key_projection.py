@@ -15,7 +15,7 @@ import torch
 
 import melo_fast
 from melo_fast import Fact, KeyProjection
-from melo_fast.editing.key_projection_training import RADIUS_GRID, _choose_radius
+from melo_fast.editing.key_projection_training import RADIUS_GRID, _choose_radius, _stopped_by
 from melo_fast.eval.data import EditRecord, Probe
 from melo_fast.eval.paraphrase_facts import facts_from_records
 from tests.tiny_models import build
@@ -265,10 +265,38 @@ def test_training_brings_the_wordings_of_a_fact_together():
     assert (projection.router, projection.key_position) == (editor.config.router, editor.config.key_position)
     # Its radii were chosen under the voronoi rule, which an editor routing through it then uses.
     assert projection.conflict_rule == info["conflict_rule"] == "voronoi"
+    # What stopped the radius: the held-out questions let in at the next radius of the grid, nearest first.
+    stopped = info["held_out"]["stopped_by"]
+    if stopped["radius"] is not None:
+        assert stopped["radius"] == min(r for r in RADIUS_GRID if r > projection.radius)
+        texts = {t for f in facts for t in (*f.phrasings, *f.negatives)}
+        listed = stopped["questions"]
+        assert all(q["question"] in texts and q["nearest_edit_wording"] in texts for q in listed)
+        assert [q["distance"] for q in listed] == sorted(q["distance"] for q in listed)
+        assert sum(stopped["let_in"].values()) >= len(listed) > 0
     editor.use_key_projection(projection)  # it fits the editor it was trained for
     assert editor.db.dim == 16 and editor.db.conflict_rule == "voronoi"
     with pytest.raises(ValueError, match="conflict_rule must be one of"):
         melo_fast.train_key_projection(editor, facts, conflict_rule="merge", progress=False)
+
+
+def test_the_questions_that_stopped_the_radius_are_the_ones_let_in_just_past_it():
+    texts = ["q0", "q1", "q2", "edit a", "edit b"]
+    r0, r1, r2 = RADIUS_GRID[:3]
+    counts = {r: Counter(never_edited_many_edits=100, never_edited_many_edits_kept_out=k)
+              for r, k in ((r0, 100), (r1, 99), (r2, 97))}
+    let_in = {r0: [], r1: [(0.3, "never_edited", "many_edits", 1, 3)],
+              r2: [(0.5, "never_edited", "many_edits", 2, 4), (0.3, "never_edited", "many_edits", 1, 3),
+                   (0.4, "never_edited", "few_edits", 1, 3)]}
+    stopped = _stopped_by(let_in, counts, r1, 0.99, texts)  # 99 of 100 kept out at r1: r2 stopped it
+    assert stopped["radius"] == r2
+    assert stopped["let_in"] == {"never_edited_many_edits": 2, "never_edited_few_edits": 1}
+    assert [(q["question"], q["nearest_edit_wording"], q["distance"]) for q in stopped["questions"]] == [
+        ("q1", "edit a", 0.3), ("q2", "edit b", 0.5)]  # each question once, nearest first
+    assert _stopped_by(let_in, counts, r1, 0.99, texts, shown=1)["questions"][0]["question"] == "q1"
+    # Where even the smallest radius let in too many, those are the ones shown.
+    assert _stopped_by(let_in, counts, r1, 0.995, texts)["radius"] == r1
+    assert _stopped_by(let_in, counts, r2, 0.9, texts) == {"radius": None, "let_in": {}, "questions": []}
 
 
 def _calibration(kept_out: list[int], routed: list[int]) -> dict:

@@ -142,6 +142,7 @@ def train_key_projection(
     ids = [_ids(f, index) for f in facts]
     # paraphrases per edit -> radius -> pooled held-out counts
     counts: dict[int, dict[float, Counter]] = {k: {} for k in range(CALIBRATION_PARAPHRASES + 1)}
+    let_in: dict[float, list[tuple]] = {}  # edits without paraphrases: radius -> held-out questions let in
     first = None
     for fold, held in enumerate(_topic_folds(facts, folds, generator)):
         train_ids = [ids[i] for i in range(len(facts)) if i not in held]
@@ -151,11 +152,15 @@ def train_key_projection(
         with torch.no_grad():
             projected = fitted(keys)
             for given, pooled in counts.items():
-                for radius, fold_counts in _held_out_counts(projected, train_ids, held_ids, locality, given,
-                                                            conflict_rule).items():
-                    pooled.setdefault(radius, Counter()).update(fold_counts)
+                fold_counts, fold_let_in = _held_out_counts(projected, train_ids, held_ids, locality, given,
+                                                            conflict_rule)
+                for radius, radius_counts in fold_counts.items():
+                    pooled.setdefault(radius, Counter()).update(radius_counts)
+                    if given == 0:
+                        let_in.setdefault(radius, []).extend(fold_let_in[radius])
         first = first or (fitted, len(train_ids), len(held_ids))
     radius, figures = _choose_radius(counts[0], locality)
+    figures["stopped_by"] = _stopped_by(let_in, counts[0], radius, locality, texts)
     plain = (radius, _routed(counts[0][radius]))
     worded = {k: _choose_radius(counts[k], locality, plain) for k in range(1, CALIBRATION_PARAPHRASES + 1)}
     projection, training_facts, held_facts = first
@@ -293,8 +298,9 @@ def _held_out_loss(project, keys, held, facts_per_step: int, temperature: float)
 
 # --- the radius -------------------------------------------------------------------------------------
 def _held_out_counts(projected: torch.Tensor, train, held, locality: float, given: int = 0,
-                     conflict_rule: str = "voronoi") -> dict[float, Counter]:
-    """Per radius of :data:`RADIUS_GRID`: held-out questions kept out of every scope, and paraphrases routed home.
+                     conflict_rule: str = "voronoi") -> tuple[dict[float, Counter], dict[float, list[tuple]]]:
+    """Per radius of :data:`RADIUS_GRID`: held-out questions kept out of every scope, and paraphrases routed home;
+    and the questions let in.
 
     Edits are the first wordings of half the held-out facts, ten a block, in two databases: alone (few
     edits), and after one edit per training fact (many edits). Both matter because MELO's insert splits
@@ -307,6 +313,10 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
     wordings as rows of the edit, all at the radius, and the paraphrases counted are the wordings not given.
     Radii past the first one where a kind falls below ``locality - 0.1`` are left out (never chosen).
     Both databases place the edits under ``conflict_rule``, the rule the editor will serve them with.
+
+    Returns:
+        The counts per radius, and per radius the questions inside some edit's scope, each as ``(distance to
+        the nearest stored wording, kind, database, question row, that wording's row)`` (rows of ``projected``).
     """
     edited, unedited = held[0::2], held[1::2]
     edits = [p[: 1 + given] for p, _ in edited]  # each edit's wordings; blocks 0, 1, ... in both databases
@@ -315,9 +325,17 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
     paraphrases = [i for p, _ in edited for i in p[1 + given :]]
     owners = torch.tensor([f // EDITS_PER_BATCH for f, (p, _) in enumerate(edited) for _ in p[1 + given :]],
                           dtype=torch.long)
-    out = {}
+    out, let_in = {}, {}
+    # The stored wording nearest each question, per database: what a question let in was taken for.
+    nearest = {}
+    for name, stored in databases.items():
+        rows = torch.tensor([row for wordings in stored for row in wordings], device=projected.device)
+        for kind, asked in questions.items():
+            if asked:
+                distance, which = torch.cdist(projected[asked], projected[rows]).min(1)
+                nearest[kind, name] = (distance.tolist(), rows[which].tolist())
     for radius in RADIUS_GRID:
-        counts = Counter()
+        counts, let_in[radius] = Counter(), []
         for name, stored in databases.items():
             database = VectorDatabase(projected.shape[1], radius, device=projected.device, conflict_rule=conflict_rule)
             for b in range(0, len(stored), EDITS_PER_BATCH):
@@ -327,15 +345,42 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
                 # Facts that share a wording make coinciding rows: the database's rules place them (no refusal).
                 database.insert(projected[rows], labels, b // EDITS_PER_BATCH, refuse_clashes=False)
             for kind, rows in questions.items():
-                counts[f"{kind}_{name}_kept_out"] += int((database.search(projected[rows]) < 0).sum()) if rows else 0
+                inside = (database.search(projected[rows]) >= 0).tolist() if rows else []
+                counts[f"{kind}_{name}_kept_out"] += inside.count(False)
                 counts[f"{kind}_{name}"] += len(rows)
+                let_in[radius] += [(nearest[kind, name][0][q], kind, name, rows[q], nearest[kind, name][1][q])
+                                   for q in range(len(rows)) if inside[q]]
         if paraphrases:  # the full database is the last one built
             counts["paraphrases_routed"] += int((database.search(projected[paraphrases]).cpu() == owners).sum())
             counts["paraphrases"] += len(paraphrases)
         out[radius] = counts
         if min(_shares(counts).values(), default=1.0) < locality - 0.1:
             break
-    return out
+    return out, let_in
+
+
+def _stopped_by(let_in: dict[float, list[tuple]], counts: dict[float, Counter], radius: float, locality: float,
+                texts: list[str], shown: int = 20) -> dict:
+    """The held-out questions inside some edit's scope at the grid radius after the chosen ``radius`` (at
+    ``radius`` itself if even the smallest one let in too many), pooled over the folds: what kept the radius
+    from growing. Each once (nearest first, at most ``shown``), with the stored wording nearest it.
+
+    Why record them: a few questions can hold the radius down (zsRE's subjects a digit apart, "4 Sagittarii"
+    and "43 Sagittarii", share a scope at any radius that reaches paraphrases), and a user deciding whether to
+    accept a smaller radius or train on other facts needs to see which.
+    """
+    failed = _shares(counts[radius]) and min(_shares(counts[radius]).values()) < locality
+    after = radius if failed else next((r for r in RADIUS_GRID if r > radius and r in let_in), None)
+    if after is None:
+        return {"radius": None, "let_in": {}, "questions": []}
+    seen, listed = set(), []
+    for distance, kind, database, question, wording in sorted(let_in[after]):
+        if texts[question] not in seen and len(listed) < shown:
+            seen.add(texts[question])
+            listed.append({"question": texts[question], "kind": kind, "database": database,
+                           "nearest_edit_wording": texts[wording], "distance": round(distance, 3)})
+    let_in_per_kind = Counter(f"{kind}_{database}" for _, kind, database, _, _ in let_in[after])
+    return {"radius": after, "let_in": dict(let_in_per_kind), "questions": listed}
 
 
 def _shares(counts: Counter) -> dict[str, float]:
