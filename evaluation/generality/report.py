@@ -144,6 +144,7 @@ def main() -> None:
         "e2e_note": E2E_NOTE,
         "conflict_routing": "\n".join(tables.conflict_routing_lines()),
         "conflict_ceiling": tables.conflict_ceiling_line(),
+        "stopped_by": "\n".join(tables.stopped_by_lines()) or "(not recorded)",
         "conflict_e2e": "\n".join(tables.conflict_e2e_lines()),
     }
     for model in MODELS:

@@ -22,6 +22,7 @@ FLOOR_NAMES = {"locality>=0.99": "raw ≥ 0.99", "locality>=0.98": "raw ≥ 0.98
                "locality_clean>=0.99": "clean ≥ 0.99", "locality_clean>=0.98": "clean ≥ 0.98"}
 RAW98, CLEAN99 = "locality>=0.98", "locality_clean>=0.99"
 MODELS = ("minilm", "smollm2")
+MODEL_NAMES = {"minilm": "MiniLM", "smollm2": "SmolLM2"}
 # The routers MELO uses as shipped, in the probe's notation `<module>@<layer>:<position>/<metric>`: the MiniLM
 # demo's (`encoder.layer.5.attention.output.dense`, last token) and MeloConfig()'s default for SmolLM2
 # (`model.layers.19.mlp.up_proj`, last token), both with MELO's Euclidean distance; and the result file each is in.
@@ -667,6 +668,31 @@ def conflict_e2e_lines() -> list[str]:
     return [table(["model", "split", "part-B records", "variant", "rule", "radius of the edits' keys", "edits (B)",
                    "ERR", "gen generate / rephrase", "routed own", "misrouted", "gen if routed", "locality",
                    "locality clean", "points forgotten"], rows)]
+
+
+def stopped_by_lines(shown: int = 3) -> list[str]:
+    """Per voronoi projection (``voronoi/[split1/]library_projection_<model>.json``) that records it
+    (``info["held_out"]["stopped_by"]``): the radius chosen on A, the next one and the held-out questions it let
+    in, the nearest ``shown`` of them with the edit wording each was taken for."""
+    lines = []
+    for sub, split in SPLITS.items():
+        for model in MODELS:
+            path = RESULTS / VORONOI / sub / f"library_projection_{model}.json"
+            trained = json.loads(path.read_text()) if path.exists() else {}
+            stopped = trained.get("training", {}).get("held_out", {}).get("stopped_by")
+            if not stopped or stopped["radius"] is None:
+                continue
+            let_in = stopped["let_in"]
+            counts = ", ".join(
+                f"{name} {let_in.get(f'{kind}_few_edits', 0)} / {let_in.get(f'{kind}_many_edits', 0)}"
+                for kind, name in (("negatives", "hard negatives"), ("never_edited", "never-edited wordings"))
+                if f"{kind}_few_edits" in let_in or f"{kind}_many_edits" in let_in)
+            nearest = "; ".join(f"“{q['question']}” taken for “{q['nearest_edit_wording']}” ({q['distance']:.2f})"
+                                for q in stopped["questions"][:shown])
+            lines.append(f"- {MODEL_NAMES[model]}, {split} split: radius {trained['radius']:.2f}; at "
+                         f"{stopped['radius']:.2f} the held-out folds let in {counts} (with few / many edits in "
+                         f"the database). Nearest: {nearest}.")
+    return lines
 
 
 def conflict_ceiling_line() -> str:

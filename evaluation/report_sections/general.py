@@ -125,6 +125,11 @@ def generality() -> list[str]:
               "within their edit's radius of one of its wordings, every other edit ignored; \"edit prompts routed "
               "home\": routing's half of ERR:", "", *g.conflict_routing_lines(), "",
               g.conflict_ceiling_line(), "",
+              "**What stops the radius on A.** `train_key_projection` records the held-out questions let in at "
+              "the grid radius after the one it chose (`info[\"held_out\"][\"stopped_by\"]`). On SmolLM2's first "
+              "split they are questions about zsRE subjects a digit apart from an edited one, which the map puts a "
+              "paraphrase's distance apart; on MiniLM, other questions about an edited subject:", "",
+              *g.stopped_by_lines(), "",
               "End to end with the voronoi projections (`results/voronoi/`), each beside the same variant, split "
               "and records under MELO's rule (the runs above):", "", *g.conflict_e2e_lines(), "",
               "**Another prompt style.** The same SmolLM2 projection on the main job's shipped everyday facts "
