@@ -116,6 +116,16 @@ def test_generality_section_reads_the_committed_results(generator):
     radius, v = trained["training"]["held_out_paraphrased"]["3"]["radius"], voronoi_run["kp_para3"]
     assert (f"| minilm | first | all | projection + 3 paraphrases | voronoi | {radius:.2f} | {v['edits']} | "
             f"{v['err']:.3f} | {v['gen_generate']:.2f} / {v['gen_rephrase']:.2f} |") in text
+    # What stopped each radius on A, and why the target is read on clean locality (from the runs' counts).
+    stopped = json.loads((GENERALITY_RESULTS / "voronoi" / "library_projection_smollm2.json").read_text())
+    stopped = stopped["training"]["held_out"]["stopped_by"]
+    first = stopped["questions"][0]
+    assert (f"- SmolLM2, first split: radius {stopped['radius'] - 0.02:.2f}; at {stopped['radius']:.2f}" in text
+            and f"“{first['question']}” taken for “{first['nearest_edit_wording']}” ({first['distance']:.2f})" in text)
+    shapes = [json.loads(run.read_text())["shape"] for run in (GENERALITY_RESULTS / "voronoi").rglob("e2e_*.json")]
+    share = min(sum(s["same_fact"].values()) / (s["probe_questions"]["locality_relation"]
+                                                + s["probe_questions"]["locality_unedited"]) for s in shapes)
+    assert "the target is read on clean locality" in text and f"({share:.1%} or more in every split)" in text
 
 
 def test_generality_section_without_results_says_not_run(generator, tmp_path, monkeypatch):
