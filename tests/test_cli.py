@@ -71,8 +71,13 @@ def test_projection_trains_a_key_projection_that_patch_takes(capsys, tmp_path):
     (tmp_path / "data.json").write_text(json.dumps(json.loads(ZSRE_DEV.read_text())[:40]))
     main(["projection", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.json"),
           "--out", str(tmp_path / "p.safetensors"), "--rank", "8", "--steps", "20", "--conflict-rule", "split"])
-    assert "use it: melo_fast.patch(model, MeloConfig(router=" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "use it: melo_fast.patch(model, MeloConfig(router=" in out
     projection = melo_fast.KeyProjection.load(tmp_path / "p.safetensors")
+    stopped = projection.info["held_out"]["stopped_by"]  # the questions that kept the radius from growing, shown
+    assert "stopped_by" not in out.split("held-out facts: ")[1].splitlines()[0]
+    assert stopped["radius"] is None or (f"at radius {stopped['radius']} the held-out folds let in" in out
+                                         and repr(stopped["questions"][0]["question"]) in out)
     assert projection.out_dim == 8 and projection.info["facts"] >= 10 and projection.info["folds"] == 5
     config = melo_fast.MeloConfig(router=projection.router, key_position=projection.key_position)
     editor = melo_fast.patch(family.model, config, tokenizer=family.tokenizer, key_projection=projection)

@@ -45,7 +45,13 @@ def run(args) -> None:
     )
     projection.save(args.out)
     print(f"wrote {args.out}: {projection}")
-    print(f"held-out facts: {projection.info['held_out']}")
+    held_out = dict(projection.info["held_out"])
+    stopped = held_out.pop("stopped_by")
+    print(f"held-out facts: {held_out}")
+    if stopped["radius"] is not None:  # why the radius is not larger: the questions a larger one lets in
+        print(f"at radius {stopped['radius']} the held-out folds let in {stopped['let_in']}; the nearest:")
+        for q in stopped["questions"][:5]:
+            print(f"  {q['distance']:.3f}  {q['question']!r} taken for {q['nearest_edit_wording']!r}")
     print(
         f"use it: melo_fast.patch(model, MeloConfig(router={projection.router!r}, "
         f"key_position={projection.key_position!r}), key_projection=KeyProjection.load({args.out!r}))"
