@@ -363,8 +363,7 @@ def raw_locality_ceiling() -> str:
         f"edited fact again changed their answer {min(repeated):.2f}–{max(repeated):.2f} of the time, while held-out "
         f"generate prompts got the new answer {min(general):.2f}–{max(general):.2f} of the time. Generality ≥ "
         f"{TARGET_GENERALITY} and raw locality ≥ {TARGET_LOCALITY} cannot both hold, so the target is read on clean "
-        "locality, which "
-        "keeps every other never-edited question; raw locality is reported beside it.")
+        "locality, which keeps every other never-edited question; raw locality is reported beside it.")
 
 
 def voronoi_shipped() -> str:
