@@ -15,7 +15,9 @@ import torch
 
 import melo_fast
 from melo_fast import Fact, KeyProjection
+from melo_fast.editing import key_projection_training
 from melo_fast.editing.key_projection_training import RADIUS_GRID, _choose_radius, _stopped_by
+from melo_fast.editing.number_negatives import neighbouring_numbers, number_negatives
 from melo_fast.eval.data import EditRecord, Probe
 from melo_fast.eval.paraphrase_facts import facts_from_records
 from tests.tiny_models import build
@@ -338,6 +340,69 @@ def test_training_refuses_what_it_cannot_learn_from():
     editor.use_key_projection(_projection(editor.config.router, editor.router.key_width))
     with pytest.raises(ValueError, match="already routes through a key projection"):
         melo_fast.train_key_projection(editor, _facts(), progress=False)
+
+
+def test_number_negatives_change_a_number_of_the_subject_only():
+    assert neighbouring_numbers("177808") == ("177809", "17780")
+    assert neighbouring_numbers("4") == ("5", "44") and neighbouring_numbers("19") == ("10", "1")
+    wordings = ("What constellation is 43 Sagittarii part of?", "Where is 43 Sagittarii?",
+                "Name the constellation of the star.", "In 1990, where was 43 Sagittarii?")
+    # One per wording that names the subject; the change alternates; a number outside the subject stays.
+    assert number_negatives(wordings, "43 Sagittarii") == [
+        ("What constellation is 44 Sagittarii part of?", "44 Sagittarii"),
+        ("Where is 4 Sagittarii?", "4 Sagittarii"),
+        ("In 1990, where was 4 Sagittarii?", "4 Sagittarii"),
+    ]
+    # Subjects with two numbers change each in turn, by position (the "17" inside "1733" is another number).
+    assert [t for _, t in number_negatives(("a 1733 b 17?", "x 1733 b 17", "y 1733 b 17"), "1733 b 17")] == [
+        "1734 b 17", "1733 b 18", "173 b 17"]
+    assert number_negatives(wordings, "Sagittarius") == number_negatives(wordings, None) == []
+    assert number_negatives(("HD 5 or HD 6?",), "HD 5") == [("HD 6 or HD 6?", "HD 6")]
+    assert number_negatives(("HD 5 star", "HD 6 star"), "HD 5") == []  # never one of the fact's own wordings
+
+
+def _numbered_facts() -> list[Fact]:
+    """The city facts, and twelve numbered stars in two wordings; star k's neighbour is star k + 1, asked in
+    another wording than star k + 1's own, so it is a new question about a subject of the facts."""
+    templates = (("Which constellation holds HD {}?", "HD {} lies in which constellation?"),
+                 ("Name the constellation of HD {}.", "In what constellation is HD {}?"))
+    stars = [Fact(tuple(t.format(k) for t in templates[k % 2]), (), f"HD {k}") for k in range(100, 112)]
+    return _facts() + stars
+
+
+def test_number_negatives_train_the_map_but_never_judge_its_radius(monkeypatch):
+    family = build("bert")
+    editor = melo_fast.patch(family.model, tokenizer=family.tokenizer)
+    facts = _numbered_facts()
+    folds = []
+    fit = key_projection_training._fit
+
+    def recording_fit(keys, trained, held, *rest):
+        folds.append((trained, held))
+        return fit(keys, trained, held, *rest)
+
+    monkeypatch.setattr(key_projection_training, "_fit", recording_fit)
+    projection = melo_fast.train_key_projection(editor, facts, rank=8, steps=20, check_every=10, progress=False)
+    real = {t for f in facts for t in (*f.phrasings, *f.negatives)}
+    subject_of = {t: f.topic for f in facts for t in f.phrasings}
+    named = {q: topic for f in facts for q, topic in number_negatives(f.phrasings, f.topic) if q not in real}
+    assert "Which constellation holds HD 101?" in named and len(named) >= 12
+    assert projection.info["texts"] == len(real) + len(named) and projection.info["number_negatives"] >= len(named)
+    texts = sorted(real | set(named))
+    for trained, held in folds:
+        held_subjects = {subject_of[texts[i]] for p, _ in held for i in p}
+        added = [texts[i] for _, negatives in trained for i in negatives if texts[i] in named]
+        assert added, "a fold trained without number negatives"
+        # None names a subject held out in that fold, and none reaches the held-out facts that judge the radius.
+        assert not {named[q] for q in added} & held_subjects
+        assert any(named[q] in subject_of.values() for q in added)  # some do name another fact's subject
+        assert all(texts[i] in real for _, negatives in held for i in negatives)
+    folds.clear()
+    plain = melo_fast.train_key_projection(editor, facts, rank=8, steps=20, check_every=10, progress=False,
+                                           number_negatives=False)
+    assert plain.info["number_negatives"] == 0 and plain.info["texts"] == len(real)
+    assert len(folds) == 5 and all(not negatives for trained, _ in folds for p, negatives in trained if len(p) == 2
+                                   and "HD" in sorted(real)[p[0]])
 
 
 # --- facts from KnowEdit records -------------------------------------------------------------------

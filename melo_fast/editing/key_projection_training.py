@@ -4,7 +4,9 @@ Data: :class:`Fact` s, each the wordings of one question (two or more teach the 
 builds them from KnowEdit records, ``melo_fast.eval.paraphrase_facts``) and, optionally, *hard negatives*:
 questions that must stay out of the fact's scope, such as other facts of the same subject. They
 come from a paraphrase dataset, never from the edits to be made later: the projection is trained once
-per model and router, before the first edit.
+per model and router, before the first edit. Training adds, for each fact whose subject holds a number, its
+wordings about the neighbouring numbers ("HD 177809" beside "HD 177808"; :mod:`number_negatives`) as
+negatives; the radius is judged on real questions only.
 
 Loss: supervised InfoNCE on cosine similarities (temperature ``temperature``). A step draws
 ``facts_per_step`` facts, two wordings of each and all their negatives; each wording must find the
@@ -44,6 +46,7 @@ import torch
 from torch import nn
 
 from melo_fast.editing import calibration
+from melo_fast.editing import number_negatives as numbers
 from melo_fast.routing.key_projection import KeyProjection
 from melo_fast.vecdb import CONFLICT_RULES, VectorDatabase
 
@@ -87,6 +90,7 @@ def train_key_projection(
     seed: int = 0,
     progress: bool = True,
     conflict_rule: str = "voronoi",
+    number_negatives: bool = True,
 ) -> KeyProjection:
     """Train a key projection on ``facts`` for ``editor``'s router and key position.
 
@@ -113,6 +117,11 @@ def train_key_projection(
             edits), at the radii chosen under each rule, voronoi routed more held-out paraphrases of edits
             given 3 paraphrases home, forgot no stored key, and kept clean locality within 0.3 points
             (EVALUATION.md, "The conflict rule").
+        number_negatives: train each fact whose ``topic`` holds a number against its wordings with that
+            number changed (:mod:`melo_fast.editing.number_negatives`); a neighbour that is the subject of a
+            held-out fact is left out of that fold's training, so the radius is judged as on new subjects.
+            Why: on SmolLM2 the radius was held down by questions about subjects a digit apart from an edited
+            one (EVALUATION.md, "Negatives with a neighbouring number"). False: the facts' own negatives only.
 
     Returns:
         The projection trained with the first fold held out (on the model's device), with ``radius`` and
@@ -136,7 +145,11 @@ def train_key_projection(
     if tokenizer is None:
         raise ValueError("melo_fast: train_key_projection reads keys from text and needs the model's tokenizer")
     generator = random.Random(seed)
-    texts = sorted({t for f in facts for t in (*f.phrasings, *f.negatives)})
+    real = {t for f in facts for t in (*f.phrasings, *f.negatives)}
+    # Per fact: (question, the subject it names), training-only negatives; a real question is never one.
+    neighbours = [[(q, topic) for q, topic in numbers.number_negatives(f.phrasings, f.topic) if q not in real]
+                  if number_negatives else [] for f in facts]
+    texts = sorted(real | {q for questions in neighbours for q, _ in questions})
     keys = _raw_keys(editor, tokenizer, texts, progress)
     index = {t: i for i, t in enumerate(texts)}
     ids = [_ids(f, index) for f in facts]
@@ -147,7 +160,10 @@ def train_key_projection(
     for fold, held in enumerate(_topic_folds(facts, folds, generator)):
         train_ids = [ids[i] for i in range(len(facts)) if i not in held]
         held_ids = [ids[i] for i in sorted(held)]
-        fitted = _fit(keys, train_ids, held_ids, rank, temperature, steps, facts_per_step, lr, weight_decay,
+        held_topics = {facts[i].topic for i in held} - {None}
+        trained = [(p, n + [index[q] for q, topic in neighbours[i] if topic not in held_topics])
+                   for i, (p, n) in enumerate(ids) if i not in held]
+        fitted = _fit(keys, trained, held_ids, rank, temperature, steps, facts_per_step, lr, weight_decay,
                       check_every, seed + fold, generator, f"key projection {fold + 1}/{folds}", progress)
         with torch.no_grad():
             projected = fitted(keys)
@@ -166,7 +182,8 @@ def train_key_projection(
     projection, training_facts, held_facts = first
     info = {
         "facts": len(facts), "training_facts": training_facts, "held_out_facts": held_facts, "folds": folds,
-        "texts": len(texts), "rank": rank, "temperature": temperature, "steps": steps,
+        "texts": len(texts), "number_negatives": sum(map(len, neighbours)), "rank": rank,
+        "temperature": temperature, "steps": steps,
         "best_step": projection.best_step, "held_out_loss": round(projection.best_loss, 4),
         "locality_target": locality, "held_out": figures,
         "held_out_paraphrased": {str(k): figures_k for k, (_, figures_k) in worded.items()}, "seed": seed,
