@@ -70,7 +70,8 @@ def test_projection_trains_a_key_projection_that_patch_takes(capsys, tmp_path):
     family.tokenizer.save_pretrained(tmp_path / "model")
     (tmp_path / "data.json").write_text(json.dumps(json.loads(ZSRE_DEV.read_text())[:40]))
     main(["projection", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.json"),
-          "--out", str(tmp_path / "p.safetensors"), "--rank", "8", "--steps", "20", "--conflict-rule", "split"])
+          "--out", str(tmp_path / "p.safetensors"), "--rank", "8", "--steps", "20", "--conflict-rule", "split",
+          "--no-number-negatives"])
     out = capsys.readouterr().out
     assert "use it: melo_fast.patch(model, MeloConfig(router=" in out
     projection = melo_fast.KeyProjection.load(tmp_path / "p.safetensors")
@@ -79,6 +80,7 @@ def test_projection_trains_a_key_projection_that_patch_takes(capsys, tmp_path):
     assert stopped["radius"] is None or (f"at radius {stopped['radius']} the held-out folds let in" in out
                                          and repr(stopped["questions"][0]["question"]) in out)
     assert projection.out_dim == 8 and projection.info["facts"] >= 10 and projection.info["folds"] == 5
+    assert projection.info["number_negatives"] == 0  # --no-number-negatives: the records' own negatives only
     config = melo_fast.MeloConfig(router=projection.router, key_position=projection.key_position)
     editor = melo_fast.patch(family.model, config, tokenizer=family.tokenizer, key_projection=projection)
     assert editor.db.dim == 8 and projection.conflict_rule == editor.db.conflict_rule == "split"

@@ -146,6 +146,9 @@ def main() -> None:
         "conflict_ceiling": tables.conflict_ceiling_line(),
         "stopped_by": "\n".join(tables.stopped_by_lines()) or "(not recorded)",
         "conflict_e2e": "\n".join(tables.conflict_e2e_lines()),
+        "numbers_routing": "\n".join(tables.numbers_routing_lines()),
+        "numbers_stopped_by": "\n".join(tables.stopped_by_lines(folder=tables.NUMBERS)) or "(not recorded)",
+        "numbers_e2e": "\n".join(tables.numbers_e2e_lines()),
     }
     for model in MODELS:
         for floor, tag, _ in E2E_VIEWS:

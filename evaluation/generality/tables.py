@@ -23,6 +23,9 @@ FLOOR_NAMES = {"locality>=0.99": "raw ≥ 0.99", "locality>=0.98": "raw ≥ 0.98
 RAW98, CLEAN99 = "locality>=0.98", "locality_clean>=0.99"
 MODELS = ("minilm", "smollm2")
 MODEL_NAMES = {"minilm": "MiniLM", "smollm2": "SmolLM2"}
+SPLITS = {"": "first", "split1": "second"}  # subfolder of a results folder -> the split of the dev file
+VORONOI = "voronoi"  # the folder of RESULTS with the runs whose projections chose their radii under the voronoi rule
+NUMBERS = "numbers"  # the folder of RESULTS with the projections trained with number negatives, and their runs
 # The routers MELO uses as shipped, in the probe's notation `<module>@<layer>:<position>/<metric>`: the MiniLM
 # demo's (`encoder.layer.5.attention.output.dense`, last token) and MeloConfig()'s default for SmolLM2
 # (`model.layers.19.mlp.up_proj`, last token), both with MELO's Euclidean distance; and the result file each is in.
@@ -333,7 +336,9 @@ def summary_lines() -> list[str]:
         f"it chose on A: MiniLM {shipped('minilm', 'kp')}, with 3 paraphrases {shipped('minilm', 'kp_para3')}; "
         f"SmolLM2 {shipped('smollm2', 'kp')}, with 3 paraphrases {shipped('smollm2', 'kp_para3')}, MELO "
         f"{shipped('smollm2', 'melo')}. Those projections chose their radii under MELO's conflict split; projections "
-        f"trained now choose them under the voronoi rule, and edit under it: {voronoi_shipped()}.",
+        f"trained since choose them under the voronoi rule, and edit under it: {voronoi_shipped()}. Projections "
+        "trained now also learn from questions about a neighbouring numbered subject (`number_negatives`, "
+        f"\"Negatives with a neighbouring number\" below): {voronoi_shipped(NUMBERS)}.",
     ]
 
 
@@ -366,12 +371,13 @@ def raw_locality_ceiling() -> str:
         "locality, which keeps every other never-edited question; raw locality is reported beside it.")
 
 
-def voronoi_shipped() -> str:
-    """Each end-to-end run with a voronoi projection (``results/voronoi/**/e2e_*.json``), as :func:`shipped` reads."""
+def voronoi_shipped(folder: str = VORONOI) -> str:
+    """Each end-to-end run with a projection of ``folder`` (``results/<folder>/**/e2e_*.json``), as :func:`shipped`
+    reads."""
     parts = []
-    for run in sorted((RESULTS / VORONOI).rglob("e2e_*.json")):
+    for run in sorted((RESULTS / folder).rglob("e2e_*.json")):
         data = json.loads(run.read_text())
-        split = "second" if "split1" in run.relative_to(RESULTS / VORONOI).parts else "first"
+        split = "second" if "split1" in run.relative_to(RESULTS / folder).parts else "first"
         records = "all" if data["shape"]["records"] >= 400 else f"first {data['shape']['records']}"
         for name, v in data["variants"].items():
             parts.append(f"{data['model']} ({split} split, {records} of B) {SHIPPED_VARIANTS.get(name, name)} "
@@ -596,8 +602,6 @@ def main_job_line() -> str:
 
 
 # --- the conflict rule ----------------------------------------------------------------------------------
-VORONOI = "voronoi"  # the folder of RESULTS with the runs whose projections chose their radii under the voronoi rule
-SPLITS = {"": "first", "split1": "second"}
 
 
 def _radii(trained: dict) -> dict[str, float]:
@@ -669,14 +673,14 @@ def conflict_e2e_lines() -> list[str]:
                    "locality clean", "points forgotten"], rows)]
 
 
-def stopped_by_lines(shown: int = 3) -> list[str]:
-    """Per voronoi projection (``voronoi/[split1/]library_projection_<model>.json``) that records it
+def stopped_by_lines(shown: int = 3, folder: str = VORONOI) -> list[str]:
+    """Per projection of ``folder`` (``<folder>/[split1/]library_projection_<model>.json``) that records it
     (``info["held_out"]["stopped_by"]``): the radius chosen on A, the next one and the held-out questions it let
     in, the nearest ``shown`` of them with the edit wording each was taken for."""
     lines = []
     for sub, split in SPLITS.items():
         for model in MODELS:
-            path = RESULTS / VORONOI / sub / f"library_projection_{model}.json"
+            path = RESULTS / folder / sub / f"library_projection_{model}.json"
             trained = json.loads(path.read_text()) if path.exists() else {}
             stopped = trained.get("training", {}).get("held_out", {}).get("stopped_by")
             if not stopped or stopped["radius"] is None:
@@ -719,3 +723,79 @@ def conflict_ceiling_line() -> str:
             f"{min(radii):.2f} to {max(radii):.2f} (fitted on B itself: each rule's ceiling, not a choice; "
             "rule (radius)): "
             + "; ".join(parts) + ".")
+
+
+# --- negatives with a neighbouring number (train_key_projection(number_negatives=True)) ---------------------
+# Each numbers projection beside the voronoi one it follows (same rule and facts; the facts' own negatives only):
+# (folder, file suffix, what changed).
+NUMBER_PROJECTIONS = ((VORONOI, "", "the facts' own negatives"), (NUMBERS, "_up3", "+ number negatives"),
+                      (NUMBERS, "", "+ number negatives"))
+
+
+def _key_function(trained: dict) -> str:
+    return f"`{trained['router']}` ({trained['key_position']})"
+
+
+def numbers_routing_lines() -> list[str]:
+    """Per model and split, the voronoi projection and those trained with number negatives
+    (``<folder>/[split1/]library_projection_<model><suffix>.json`` and ``conflict_rules_<model><suffix>.json``):
+    what A's held-out folds showed and chose, and where part B's questions go at those radii (voronoi rule)."""
+    rows = []
+    for sub, split in SPLITS.items():
+        for model in MODELS:
+            for folder, suffix, negatives in NUMBER_PROJECTIONS:
+                trained_path = RESULTS / folder / sub / f"library_projection_{model}{suffix}.json"
+                routed_path = RESULTS / folder / sub / f"conflict_rules_{model}{suffix}.json"
+                if not (trained_path.exists() and routed_path.exists()):
+                    continue
+                trained, routed = json.loads(trained_path.read_text()), json.loads(routed_path.read_text())
+                held = trained["training"]["held_out"]
+                worded = paraphrased(trained["training"])[3]
+                on_b = {m: routed["results"]["voronoi"][m]["calibrated"]["voronoi"] for m in ("0", "3")}
+                rows.append([
+                    model, split, _key_function(trained), negatives,
+                    f"{trained['radius']:.2f}; {worded['radius']:.2f}",
+                    f"{f3(held['locality_negatives_many_edits'])} / {f3(held['locality_never_edited_many_edits'])}",
+                    f"{f3(held['paraphrases_routed'])} / {f3(worded['paraphrases_routed'])}",
+                    " / ".join(f3(on_b[m]["generate_routed_own"]) for m in on_b),
+                    " / ".join(f3(on_b[m]["generate_misrouted"]) for m in on_b),
+                    " / ".join(f3(on_b[m]["locality_kept_out"]) for m in on_b),
+                    " / ".join(f3(on_b[m]["locality_clean_kept_out"]) for m in on_b)])
+    if not rows:
+        return [f"(not run: no `results/{NUMBERS}/library_projection_*.json`)"]
+    return [table(["model", "split", "key function", "training negatives", "radius; with 3 paraphrases (chosen on A)",
+                   "A held out, many edits: kept out (negatives / never edited)",
+                   "A held out: paraphrases routed (0 / 3 given)", "B: generate routed own (0 / 3 given)",
+                   "B: misrouted (0 / 3)", "B: locality kept out (0 / 3)", "B: clean kept out (0 / 3)"], rows)]
+
+
+def numbers_e2e_lines() -> list[str]:
+    """End to end with the number-negative projections (``numbers/**/e2e_*.json``), each beside the same variant,
+    split and records with the voronoi projection it follows (``voronoi/<same folder>/e2e_<model>*.json``)."""
+    rows = []
+    for run in sorted((RESULTS / NUMBERS).rglob("e2e_*.json")):
+        relative = run.parent.relative_to(RESULTS / NUMBERS)
+        data = json.loads(run.read_text())
+        model = data["model"]
+        sub = relative.parts[0] if relative.parts and relative.parts[0] in SPLITS else ""
+        trained = {negatives: json.loads((RESULTS / folder / sub / f"library_projection_{model}.json").read_text())
+                   for folder, suffix, negatives in NUMBER_PROJECTIONS if not suffix}
+        before = {}
+        for path in sorted((RESULTS / VORONOI / relative).glob(f"e2e_{model}*.json")):
+            before.update(json.loads(path.read_text())["variants"])
+        records = "all" if data["shape"]["records"] >= 400 else f"first {data['shape']['records']}"
+        for name, v in data["variants"].items():
+            for (negatives, projection), w in zip(trained.items(), (before.get(name), v), strict=True):
+                if w is None:
+                    continue
+                rows.append([model, SPLITS.get(sub, sub), records, SHIPPED_VARIANTS.get(name, name),
+                             _key_function(projection), negatives, f"{_radii(projection)[name]:.2f}", str(w["edits"]),
+                             f3(w["es"]), f3(w["err"]), f"{f2(w['gen_generate'])} / {f2(w['gen_rephrase'])}",
+                             f3(w["generate_routed_own"]), f3(w["generate_misrouted"]),
+                             f3(w["gen_generate_given_routed"]), f3(w["locality"]), f3(w["locality_clean"]),
+                             f"{w['edit_cpu_seconds'] / w['edits']:.2f}"])
+    if not rows:
+        return [f"(not run: no `results/{NUMBERS}/**/e2e_*.json`)"]
+    return [table(["model", "split", "part-B records", "variant", "key function", "training negatives",
+                   "radius of the edits' keys", "edits (B)", "ES", "ERR", "gen generate / rephrase", "routed own",
+                   "misrouted", "gen if routed", "locality", "locality clean", "edit CPU s / edit"], rows)]

@@ -132,6 +132,21 @@ def generality() -> list[str]:
               *g.stopped_by_lines(), "",
               "End to end with the voronoi projections (`results/voronoi/`), each beside the same variant, split "
               "and records under MELO's rule (the runs above):", "", *g.conflict_e2e_lines(), "",
+              "**Negatives with a neighbouring number.** The subjects a digit apart that stopped SmolLM2's radius "
+              "are a lesson the training facts seldom teach: two numbered subjects are rarely drawn into one step. "
+              "`train_key_projection(..., number_negatives=True)` (the default; `melo_fast/editing/"
+              "number_negatives.py`) trains each fact whose subject holds a number against its own wordings with "
+              "that number changed (last digit moved on by one, or one digit fewer: \"HD 177809\" and \"HD 17780\" "
+              "beside \"HD 177808\"). They are training negatives only: the radius is still judged on the real "
+              "held-out questions, and a fold leaves out every such negative that names one of its held-out "
+              "subjects, so no held-out question is trained away. With the number negatives the router was "
+              "chosen again on A alone, by the held-out paraphrases routed with 3 paraphrases per edit at each "
+              "map's own radii (`model.layers.0.mlp.up_proj` beside layer 3's; the first split's A, "
+              "`library_projection_smollm2[_up3].json`). Routing alone on part B at the radii each chose on A "
+              "(`conflict_rules.py`, voronoi rule; `results/numbers/`):", "", *g.numbers_routing_lines(), "",
+              "What stops the radius on A now:", "", *g.stopped_by_lines(folder=g.NUMBERS), "",
+              "End to end with the number-negative projections, each beside the voronoi projection's run of the "
+              "same variant, split and records:", "", *g.numbers_e2e_lines(), "",
               "**Another prompt style.** The same SmolLM2 projection on the main job's shipped everyday facts "
               "(statements such as \"The largest planet in the solar system is\", not zsRE questions; "
               "`python -m melo_fast demo --key-projection /tmp/melo_generality/kp_smollm2.safetensors --methods "

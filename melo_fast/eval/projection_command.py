@@ -1,7 +1,8 @@
 """``python -m melo_fast projection``: train a key projection for a local model on a KnowEdit file.
 
     python -m melo_fast projection --model PATH --data FILE --out projection.safetensors \
-        [--router NAME] [--key-position last|mean] [--rank 256] [--steps 2000] [--locality 0.99]
+        [--router NAME] [--key-position last|mean] [--rank 256] [--steps 2000] [--locality 0.99] \
+        [--no-number-negatives]
 
 The facts are :func:`~melo_fast.eval.paraphrase_facts.facts_from_records` of every record of ``FILE``
 (records with ``rephrase_prompt`` or ``generate_prompt`` teach it; their locality questions are the
@@ -27,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="share of held-out questions the chosen radius must keep out of other edits")
     parser.add_argument("--conflict-rule", default="voronoi", choices=("voronoi", "split"),
                         help="the database rule the radii are chosen under and edits then use (split: MELO's)")
+    parser.add_argument("--no-number-negatives", dest="number_negatives", action="store_false",
+                        help="train on the records' own negatives only, without each numbered subject's wordings "
+                             "with the number changed")
     parser.set_defaults(run=run)
 
 
@@ -41,7 +45,8 @@ def run(args) -> None:
     config = melo_fast.MeloConfig(router=args.router, key_position=args.key_position)
     editor = melo_fast.patch(model, config, tokenizer=tokenizer)
     projection = melo_fast.train_key_projection(
-        editor, facts, rank=args.rank, steps=args.steps, locality=args.locality, conflict_rule=args.conflict_rule
+        editor, facts, rank=args.rank, steps=args.steps, locality=args.locality, conflict_rule=args.conflict_rule,
+        number_negatives=args.number_negatives,
     )
     projection.save(args.out)
     print(f"wrote {args.out}: {projection}")
