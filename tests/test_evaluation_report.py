@@ -126,6 +126,16 @@ def test_generality_section_reads_the_committed_results(generator):
     share = min(sum(s["same_fact"].values()) / (s["probe_questions"]["locality_relation"]
                                                 + s["probe_questions"]["locality_unedited"]) for s in shapes)
     assert "the target is read on clean locality" in text and f"({share:.1%} or more in every split)" in text
+    # Number negatives: the projection trained with them, its radii chosen on A and where B's questions go there,
+    # in the row that follows the voronoi projection's.
+    trained = json.loads((GENERALITY_RESULTS / "numbers" / "library_projection_smollm2.json").read_text())
+    routing = json.loads((GENERALITY_RESULTS / "numbers" / "conflict_rules_smollm2.json").read_text())
+    on_b = [routing["results"]["voronoi"][m]["calibrated"]["voronoi"]["generate_routed_own"] for m in ("0", "3")]
+    worded = trained["training"]["held_out_paraphrased"]["3"]
+    row = (f"| smollm2 | first | `{trained['router']}` (mean) | + number negatives | {trained['radius']:.2f}; "
+           f"{worded['radius']:.2f} |")
+    assert row in text and f"| {on_b[0]:.3f} / {on_b[1]:.3f} |" in text.split(row)[1].splitlines()[0]
+    assert text.index("| smollm2 | first | `model.layers.3.mlp.up_proj` (mean) | the facts' own negatives") < text.index(row)
 
 
 def test_generality_section_without_results_says_not_run(generator, tmp_path, monkeypatch):

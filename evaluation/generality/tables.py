@@ -371,16 +371,23 @@ def raw_locality_ceiling() -> str:
         "locality, which keeps every other never-edited question; raw locality is reported beside it.")
 
 
+def _e2e_runs(folder: str):
+    """Each end-to-end run of ``results/<folder>/**/e2e_*.json``, in path order: its folder relative to
+    ``folder``, its JSON, its split's subfolder (a key of :data:`SPLITS`) and which part-B records it ran."""
+    for run in sorted((RESULTS / folder).rglob("e2e_*.json")):
+        relative = run.parent.relative_to(RESULTS / folder)
+        data = json.loads(run.read_text())
+        sub = relative.parts[0] if relative.parts and relative.parts[0] in SPLITS else ""
+        yield relative, data, sub, "all" if data["shape"]["records"] >= 400 else f"first {data['shape']['records']}"
+
+
 def voronoi_shipped(folder: str = VORONOI) -> str:
     """Each end-to-end run with a projection of ``folder`` (``results/<folder>/**/e2e_*.json``), as :func:`shipped`
     reads."""
     parts = []
-    for run in sorted((RESULTS / folder).rglob("e2e_*.json")):
-        data = json.loads(run.read_text())
-        split = "second" if "split1" in run.relative_to(RESULTS / folder).parts else "first"
-        records = "all" if data["shape"]["records"] >= 400 else f"first {data['shape']['records']}"
+    for _, data, sub, records in _e2e_runs(folder):
         for name, v in data["variants"].items():
-            parts.append(f"{data['model']} ({split} split, {records} of B) {SHIPPED_VARIANTS.get(name, name)} "
+            parts.append(f"{data['model']} ({SPLITS[sub]} split, {records} of B) {SHIPPED_VARIANTS.get(name, name)} "
                          f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])} (locality {f3(v['locality'])}, clean "
                          f"{f3(v['locality_clean'])}, {v['edits']} edits)")
     return "; ".join(parts) if parts else "(not run)"
@@ -643,11 +650,8 @@ def conflict_e2e_lines() -> list[str]:
     """End to end with the voronoi projections (``voronoi/<folder>/e2e_*.json``) beside the same variant, records
     and split under MELO's split (``<folder>/e2e_<model>*.json``, later files replacing earlier ones)."""
     rows = []
-    for run in sorted((RESULTS / VORONOI).rglob("e2e_*.json")):
-        relative = run.parent.relative_to(RESULTS / VORONOI)
-        data = json.loads(run.read_text())
+    for relative, data, sub, records in _e2e_runs(VORONOI):
         model = data["model"]
-        sub = relative.parts[0] if relative.parts and relative.parts[0] in SPLITS else ""
         trained = {rule: folder / sub / f"library_projection_{model}.json"
                    for rule, folder in (("split", RESULTS), ("voronoi", RESULTS / VORONOI))}
         if not all(p.exists() for p in trained.values()):
@@ -656,7 +660,6 @@ def conflict_e2e_lines() -> list[str]:
         before = {}
         for path in sorted((RESULTS / relative).glob(f"e2e_{model}*.json")):
             before.update(json.loads(path.read_text())["variants"])
-        records = "all" if data["shape"]["records"] >= 400 else f"first {data['shape']['records']}"
         for name, v in data["variants"].items():
             for rule, w in (("split", before.get(name)), ("voronoi", v)):
                 if w is None:
@@ -773,17 +776,13 @@ def numbers_e2e_lines() -> list[str]:
     """End to end with the number-negative projections (``numbers/**/e2e_*.json``), each beside the same variant,
     split and records with the voronoi projection it follows (``voronoi/<same folder>/e2e_<model>*.json``)."""
     rows = []
-    for run in sorted((RESULTS / NUMBERS).rglob("e2e_*.json")):
-        relative = run.parent.relative_to(RESULTS / NUMBERS)
-        data = json.loads(run.read_text())
+    for relative, data, sub, records in _e2e_runs(NUMBERS):
         model = data["model"]
-        sub = relative.parts[0] if relative.parts and relative.parts[0] in SPLITS else ""
         trained = {negatives: json.loads((RESULTS / folder / sub / f"library_projection_{model}.json").read_text())
                    for folder, suffix, negatives in NUMBER_PROJECTIONS if not suffix}
         before = {}
         for path in sorted((RESULTS / VORONOI / relative).glob(f"e2e_{model}*.json")):
             before.update(json.loads(path.read_text())["variants"])
-        records = "all" if data["shape"]["records"] >= 400 else f"first {data['shape']['records']}"
         for name, v in data["variants"].items():
             for (negatives, projection), w in zip(trained.items(), (before.get(name), v), strict=True):
                 if w is None:
