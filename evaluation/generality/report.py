@@ -147,6 +147,7 @@ def main() -> None:
         "stopped_by": "\n".join(tables.stopped_by_lines()) or "(not recorded)",
         "conflict_e2e": "\n".join(tables.conflict_e2e_lines()),
         "numbers_routing": "\n".join(tables.numbers_routing_lines()),
+        "numbers_equal_radius": tables.numbers_equal_radius_line(),
         "numbers_stopped_by": "\n".join(tables.stopped_by_lines(folder=tables.NUMBERS)) or "(not recorded)",
         "numbers_e2e": "\n".join(tables.numbers_e2e_lines()),
     }

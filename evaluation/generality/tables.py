@@ -798,3 +798,37 @@ def numbers_e2e_lines() -> list[str]:
     return [table(["model", "split", "part-B records", "variant", "key function", "training negatives",
                    "radius of the edits' keys", "edits (B)", "ES", "ERR", "gen generate / rephrase", "routed own",
                    "misrouted", "gen if routed", "locality", "locality clean", "edit CPU s / edit"], rows)]
+
+
+def numbers_equal_radius_line(around: float = 0.04) -> str:
+    """Per numbers map (``numbers/[split1/]conflict_rules_<model>[_up3].json``) against the voronoi map of its model
+    and split, at equal radius on B (voronoi rule, 3 paraphrases per edit): the mean difference in generate prompts
+    routed home and in clean locality kept out, over the grid radii within ``around`` of the radii either chose on
+    A. Tells a better map from a radius chosen elsewhere."""
+    parts = []
+    for sub, split in SPLITS.items():
+        for model in MODELS:
+            before_path = RESULTS / VORONOI / sub / f"conflict_rules_{model}.json"
+            for suffix in ("_up3", ""):
+                after_path = RESULTS / NUMBERS / sub / f"conflict_rules_{model}{suffix}.json"
+                trained_path = RESULTS / NUMBERS / sub / f"library_projection_{model}{suffix}.json"
+                if not (before_path.exists() and after_path.exists() and trained_path.exists()):
+                    continue
+                runs = [json.loads(path.read_text()) for path in (before_path, after_path)]
+                chosen = [run["radii"]["voronoi"]["3"] for run in runs]
+                before, after = ({round(p["radius_for"]["3"], 2): p for p in run["results"]["voronoi"]["3"]["grid"]
+                                  if min(chosen) - around <= p["radius_for"]["3"] <= max(chosen) + around}
+                                 for run in runs)
+                radii = sorted(set(before) & set(after))
+                routed = sum(after[r]["generate_routed_own"] - before[r]["generate_routed_own"] for r in radii)
+                clean = sum(after[r]["locality_clean_kept_out"] - before[r]["locality_clean_kept_out"] for r in radii)
+                router = json.loads(trained_path.read_text())["router"]
+                parts.append(f"{MODEL_NAMES[model]} {split} split (`{router}`, radii {radii[0]:.2f}–{radii[-1]:.2f}): "
+                             f"{routed / len(radii):+.3f} routed, {clean / len(radii):+.3f} clean locality")
+    if not parts:
+        return "(not run: no pair of `conflict_rules_<model>.json` in `results/voronoi/` and `results/numbers/`)"
+    return ("At equal radius on B (3 paraphrases per edit, voronoi rule, the grid radii within "
+            f"{around:.2f} of those both maps chose on A), each map trained with number negatives against the voronoi "
+            "map of its model and split, on average over those radii: " + "; ".join(parts) + ". Where the radius "
+            "chosen on A moves more than the map does, the difference in the table above is the radius's: A's "
+            "held-out hard negatives number 360, so one question moves the chosen radius a grid step.")

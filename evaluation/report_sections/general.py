@@ -144,6 +144,7 @@ def generality() -> list[str]:
               "map's own radii (`model.layers.0.mlp.up_proj` beside layer 3's; the first split's A, "
               "`library_projection_smollm2[_up3].json`). Routing alone on part B at the radii each chose on A "
               "(`conflict_rules.py`, voronoi rule; `results/numbers/`):", "", *g.numbers_routing_lines(), "",
+              g.numbers_equal_radius_line(), "",
               "What stops the radius on A now:", "", *g.stopped_by_lines(folder=g.NUMBERS), "",
               "End to end with the number-negative projections, each beside the voronoi projection's run of the "
               "same variant, split and records:", "", *g.numbers_e2e_lines(), "",
