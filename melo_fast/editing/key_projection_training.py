@@ -65,7 +65,8 @@ class Fact:
         phrasings: wordings of the question (at least one; facts with two or more teach the projection).
         negatives: questions that must not route to this fact (e.g. other facts of its subject).
         topic: facts with the same topic stay together when facts are held out for validation (the
-            subject, so the held-out facts are about subjects training never saw); None: its own topic.
+            subject, so the held-out facts are about subjects training never saw); None: its own topic. A
+            number in it is what :mod:`~melo_fast.editing.number_negatives` changes.
     """
 
     phrasings: tuple[str, ...]
