@@ -135,7 +135,8 @@ def test_generality_section_reads_the_committed_results(generator):
     row = (f"| smollm2 | first | `{trained['router']}` (mean) | + number negatives | {trained['radius']:.2f}; "
            f"{worded['radius']:.2f} |")
     assert row in text and f"| {on_b[0]:.3f} / {on_b[1]:.3f} |" in text.split(row)[1].splitlines()[0]
-    assert text.index("| smollm2 | first | `model.layers.3.mlp.up_proj` (mean) | the facts' own negatives") < text.index(row)
+    before = "| smollm2 | first | `model.layers.3.mlp.up_proj` (mean) | the facts' own negatives"
+    assert text.index(before) < text.index(row)
 
 
 def test_generality_section_without_results_says_not_run(generator, tmp_path, monkeypatch):
