@@ -257,6 +257,10 @@ def test_training_brings_the_wordings_of_a_fact_together():
     assert info["best_step"] in (50, 100, 150, 200) and info["folds"] == 5 and projection.out_dim == 16
     localities = [v for k, v in info["held_out"].items() if k.startswith("locality_")]
     assert projection.radius == info["held_out"]["radius"] and len(localities) == 4 and min(localities) >= 0.99
+    # Each held-out fact is edited once and left unedited once: every negative and wording judges the radius.
+    assert info["held_out"]["questions"] == {
+        **{f"negatives_{database}": 32 for database in ("few_edits", "many_edits")},
+        **{f"never_edited_{database}": 96 for database in ("few_edits", "many_edits")}, "paraphrases": 64}
     # The radius of an edit in several wordings, chosen the same way with 1, 2 and 3 paraphrases per edit.
     worded = info["held_out_paraphrased"]
     assert projection.paraphrase_radii == {k: worded[str(k)]["radius"] for k in (1, 2, 3)}

@@ -15,10 +15,10 @@ other wording of its fact nearer than every wording of the other facts and every
 Held-out facts: the topics (a fact's subject; facts of one topic stay together) are dealt into
 ``folds`` folds, and one map is trained per fold with that fold held out. The held-out loss picks each
 map's number of steps (checked every ``check_every`` steps). The radius is chosen on all folds'
-held-out facts together (:func:`_held_out_counts`, :func:`_choose_radius`): half of each fold's facts
-are inserted as edits into a real :class:`~melo_fast.vecdb.VectorDatabase`, ten a block, alone and after
-one edit per training fact (under the ``conflict_rule`` the projection will be served with), and the
-radius is the largest on a grid that keeps at least ``locality`` of
+held-out facts together (:func:`_held_out_counts`, :func:`_choose_radius`): half of each fold's facts,
+then the other half, are inserted as edits into a real :class:`~melo_fast.vecdb.VectorDatabase`, ten a
+block, alone and after one edit per training fact (under the ``conflict_rule`` the projection will be
+served with), and the radius is the largest on a grid that keeps at least ``locality`` of
 the edited facts' negatives, and as much of the unedited facts' wordings, out of every edit's scope in
 both. A radius per number of paraphrases ``k`` (1 to :data:`CALIBRATION_PARAPHRASES`) is chosen the same
 way with every edit given ``k + 1`` wordings, each a row of the edit as ``edit_texts(..., paraphrases=...)``
@@ -326,6 +326,9 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
     while a few edits keep the whole radius, so locality is worst when there are few edits. Two kinds
     of question are counted in both: the hard negatives of the edited facts (other questions about an
     edited subject), and every wording of the held-out facts left unedited (questions never edited).
+    Then the same with the other half edited, and the counts of both added (:class:`_Half`). Why both
+    halves: one question of a few hundred moves a share by 0.3% and the chosen radius by a grid step, so
+    every held-out fact's questions should judge it.
     Paraphrases: the edited facts' other wordings routed to their own edit's block, in the full database.
     With ``given`` > 0 every edit (held-out and training) comes with up to ``given`` more of its fact's
     wordings as rows of the edit, all at the radius, and the paraphrases counted are the wordings not given.
@@ -336,25 +339,47 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
         The counts per radius, and per radius the questions inside some edit's scope, each as ``(distance to
         the nearest stored wording, kind, database, question row, that wording's row)`` (rows of ``projected``).
     """
-    edited, unedited = held[0::2], held[1::2]
-    edits = [p[: 1 + given] for p, _ in edited]  # each edit's wordings; blocks 0, 1, ... in both databases
-    databases = {"few_edits": edits, "many_edits": edits + [p[: 1 + given] for p, _ in train]}
-    questions = {"negatives": [i for _, n in edited for i in n], "never_edited": [i for p, _ in unedited for i in p]}
-    paraphrases = [i for p, _ in edited for i in p[1 + given :]]
-    owners = torch.tensor([f // EDITS_PER_BATCH for f, (p, _) in enumerate(edited) for _ in p[1 + given :]],
-                          dtype=torch.long)
+    halves = [_Half(edited, unedited, train, given, projected)
+              for edited, unedited in ((held[0::2], held[1::2]), (held[1::2], held[0::2]))]
     out, let_in = {}, {}
-    # The stored wording nearest each question, per database: what a question let in was taken for.
-    nearest = {}
-    for name, stored in databases.items():
-        rows = torch.tensor([row for wordings in stored for row in wordings], device=projected.device)
-        for kind, asked in questions.items():
-            if asked:
-                distance, which = torch.cdist(projected[asked], projected[rows]).min(1)
-                nearest[kind, name] = (distance.tolist(), rows[which].tolist())
     for radius in RADIUS_GRID:
         counts, let_in[radius] = Counter(), []
-        for name, stored in databases.items():
+        for half in halves:
+            half.count(projected, radius, conflict_rule, counts, let_in[radius])
+        out[radius] = counts
+        if min(_shares(counts).values(), default=1.0) < locality - 0.1:
+            break
+    return out, let_in
+
+
+class _Half:
+    """One assignment of a held-out fold's facts: ``edited`` are inserted as edits, ``unedited`` never are.
+
+    :func:`_held_out_counts` counts both assignments of each fold (every held-out fact once edited, once
+    not), so every held-out hard negative and wording judges the radius.
+    """
+
+    def __init__(self, edited, unedited, train, given: int, projected: torch.Tensor):
+        edits = [p[: 1 + given] for p, _ in edited]  # each edit's wordings; blocks 0, 1, ... in both databases
+        self.databases = {"few_edits": edits, "many_edits": edits + [p[: 1 + given] for p, _ in train]}
+        self.questions = {"negatives": [i for _, n in edited for i in n],
+                          "never_edited": [i for p, _ in unedited for i in p]}
+        self.paraphrases = [i for p, _ in edited for i in p[1 + given :]]
+        self.owners = torch.tensor([f // EDITS_PER_BATCH for f, (p, _) in enumerate(edited) for _ in p[1 + given :]],
+                                   dtype=torch.long)
+        # The stored wording nearest each question, per database: what a question let in was taken for.
+        self.nearest = {}
+        for name, stored in self.databases.items():
+            rows = torch.tensor([row for wordings in stored for row in wordings], device=projected.device)
+            for kind, asked in self.questions.items():
+                if asked:
+                    distance, which = torch.cdist(projected[asked], projected[rows]).min(1)
+                    self.nearest[kind, name] = (distance.tolist(), rows[which].tolist())
+
+    def count(self, projected: torch.Tensor, radius: float, conflict_rule: str, counts: Counter,
+              let_in: list[tuple]) -> None:
+        """Add this assignment's counts at ``radius`` to ``counts`` and its questions let in to ``let_in``."""
+        for name, stored in self.databases.items():
             database = VectorDatabase(projected.shape[1], radius, device=projected.device, conflict_rule=conflict_rule)
             for b in range(0, len(stored), EDITS_PER_BATCH):
                 group = range(b, min(b + EDITS_PER_BATCH, len(stored)))
@@ -362,19 +387,16 @@ def _held_out_counts(projected: torch.Tensor, train, held, locality: float, give
                 labels = [(f,) for f in group for _ in stored[f]]
                 # Facts that share a wording make coinciding rows: the database's rules place them (no refusal).
                 database.insert(projected[rows], labels, b // EDITS_PER_BATCH, refuse_clashes=False)
-            for kind, rows in questions.items():
+            for kind, rows in self.questions.items():
                 inside = (database.search(projected[rows]) >= 0).tolist() if rows else []
                 counts[f"{kind}_{name}_kept_out"] += inside.count(False)
                 counts[f"{kind}_{name}"] += len(rows)
-                let_in[radius] += [(nearest[kind, name][0][q], kind, name, rows[q], nearest[kind, name][1][q])
-                                   for q in range(len(rows)) if inside[q]]
-        if paraphrases:  # the full database is the last one built
-            counts["paraphrases_routed"] += int((database.search(projected[paraphrases]).cpu() == owners).sum())
-            counts["paraphrases"] += len(paraphrases)
-        out[radius] = counts
-        if min(_shares(counts).values(), default=1.0) < locality - 0.1:
-            break
-    return out, let_in
+                let_in += [(self.nearest[kind, name][0][q], kind, name, rows[q], self.nearest[kind, name][1][q])
+                           for q in range(len(rows)) if inside[q]]
+        if self.paraphrases:  # the full database is the last one built
+            routed = database.search(projected[self.paraphrases]).cpu() == self.owners
+            counts["paraphrases_routed"] += int(routed.sum())
+            counts["paraphrases"] += len(self.paraphrases)
 
 
 def _stopped_by(let_in: dict[float, list[tuple]], counts: dict[float, Counter], radius: float, locality: float,
