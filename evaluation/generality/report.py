@@ -146,10 +146,14 @@ def main() -> None:
         "conflict_ceiling": tables.conflict_ceiling_line(),
         "stopped_by": "\n".join(tables.stopped_by_lines()) or "(not recorded)",
         "conflict_e2e": "\n".join(tables.conflict_e2e_lines()),
-        "numbers_routing": "\n".join(tables.numbers_routing_lines()),
+        "numbers_routing": "\n".join(tables.routing_lines()),
         "numbers_equal_radius": tables.numbers_equal_radius_line(),
         "numbers_stopped_by": "\n".join(tables.stopped_by_lines(folder=tables.NUMBERS)) or "(not recorded)",
-        "numbers_e2e": "\n".join(tables.numbers_e2e_lines()),
+        "numbers_e2e": "\n".join(tables.compared_e2e_lines()),
+        "halves_routing": "\n".join(tables.routing_lines(tables.HALF_PROJECTIONS, "radius judged on")),
+        "halves_unchanged": tables.unchanged_radii_line(),
+        "halves_stopped_by": "\n".join(tables.stopped_by_lines(folder=tables.HALVES)) or "(not recorded)",
+        "halves_e2e": "\n".join(tables.compared_e2e_lines(*tables.HALVES_E2E)),
     }
     for model in MODELS:
         for floor, tag, _ in E2E_VIEWS:

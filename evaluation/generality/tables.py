@@ -26,6 +26,7 @@ MODEL_NAMES = {"minilm": "MiniLM", "smollm2": "SmolLM2"}
 SPLITS = {"": "first", "split1": "second"}  # subfolder of a results folder -> the split of the dev file
 VORONOI = "voronoi"  # the folder of RESULTS with the runs whose projections chose their radii under the voronoi rule
 NUMBERS = "numbers"  # the folder of RESULTS with the projections trained with number negatives, and their runs
+HALVES = "halves"  # the same maps, their radii judged on both halves of each held-out fold, and their runs
 # The routers MELO uses as shipped, in the probe's notation `<module>@<layer>:<position>/<metric>`: the MiniLM
 # demo's (`encoder.layer.5.attention.output.dense`, last token) and MeloConfig()'s default for SmolLM2
 # (`model.layers.19.mlp.up_proj`, last token), both with MELO's Euclidean distance; and the result file each is in.
@@ -336,9 +337,10 @@ def summary_lines() -> list[str]:
         f"it chose on A: MiniLM {shipped('minilm', 'kp')}, with 3 paraphrases {shipped('minilm', 'kp_para3')}; "
         f"SmolLM2 {shipped('smollm2', 'kp')}, with 3 paraphrases {shipped('smollm2', 'kp_para3')}, MELO "
         f"{shipped('smollm2', 'melo')}. Those projections chose their radii under MELO's conflict split; projections "
-        f"trained since choose them under the voronoi rule, and edit under it: {voronoi_shipped()}. Projections "
+        f"trained since choose them under the voronoi rule, and edit under it: {e2e_results()}. Projections "
         "trained now also learn from questions about a neighbouring numbered subject (`number_negatives`, "
-        f"\"Negatives with a neighbouring number\" below): {voronoi_shipped(NUMBERS)}.",
+        f"\"Negatives with a neighbouring number\" below): {e2e_results(NUMBERS)}. Their radii are now judged on "
+        f"both halves of each held-out fold (\"Both halves judge the radius\" below): {e2e_results(HALVES)}.",
     ]
 
 
@@ -381,7 +383,7 @@ def _e2e_runs(folder: str):
         yield relative, data, sub, "all" if data["shape"]["records"] >= 400 else f"first {data['shape']['records']}"
 
 
-def voronoi_shipped(folder: str = VORONOI) -> str:
+def e2e_results(folder: str = VORONOI) -> str:
     """Each end-to-end run with a projection of ``folder`` (``results/<folder>/**/e2e_*.json``), as :func:`shipped`
     reads."""
     parts = []
@@ -739,14 +741,18 @@ def _key_function(trained: dict) -> str:
     return f"`{trained['router']}` ({trained['key_position']})"
 
 
-def numbers_routing_lines() -> list[str]:
-    """Per model and split, the voronoi projection and those trained with number negatives
-    (``<folder>/[split1/]library_projection_<model><suffix>.json`` and ``conflict_rules_<model><suffix>.json``):
-    what A's held-out folds showed and chose, and where part B's questions go at those radii (voronoi rule)."""
+HALF_PROJECTIONS = ((NUMBERS, "", "the edited half"), (HALVES, "", "both halves"))
+HALVES_E2E = ((NUMBERS, "the edited half"), (HALVES, "both halves"), "radius judged on")  # compared_e2e_lines' args
+
+
+def routing_lines(projections=NUMBER_PROJECTIONS, label: str = "training negatives") -> list[str]:
+    """Per model and split, each of ``projections`` (``(folder, suffix, what sets it apart)``:
+    ``<folder>/[split1/]library_projection_<model><suffix>.json`` and ``conflict_rules_<model><suffix>.json``): what
+    A's held-out folds showed and chose, and where part B's questions go at those radii (voronoi rule)."""
     rows = []
     for sub, split in SPLITS.items():
         for model in MODELS:
-            for folder, suffix, negatives in NUMBER_PROJECTIONS:
+            for folder, suffix, apart in projections:
                 trained_path = RESULTS / folder / sub / f"library_projection_{model}{suffix}.json"
                 routed_path = RESULTS / folder / sub / f"conflict_rules_{model}{suffix}.json"
                 if not (trained_path.exists() and routed_path.exists()):
@@ -756,8 +762,9 @@ def numbers_routing_lines() -> list[str]:
                 worded = paraphrased(trained["training"])[3]
                 on_b = {m: routed["results"]["voronoi"][m]["calibrated"]["voronoi"] for m in ("0", "3")}
                 rows.append([
-                    model, split, _key_function(trained), negatives,
+                    model, split, _key_function(trained), apart,
                     f"{trained['radius']:.2f}; {worded['radius']:.2f}",
+                    f"{held['questions']['negatives_many_edits']} / {held['questions']['never_edited_many_edits']}",
                     f"{f3(held['locality_negatives_many_edits'])} / {f3(held['locality_never_edited_many_edits'])}",
                     f"{f3(held['paraphrases_routed'])} / {f3(worded['paraphrases_routed'])}",
                     " / ".join(f3(on_b[m]["generate_routed_own"]) for m in on_b),
@@ -765,39 +772,66 @@ def numbers_routing_lines() -> list[str]:
                     " / ".join(f3(on_b[m]["locality_kept_out"]) for m in on_b),
                     " / ".join(f3(on_b[m]["locality_clean_kept_out"]) for m in on_b)])
     if not rows:
-        return [f"(not run: no `results/{NUMBERS}/library_projection_*.json`)"]
-    return [table(["model", "split", "key function", "training negatives", "radius; with 3 paraphrases (chosen on A)",
+        return [f"(not run: no `library_projection_*.json` in `results/{projections[-1][0]}/`)"]
+    return [table(["model", "split", "key function", label, "radius; with 3 paraphrases (chosen on A)",
+                   "A held out: questions judged (negatives / never edited)",
                    "A held out, many edits: kept out (negatives / never edited)",
                    "A held out: paraphrases routed (0 / 3 given)", "B: generate routed own (0 / 3 given)",
                    "B: misrouted (0 / 3)", "B: locality kept out (0 / 3)", "B: clean kept out (0 / 3)"], rows)]
 
 
-def numbers_e2e_lines() -> list[str]:
-    """End to end with the number-negative projections (``numbers/**/e2e_*.json``), each beside the same variant,
-    split and records with the voronoi projection it follows (``voronoi/<same folder>/e2e_<model>*.json``)."""
+def compared_e2e_lines(before: tuple[str, str] = (VORONOI, "the facts' own negatives"),
+                       after: tuple[str, str] = (NUMBERS, "+ number negatives"),
+                       label: str = "training negatives") -> list[str]:
+    """End to end with the projections of one results folder (``after``: ``(folder, what sets it apart)``;
+    ``<folder>/**/e2e_*.json``), each beside the same variant, split and records with the projections of another
+    (``before``; ``<folder>/<same subfolder>/e2e_<model>*.json``), where that one was run."""
     rows = []
-    for relative, data, sub, records in _e2e_runs(NUMBERS):
+    for relative, data, sub, records in _e2e_runs(after[0]):
         model = data["model"]
-        trained = {negatives: json.loads((RESULTS / folder / sub / f"library_projection_{model}.json").read_text())
-                   for folder, suffix, negatives in NUMBER_PROJECTIONS if not suffix}
-        before = {}
-        for path in sorted((RESULTS / VORONOI / relative).glob(f"e2e_{model}*.json")):
-            before.update(json.loads(path.read_text())["variants"])
+        trained = {apart: json.loads((RESULTS / folder / sub / f"library_projection_{model}.json").read_text())
+                   for folder, apart in (before, after)}
+        earlier = {}
+        for path in sorted((RESULTS / before[0] / relative).glob(f"e2e_{model}*.json")):
+            earlier.update(json.loads(path.read_text())["variants"])
         for name, v in data["variants"].items():
-            for (negatives, projection), w in zip(trained.items(), (before.get(name), v), strict=True):
+            for (apart, projection), w in zip(trained.items(), (earlier.get(name), v), strict=True):
                 if w is None:
                     continue
                 rows.append([model, SPLITS.get(sub, sub), records, SHIPPED_VARIANTS.get(name, name),
-                             _key_function(projection), negatives, f"{_radii(projection)[name]:.2f}", str(w["edits"]),
+                             _key_function(projection), apart, f"{_radii(projection)[name]:.2f}", str(w["edits"]),
                              f3(w["es"]), f3(w["err"]), f"{f2(w['gen_generate'])} / {f2(w['gen_rephrase'])}",
                              f3(w["generate_routed_own"]), f3(w["generate_misrouted"]),
                              f3(w["gen_generate_given_routed"]), f3(w["locality"]), f3(w["locality_clean"]),
                              f"{w['edit_cpu_seconds'] / w['edits']:.2f}"])
     if not rows:
-        return [f"(not run: no `results/{NUMBERS}/**/e2e_*.json`)"]
-    return [table(["model", "split", "part-B records", "variant", "key function", "training negatives",
+        return [f"(not run: no `results/{after[0]}/**/e2e_*.json`)"]
+    return [table(["model", "split", "part-B records", "variant", "key function", label,
                    "radius of the edits' keys", "edits (B)", "ES", "ERR", "gen generate / rephrase", "routed own",
                    "misrouted", "gen if routed", "locality", "locality clean", "edit CPU s / edit"], rows)]
+
+
+def unchanged_radii_line() -> str:
+    """The models and splits whose radii came out the same on both halves as on the edited half
+    (``numbers/`` and ``halves/`` ``[split1/]library_projection_<model>.json``): their runs with the number-negative
+    projection are those of the both-halves one, since the map is trained the same way."""
+    same, compared = [], 0
+    for sub, split in SPLITS.items():
+        for model in MODELS:
+            paths = [RESULTS / folder / sub / f"library_projection_{model}.json" for folder in (NUMBERS, HALVES)]
+            if all(p.exists() for p in paths):
+                compared += 1
+                radii = [_radii(json.loads(p.read_text())) for p in paths]
+                if radii[0] == radii[1]:
+                    plain, *worded = radii[0].values()
+                    same.append(f"{MODEL_NAMES[model]} {split} split ({plain:.2f}; "
+                                f"{', '.join(f'{r:.2f}' for r in worded)})")
+    if not compared:
+        return f"(not run: no `library_projection_*.json` in `results/{HALVES}/`)"
+    if not same:
+        return "Every model and split chose other radii on both halves."
+    return ("The same radii on both halves as on the edited half: " + ", ".join(same) + ". Judging the radius does not "
+            "touch training, so those maps and radii are the number-negative projection's, and so are its runs above.")
 
 
 def numbers_equal_radius_line(around: float = 0.04) -> str:

@@ -143,11 +143,22 @@ def generality() -> list[str]:
               "chosen again on A alone, by the held-out paraphrases routed with 3 paraphrases per edit at each "
               "map's own radii (`model.layers.0.mlp.up_proj` beside layer 3's; the first split's A, "
               "`library_projection_smollm2[_up3].json`). Routing alone on part B at the radii each chose on A "
-              "(`conflict_rules.py`, voronoi rule; `results/numbers/`):", "", *g.numbers_routing_lines(), "",
+              "(`conflict_rules.py`, voronoi rule; `results/numbers/`):", "", *g.routing_lines(), "",
               g.numbers_equal_radius_line(), "",
               "What stops the radius on A now:", "", *g.stopped_by_lines(folder=g.NUMBERS), "",
               "End to end with the number-negative projections, each beside the voronoi projection's run of the "
-              "same variant, split and records:", "", *g.numbers_e2e_lines(), "",
+              "same variant, split and records:", "", *g.compared_e2e_lines(), "",
+              "**Both halves judge the radius.** A's held-out folds judged the radius on the hard negatives of the "
+              "half of each fold's facts that was edited: about 360 questions, so one question moved a share by 0.3% "
+              "and the chosen radius by a grid step, and the training seed alone moved MiniLM's radius. "
+              "`train_key_projection` now edits each half of every fold in turn and counts both: every held-out "
+              "fact's negatives and wordings judge the radius, at about a quarter more training time. The maps are "
+              "trained as before. Routing alone on part B at the radii each calibration chose (voronoi rule; "
+              "`results/halves/`):", "", *g.routing_lines(g.HALF_PROJECTIONS, "radius judged on"), "",
+              g.unchanged_radii_line(), "",
+              "What stops the radius on A now:", "", *g.stopped_by_lines(folder=g.HALVES), "",
+              "End to end, each beside the run with the radius judged on the edited half:", "",
+              *g.compared_e2e_lines(*g.HALVES_E2E), "",
               "**Another prompt style.** The same SmolLM2 projection on the main job's shipped everyday facts "
               "(statements such as \"The largest planet in the solar system is\", not zsRE questions; "
               "`python -m melo_fast demo --key-projection /tmp/melo_generality/kp_smollm2.safetensors --methods "
