@@ -137,6 +137,17 @@ def test_generality_section_reads_the_committed_results(generator):
     assert row in text and f"| {on_b[0]:.3f} / {on_b[1]:.3f} |" in text.split(row)[1].splitlines()[0]
     before = "| smollm2 | first | `model.layers.3.mlp.up_proj` (mean) | the facts' own negatives"
     assert text.index(before) < text.index(row)
+    # Both halves: each calibration's radii and the held-out questions that judged them, edited half first.
+    rows = []
+    for folder, judged_on in (("numbers", "the edited half"), ("halves", "both halves")):
+        trained = json.loads((GENERALITY_RESULTS / folder / "split1" / "library_projection_minilm.json").read_text())
+        questions = trained["training"]["held_out"]["questions"]
+        worded = trained["training"]["held_out_paraphrased"]["3"]
+        rows.append(f"| minilm | second | `{trained['router']}` (last) | {judged_on} | {trained['radius']:.2f}; "
+                    f"{worded['radius']:.2f} | {questions['negatives_many_edits']} / "
+                    f"{questions['never_edited_many_edits']} |")
+        assert rows[-1] in text
+    assert text.index(rows[0]) < text.index(rows[1])
 
 
 def test_generality_section_without_results_says_not_run(generator, tmp_path, monkeypatch):
