@@ -148,6 +148,14 @@ def test_generality_section_reads_the_committed_results(generator):
                     f"{questions['never_edited_many_edits']} |")
         assert rows[-1] in text
     assert text.index(rows[0]) < text.index(rows[1])
+    # The target, on the both-halves runs, and on the number-negative run where both halves chose its radius again.
+    for relative, split, label in (("halves/split1/e2e_minilm_wordings.json", "MiniLM second", "kp_para3"),
+                                   ("numbers/all_b/e2e_smollm2_wordings.json", "SmolLM2 first", "kp_para3")):
+        v = json.loads((GENERALITY_RESULTS / relative).read_text())["variants"][label]
+        met = min(v["gen_generate"], v["gen_rephrase"]) >= 0.6 and v["locality_clean"] >= 0.98
+        assert (f"{split} split (all of B), projection + 3 paraphrases: {v['gen_generate']:.2f} / "
+                f"{v['gen_rephrase']:.2f} at clean locality {v['locality_clean']:.3f} (raw {v['locality']:.3f}), "
+                f"{'met' if met else 'missed'}") in text
 
 
 def test_generality_section_without_results_says_not_run(generator, tmp_path, monkeypatch):

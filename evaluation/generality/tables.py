@@ -340,7 +340,8 @@ def summary_lines() -> list[str]:
         f"trained since choose them under the voronoi rule, and edit under it: {e2e_results()}. Projections "
         "trained now also learn from questions about a neighbouring numbered subject (`number_negatives`, "
         f"\"Negatives with a neighbouring number\" below): {e2e_results(NUMBERS)}. Their radii are now judged on "
-        f"both halves of each held-out fold (\"Both halves judge the radius\" below): {e2e_results(HALVES)}.",
+        f"both halves of each held-out fold (\"Both halves judge the radius\" below): {e2e_results(HALVES)}. "
+        + target_line(),
     ]
 
 
@@ -410,7 +411,8 @@ SHIPPED_HEADER = ["model", "key function", "radius; with 1, 2, 3 paraphrases (ch
                   "A held out: paraphrases routed (0 / 3 given)", "variant", "edits (B)", "ES", "ERR",
                   "gen generate / rephrase", "locality", "locality clean", "edit CPU s / edit"]
 SHIPPED_VARIANTS = {"melo": "MELO (no projection)", "kp": "projection", "kp_para1": "projection + 1 paraphrase",
-                    "kp_para3": "projection + 3 paraphrases", "kp_prefix3": "projection + 3 prefixed rows"}
+                    "kp_para2": "projection + 2 paraphrases", "kp_para3": "projection + 3 paraphrases",
+                    "kp_prefix3": "projection + 3 prefixed rows"}
 
 
 def paraphrased(training: dict) -> dict[int, dict]:
@@ -811,27 +813,57 @@ def compared_e2e_lines(before: tuple[str, str] = (VORONOI, "the facts' own negat
                    "misrouted", "gen if routed", "locality", "locality clean", "edit CPU s / edit"], rows)]
 
 
-def unchanged_radii_line() -> str:
-    """The models and splits whose radii came out the same on both halves as on the edited half
-    (``numbers/`` and ``halves/`` ``[split1/]library_projection_<model>.json``): their runs with the number-negative
-    projection are those of the both-halves one, since the map is trained the same way."""
-    same, compared = [], 0
-    for sub, split in SPLITS.items():
+def _unchanged_radii() -> dict[tuple[str, str], list[str]] | None:
+    """Per (model, split subfolder) with a projection in both ``numbers/`` and ``halves/``, the variants (``kp``,
+    ``kp_para<k>``) whose radius came out the same on both halves as on the edited half; None: no such pair."""
+    unchanged = None
+    for sub in SPLITS:
         for model in MODELS:
             paths = [RESULTS / folder / sub / f"library_projection_{model}.json" for folder in (NUMBERS, HALVES)]
             if all(p.exists() for p in paths):
-                compared += 1
-                radii = [_radii(json.loads(p.read_text())) for p in paths]
-                if radii[0] == radii[1]:
-                    plain, *worded = radii[0].values()
-                    same.append(f"{MODEL_NAMES[model]} {split} split ({plain:.2f}; "
-                                f"{', '.join(f'{r:.2f}' for r in worded)})")
-    if not compared:
+                before, after = (_radii(json.loads(p.read_text())) for p in paths)
+                unchanged = unchanged or {}
+                unchanged[model, sub] = [name for name, radius in after.items() if before[name] == radius]
+    return unchanged
+
+
+def unchanged_radii_line() -> str:
+    """The radii that came out the same on both halves as on the edited half (:func:`_unchanged_radii`): runs at
+    them with the number-negative projection are those of the both-halves one, since the map is trained the same
+    way."""
+    unchanged = _unchanged_radii()
+    if unchanged is None:
         return f"(not run: no `library_projection_*.json` in `results/{HALVES}/`)"
+    same = [f"{MODEL_NAMES[model]} {SPLITS[sub]} split ({', '.join(SHIPPED_VARIANTS.get(n, n) for n in names)})"
+            for (model, sub), names in unchanged.items() if names]
     if not same:
-        return "Every model and split chose other radii on both halves."
-    return ("The same radii on both halves as on the edited half: " + ", ".join(same) + ". Judging the radius does not "
-            "touch training, so those maps and radii are the number-negative projection's, and so are its runs above.")
+        return "Every radius changed on both halves."
+    return ("The same radius on both halves as on the edited half: " + "; ".join(same) + ". Judging the radius does "
+            "not touch training, so at those radii the maps and scopes are the number-negative projection's, and so "
+            "are its runs above.")
+
+
+def target_line() -> str:
+    """Issue 22's target (generate and rephrase generality ≥ :data:`TARGET_GENERALITY` at clean locality ≥
+    :data:`TARGET_LOCALITY`) per model, split and variant, on the latest runs: ``halves/``, and ``numbers/`` at the
+    radii both halves chose again (the same map and radius, so the same run)."""
+    unchanged = _unchanged_radii() or {}
+    latest = {}
+    for folder in (NUMBERS, HALVES):  # later folders replace earlier ones
+        for _, data, sub, records in _e2e_runs(folder):
+            for name, v in data["variants"].items():
+                if folder == HALVES or name in unchanged.get((data["model"], sub), ()):
+                    latest[data["model"], sub, name] = (records, v)
+    parts = []
+    for (model, sub, name), (records, v) in sorted(latest.items()):
+        met = min(v["gen_generate"], v["gen_rephrase"]) >= TARGET_GENERALITY and v["locality_clean"] >= TARGET_LOCALITY
+        parts.append(f"{MODEL_NAMES[model]} {SPLITS[sub]} split ({records} of B), {SHIPPED_VARIANTS.get(name, name)}: "
+                     f"{f2(v['gen_generate'])} / {f2(v['gen_rephrase'])} at clean locality {f3(v['locality_clean'])} "
+                     f"(raw {f3(v['locality'])}), {'met' if met else 'missed'}")
+    if not parts:
+        return f"(not run: no `results/{HALVES}/**/e2e_*.json`)"
+    return (f"Against the target (generate and rephrase generality ≥ {TARGET_GENERALITY} at clean locality ≥ "
+            f"{TARGET_LOCALITY}), with the projections trained now: " + "; ".join(parts) + ".")
 
 
 def numbers_equal_radius_line(around: float = 0.04) -> str:

@@ -159,6 +159,7 @@ def generality() -> list[str]:
               "What stops the radius on A now:", "", *g.stopped_by_lines(folder=g.HALVES), "",
               "End to end, each beside the run with the radius judged on the edited half:", "",
               *g.compared_e2e_lines(*g.HALVES_E2E), "",
+              g.target_line(), "",
               "**Another prompt style.** The same SmolLM2 projection on the main job's shipped everyday facts "
               "(statements such as \"The largest planet in the solar system is\", not zsRE questions; "
               "`python -m melo_fast demo --key-projection /tmp/melo_generality/kp_smollm2.safetensors --methods "
