@@ -843,6 +843,22 @@ def unchanged_radii_line() -> str:
             "are its runs above.")
 
 
+def halves_cost_line() -> str:
+    """What judging the radius on both halves cost: each both-halves projection's training seconds over the
+    edited-half one's (``training.seconds`` of ``numbers/`` and ``halves/`` ``[split1/]library_projection_*.json``)."""
+    ratios = []
+    for sub in SPLITS:
+        for model in MODELS:
+            paths = [RESULTS / folder / sub / f"library_projection_{model}.json" for folder in (NUMBERS, HALVES)]
+            if all(p.exists() for p in paths):
+                before, after = (json.loads(p.read_text())["training"]["seconds"] for p in paths)
+                ratios.append(after / before)
+    if not ratios:
+        return f"(not run: no `library_projection_*.json` in `results/{HALVES}/`)"
+    return (f"Training a projection (the maps, then the radii) took {min(ratios):.2f}–{max(ratios):.2f}× as long as "
+            "with the edited half only (one thread each, beside other jobs on this machine).")
+
+
 def target_line() -> str:
     """Issue 22's target (generate and rephrase generality ≥ :data:`TARGET_GENERALITY` at clean locality ≥
     :data:`TARGET_LOCALITY`) per model, split and variant, on the latest runs: ``halves/``, and ``numbers/`` at the

@@ -149,11 +149,11 @@ def generality() -> list[str]:
               "End to end with the number-negative projections, each beside the voronoi projection's run of the "
               "same variant, split and records:", "", *g.compared_e2e_lines(), "",
               "**Both halves judge the radius.** A's held-out folds judged the radius on the hard negatives of the "
-              "half of each fold's facts that was edited: about 360 questions, so one question moved a share by 0.3% "
-              "and the chosen radius by a grid step, and the training seed alone moved MiniLM's radius. "
-              "`train_key_projection` now edits each half of every fold in turn and counts both: every held-out "
-              "fact's negatives and wordings judge the radius, at about a quarter more training time. The maps are "
-              "trained as before. Routing alone on part B at the radii each calibration chose (voronoi rule; "
+              "edited half of each fold's facts only (the first row of each pair below, \"questions judged\"): a few "
+              "hundred, so one question moved the chosen radius a grid step. `train_key_projection` now edits each "
+              "half of every fold in turn and counts both: every held-out fact's negatives and wordings judge the "
+              "radius. The maps are trained as before. "
+              + g.halves_cost_line() + " Routing alone on part B at the radii each calibration chose (voronoi rule; "
               "`results/halves/`):", "", *g.routing_lines(g.HALF_PROJECTIONS, "radius judged on"), "",
               g.unchanged_radii_line(), "",
               "What stops the radius on A now:", "", *g.stopped_by_lines(folder=g.HALVES), "",
