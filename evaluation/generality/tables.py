@@ -813,17 +813,23 @@ def compared_e2e_lines(before: tuple[str, str] = (VORONOI, "the facts' own negat
                    "misrouted", "gen if routed", "locality", "locality clean", "edit CPU s / edit"], rows)]
 
 
-def _unchanged_radii() -> dict[tuple[str, str], list[str]] | None:
-    """Per (model, split subfolder) with a projection in both ``numbers/`` and ``halves/``, the variants (``kp``,
-    ``kp_para<k>``) whose radius came out the same on both halves as on the edited half; None: no such pair."""
-    unchanged = None
+def _half_pairs():
+    """Each (model, split subfolder, edited-half projection JSON, both-halves projection JSON) with both in
+    ``numbers/`` and ``halves/`` (``[split1/]library_projection_<model>.json``)."""
     for sub in SPLITS:
         for model in MODELS:
             paths = [RESULTS / folder / sub / f"library_projection_{model}.json" for folder in (NUMBERS, HALVES)]
             if all(p.exists() for p in paths):
-                before, after = (_radii(json.loads(p.read_text())) for p in paths)
-                unchanged = unchanged or {}
-                unchanged[model, sub] = [name for name, radius in after.items() if before[name] == radius]
+                yield model, sub, *(json.loads(p.read_text()) for p in paths)
+
+
+def _unchanged_radii() -> dict[tuple[str, str], list[str]] | None:
+    """Per (model, split subfolder) of :func:`_half_pairs`, the variants (``kp``, ``kp_para<k>``) whose radius
+    came out the same on both halves as on the edited half; None: no such pair."""
+    unchanged = None
+    for model, sub, before, after in _half_pairs():
+        unchanged = unchanged or {}
+        unchanged[model, sub] = [name for name, radius in _radii(after).items() if _radii(before)[name] == radius]
     return unchanged
 
 
@@ -845,14 +851,8 @@ def unchanged_radii_line() -> str:
 
 def halves_cost_line() -> str:
     """What judging the radius on both halves cost: each both-halves projection's training seconds over the
-    edited-half one's (``training.seconds`` of ``numbers/`` and ``halves/`` ``[split1/]library_projection_*.json``)."""
-    ratios = []
-    for sub in SPLITS:
-        for model in MODELS:
-            paths = [RESULTS / folder / sub / f"library_projection_{model}.json" for folder in (NUMBERS, HALVES)]
-            if all(p.exists() for p in paths):
-                before, after = (json.loads(p.read_text())["training"]["seconds"] for p in paths)
-                ratios.append(after / before)
+    edited-half one's (:func:`_half_pairs`)."""
+    ratios = [after["training"]["seconds"] / before["training"]["seconds"] for _, _, before, after in _half_pairs()]
     if not ratios:
         return f"(not run: no `library_projection_*.json` in `results/{HALVES}/`)"
     return (f"Training a projection (the maps, then the radii) took {min(ratios):.2f}–{max(ratios):.2f}× as long as "
