@@ -155,7 +155,7 @@ def main() -> None:
         "halves_stopped_by": "\n".join(tables.stopped_by_lines(folder=tables.HALVES)) or "(not recorded)",
         "halves_e2e": "\n".join(tables.compared_e2e_lines(*tables.HALVES_E2E)),
         "halves_target": tables.target_line(),
-        "halves_cost": tables.halves_cost_line(),
+        "halves_intro": tables.halves_intro(),
     }
     for model in MODELS:
         for floor, tag, _ in E2E_VIEWS:

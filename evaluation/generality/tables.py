@@ -859,6 +859,16 @@ def halves_cost_line() -> str:
             "with the edited half only (one thread each, beside other jobs on this machine).")
 
 
+def halves_intro() -> str:
+    """The paragraph that opens "Both halves judge the radius" in both reports, ending at its routing table."""
+    return ("A's held-out folds judged the radius on the hard negatives of the edited half of each fold's facts only "
+            "(the first row of each pair below, \"questions judged\"): a few hundred, so one question moved the "
+            "chosen radius a grid step. `train_key_projection` now edits each half of every fold in turn and counts "
+            "both (`_Half` in `melo_fast/editing/key_projection_training.py`): every held-out fact's negatives and "
+            f"wordings judge the radius. The maps are trained as before. {halves_cost_line()} Routing alone on part B "
+            f"at the radii each calibration chose (voronoi rule; `results/{HALVES}/`):")
+
+
 def target_line() -> str:
     """Issue 22's target (generate and rephrase generality ≥ :data:`TARGET_GENERALITY` at clean locality ≥
     :data:`TARGET_LOCALITY`) per model, split and variant, on the latest runs: ``halves/``, and ``numbers/`` at the

@@ -148,13 +148,8 @@ def generality() -> list[str]:
               "What stops the radius on A now:", "", *g.stopped_by_lines(folder=g.NUMBERS), "",
               "End to end with the number-negative projections, each beside the voronoi projection's run of the "
               "same variant, split and records:", "", *g.compared_e2e_lines(), "",
-              "**Both halves judge the radius.** A's held-out folds judged the radius on the hard negatives of the "
-              "edited half of each fold's facts only (the first row of each pair below, \"questions judged\"): a few "
-              "hundred, so one question moved the chosen radius a grid step. `train_key_projection` now edits each "
-              "half of every fold in turn and counts both: every held-out fact's negatives and wordings judge the "
-              "radius. The maps are trained as before. "
-              + g.halves_cost_line() + " Routing alone on part B at the radii each calibration chose (voronoi rule; "
-              "`results/halves/`):", "", *g.routing_lines(g.HALF_PROJECTIONS, "radius judged on"), "",
+              "**Both halves judge the radius.** " + g.halves_intro(), "",
+              *g.routing_lines(g.HALF_PROJECTIONS, "radius judged on"), "",
               g.unchanged_radii_line(), "",
               "What stops the radius on A now:", "", *g.stopped_by_lines(folder=g.HALVES), "",
               "End to end, each beside the run with the radius judged on the edited half:", "",
